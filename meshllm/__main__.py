@@ -1,0 +1,5 @@
+import sys
+
+from meshllm.cli import main
+
+sys.exit(main())

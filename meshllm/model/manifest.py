@@ -1,0 +1,186 @@
+"""The manifest of a meshllm model directory: what is in it, what it costs, and its hashes.
+
+A model directory is the unit that nodes load from and fetch from each other.
+The manifest is its table of contents (format version, architecture, parts,
+sha256 of every file) and its price list (per-layer FLOPs, bytes of weights,
+KV cache and activations), which the planner's cost model reads. This module
+owns reading, writing and verifying it; it never builds or runs graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from meshllm.errors import ManifestError
+from meshllm.model.config import ModelConfig
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "meshllm-model"
+FORMAT_VERSION = 1
+ACTIVATION_DTYPE_BYTES = 4  # activations and KV caches are float32 at run time
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PartCost:
+    """Cost figures of one part (a layer, the embedding or the head), per token."""
+
+    flops_per_token: int  # weight matmuls, 2 FLOPs per multiply-add
+    attn_flops_per_token_per_ctx: int  # extra FLOPs per token for each cached position
+    weight_bytes: int  # as stored on disk
+    runtime_weight_bytes: int  # as held in memory at run time (float32)
+    kv_bytes_per_token: int  # K and V cache per token (float32)
+    activation_bytes_per_token: int  # hidden state leaving the part
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str  # "embed", "layer.<i>", "head"
+    files: tuple[str, ...]  # the .onnx graph first, then its external weight data
+    cost: PartCost
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    config: ModelConfig
+    dtype: str
+    tokenizer: dict[str, Any]
+    parts: tuple[Part, ...]
+    files: dict[str, FileEntry]
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # --- parts --------------------------------------------------------
+
+    def part(self, name: str) -> Part:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise ManifestError(f"manifest of {self.name!r} has no part {name!r}")
+
+    def segment_parts(self, start: int, stop: int) -> list[Part]:
+        """The parts of layers [start, stop): with the embedding when start == 0, the head when stop == L."""
+        n = self.config.n_layers
+        if not 0 <= start < stop <= n:
+            raise ManifestError(f"layer range [{start}, {stop}) is not within [0, {n}) or is empty")
+        parts = [self.part("embed")] if start == 0 else []
+        parts += [self.part(f"layer.{i}") for i in range(start, stop)]
+        if stop == n:
+            parts.append(self.part("head"))
+        return parts
+
+    def segment_files(self, start: int, stop: int) -> list[str]:
+        files = [f for p in self.segment_parts(start, stop) for f in p.files]
+        return files + self.tokenizer_files()
+
+    def tokenizer_files(self) -> list[str]:
+        return [f for f in (self.tokenizer.get("file"), self.tokenizer.get("config")) if f]
+
+    @property
+    def layer_costs(self) -> list[PartCost]:
+        return [self.part(f"layer.{i}").cost for i in range(self.config.n_layers)]
+
+    # --- (de)serialisation -------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "name": self.name,
+            "dtype": self.dtype,
+            "config": self.config.to_json(),
+            "tokenizer": self.tokenizer,
+            "parts": [{"name": p.name, "files": list(p.files), "cost": asdict(p.cost)} for p in self.parts],
+            "files": {k: asdict(v) for k, v in sorted(self.files.items())},
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{where}: not a meshllm model manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: manifest format version {version!r} is not supported "
+                f"(this meshllm reads version {FORMAT_VERSION}); re-export the model with this meshllm"
+            )
+        try:
+            return cls(
+                name=d["name"],
+                config=ModelConfig.from_json(d["config"]),
+                dtype=d["dtype"],
+                tokenizer=d["tokenizer"],
+                parts=tuple(
+                    Part(p["name"], tuple(p["files"]), PartCost(**p["cost"])) for p in d["parts"]
+                ),
+                files={k: FileEntry(**v) for k, v in d["files"].items()},
+                source=d.get("source", {}),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    def save(self, model_dir: Path) -> None:
+        (model_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def load_manifest(model_dir: str | Path) -> Manifest:
+    """Reads and checks the manifest; does not hash the files (see :func:`verify_files`)."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    if not model_dir.is_dir():
+        raise ManifestError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise ManifestError(f"{model_dir} is not a meshllm model directory: {MANIFEST_NAME} is missing "
+                            f"(create one with `meshllm export`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: manifest is not a JSON object")
+    return Manifest.from_json(data, where=str(path))
+
+
+def verify_files(model_dir: str | Path, manifest: Manifest, files: Iterable[str] | None = None) -> None:
+    """Checks presence, size and sha256 of ``files`` (default: all) against the manifest."""
+    model_dir = Path(model_dir)
+    for name in files if files is not None else manifest.files:
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise ManifestError(f"{model_dir}: file {name!r} is not listed in the manifest")
+        path = model_dir / name
+        if not path.is_file():
+            raise ManifestError(f"{model_dir}: file {name!r} listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ManifestError(f"{model_dir}: file {name!r} has {size} bytes, manifest says {entry.size}")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise ManifestError(
+                f"{model_dir}: file {name!r} does not match its manifest hash "
+                f"(sha256 {digest[:12]}…, expected {entry.sha256[:12]}…); the file is corrupt or was changed"
+            )

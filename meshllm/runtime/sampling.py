@@ -1,0 +1,81 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
+
+Pure numpy, no state but the random generator, so that a seeded request gives
+the same tokens on one process or across the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from meshllm.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0  # 1 means no nucleus cut
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            problems.append(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            problems.append("stop must be a list of non-empty strings")
+        if problems:
+            raise GenerationError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop)}
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Sampler:
+    """Draws tokens for one sequence; seeded draws are reproducible."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if p.greedy:
+            return int(np.argmax(logits))  # first maximum, like llama2.c's argmax
+        if p.top_k and p.top_k < logits.size:
+            idx = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
+        else:
+            idx = np.arange(logits.size)
+        scaled = logits[idx] / p.temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
+            idx, probs = idx[keep], probs[keep] / probs[keep].sum()
+        return int(idx[self._rng.choice(idx.size, p=probs)])

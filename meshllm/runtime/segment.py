@@ -1,0 +1,235 @@
+"""A segment: layers [start, stop) of a model in one onnxruntime session, with its KV caches.
+
+The segment is the unit a node runs. At load, the per-layer graphs of the
+model directory are concatenated into one graph (one session per segment: one
+thread pool, one ``run`` per step), with the embedding when ``start == 0`` and
+the head when ``stop == n_layers``.
+
+KV caches live here, per layer, as preallocated float32 arrays of shape
+``(max_batch, kv_heads, max_seq_len, head_dim)``; each sequence owns one batch
+row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
+onnxruntime's GroupQueryAttention appends the new keys and values in place and
+never copies the cache. A batched decode step needs its sequences in
+consecutive slots; :meth:`Segment.decode` moves rows when the batch changes
+(a copy of one sequence's cache, not one per step).
+
+This module runs graphs; it knows nothing of tokens, sampling or the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from meshllm.errors import GenerationError, ManifestError, ModelError
+from meshllm.model import graphs
+from meshllm.model.manifest import Manifest, load_manifest, verify_files
+
+log = logging.getLogger(__name__)
+
+SeqId = Hashable
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def merge_parts(model_dir: Path, files: Sequence[str], name: str) -> onnx.ModelProto:
+    """Concatenates part graphs; tensors flow by their interface names (``hidden.<i>`` ...)."""
+    protos = []
+    for f in files:
+        try:
+            protos.append(onnx.load(str(model_dir / f), load_external_data=False))
+        except Exception as e:  # protobuf decode errors have no common base
+            raise ModelError(f"{model_dir / f}: not a readable ONNX graph ({e})") from None
+    nodes = [n for p in protos for n in p.graph.node]
+    produced = {o for n in nodes for o in n.output}
+    inits: dict[str, onnx.TensorProto] = {}
+    inputs: dict[str, onnx.ValueInfoProto] = {}
+    for p in protos:
+        for t in p.graph.initializer:
+            inits.setdefault(t.name, t)  # shared constants (RoPE tables) are kept once
+        for vi in p.graph.input:
+            if vi.name not in produced:
+                inputs.setdefault(vi.name, vi)
+    last_out = protos[-1].graph.output[0]
+    presents = [vi for p in protos for vi in p.graph.output if vi.name.startswith("present_")]
+    graph = onnx.helper.make_graph(nodes, name, list(inputs.values()), [last_out, *presents],
+                                   initializer=list(inits.values()))
+    model = onnx.helper.make_model(graph, opset_imports=protos[0].opset_import, producer_name="meshllm")
+    model.ir_version = protos[0].ir_version
+    return model
+
+
+class Segment:
+    """Layers ``[start, stop)`` of the model in ``model_dir``, ready to run steps."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest or load_manifest(self.model_dir)
+        cfg = self.config = self.manifest.config
+        self.start, self.stop = start, cfg.n_layers if stop is None else stop
+        parts = self.manifest.segment_parts(self.start, self.stop)
+        files = [f for p in parts for f in p.files]
+        if verify:
+            verify_files(self.model_dir, self.manifest, files)
+        else:
+            missing = [f for f in files if not (self.model_dir / f).is_file()]
+            if missing:
+                raise ManifestError(f"{self.model_dir}: missing model files {missing}")
+        self.has_embed = self.start == 0
+        self.has_head = self.stop == cfg.n_layers
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        graph_files = [p.files[0] for p in parts]
+        model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
+        so = session_options(threads)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own, unrelated error types
+            raise ModelError(f"{self.model_dir}: cannot load layers [{self.start}, {self.stop}): {e}") from None
+        self.input_name = graphs.INPUT_IDS if self.has_embed else graphs.hidden_out(self.start - 1)
+        self.output_name = graphs.LOGITS if self.has_head else graphs.hidden_out(self.stop - 1)
+        shape = (max_batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
+        self._k = [np.zeros(shape, np.float32) for _ in range(self.start, self.stop)]
+        self._v = [np.zeros(shape, np.float32) for _ in range(self.start, self.stop)]
+        self._row_bytes = int(np.prod(shape[1:])) * 4
+        self._owner: list[SeqId | None] = [None] * max_batch
+        self._slot: dict[SeqId, int] = {}
+        self._len = np.zeros(max_batch, np.int64)
+        self._io = self.session.io_binding()
+
+    # --- sequences ----------------------------------------------------
+
+    def open(self, seq: SeqId) -> None:
+        """Reserves a cache slot for a new sequence."""
+        if seq in self._slot:
+            raise GenerationError(f"sequence {seq!r} is already open in this segment")
+        try:
+            slot = self._owner.index(None)
+        except ValueError:
+            raise GenerationError(f"segment is full: {self.max_batch} sequences already open") from None
+        self._owner[slot] = seq
+        self._slot[seq] = slot
+        self._len[slot] = 0
+
+    def close(self, seq: SeqId) -> None:
+        slot = self._slot.pop(seq, None)
+        if slot is not None:
+            self._owner[slot] = None
+            self._len[slot] = 0
+
+    def length(self, seq: SeqId) -> int:
+        """Tokens cached for ``seq``."""
+        return int(self._len[self._slot_of(seq)])
+
+    @property
+    def open_sequences(self) -> list[SeqId]:
+        return list(self._slot)
+
+    def _slot_of(self, seq: SeqId) -> int:
+        try:
+            return self._slot[seq]
+        except KeyError:
+            raise GenerationError(f"sequence {seq!r} is not open in this segment") from None
+
+    def _swap(self, a: int, b: int) -> None:
+        n = int(max(self._len[a], self._len[b]))
+        if n:
+            for cache in (*self._k, *self._v):
+                tmp = cache[a, :, :n].copy()
+                cache[a, :, :n] = cache[b, :, :n]
+                cache[b, :, :n] = tmp
+        oa, ob = self._owner[a], self._owner[b]
+        self._owner[a], self._owner[b] = ob, oa
+        if oa is not None:
+            self._slot[oa] = b
+        if ob is not None:
+            self._slot[ob] = a
+        self._len[[a, b]] = self._len[[b, a]]
+
+    def _arrange(self, seqs: Sequence[SeqId]) -> int:
+        """Puts ``seqs`` in consecutive slots, in order; returns the first slot."""
+        slots = [self._slot_of(s) for s in seqs]
+        lo = slots[0]
+        if slots == list(range(lo, lo + len(slots))):
+            return lo
+        for j, s in enumerate(seqs):
+            if self._slot[s] != j:
+                self._swap(self._slot[s], j)
+        return 0
+
+    # --- steps --------------------------------------------------------
+
+    def prefill(self, seq: SeqId, x: np.ndarray) -> np.ndarray:
+        """Appends a chunk of tokens (ids ``(S,)`` or hidden ``(1, S, D)``) to one sequence."""
+        if self.has_embed:
+            x = np.asarray(x, np.int64).reshape(1, -1)
+        n = x.shape[1]
+        if n == 0:
+            raise GenerationError("empty prompt chunk")
+        return self._run([seq], x, n)
+
+    def decode(self, seqs: Sequence[SeqId], x: np.ndarray) -> np.ndarray:
+        """One new token for each of ``seqs`` (ids ``(B,)`` or hidden ``(B, 1, D)``)."""
+        if self.has_embed:
+            x = np.asarray(x, np.int64).reshape(len(seqs), 1)
+        return self._run(list(seqs), x, 1)
+
+    def _run(self, seqs: list[SeqId], x: np.ndarray, n_new: int) -> np.ndarray:
+        if n_new > 1 and len(seqs) != 1:
+            raise GenerationError("a chunk of several tokens can only be run for one sequence at a time")
+        if x.shape[0] != len(seqs):
+            raise GenerationError(f"input has batch {x.shape[0]} for {len(seqs)} sequences")
+        lo = self._arrange(seqs)
+        b = len(seqs)
+        total = self._len[lo:lo + b] + n_new
+        if int(total.max()) > self.max_seq_len:
+            raise GenerationError(
+                f"context length exceeded: {int(total.max())} tokens > {self.max_seq_len} (the model's context)"
+            )
+        io = self._io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
+        io.bind_cpu_input(graphs.SEQLENS_K, (total - 1).astype(np.int32))
+        io.bind_cpu_input(graphs.TOTAL_SEQ_LEN, np.array(int(total.max()), np.int32))
+        io.bind_output(self.output_name, "cpu")
+        shape = [b, *self._k[0].shape[1:]]
+        offset = lo * self._row_bytes
+        for j, layer in enumerate(range(self.start, self.stop)):
+            for cache, past, present in (
+                (self._k[j], graphs.past_key(layer), graphs.present_key(layer)),
+                (self._v[j], graphs.past_value(layer), graphs.present_value(layer)),
+            ):
+                ptr = cache.ctypes.data + offset
+                io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
+                io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
+        self.session.run_with_iobinding(io)
+        self._len[lo:lo + b] = total
+        out: np.ndarray = io.get_outputs()[0].numpy()
+        return out
