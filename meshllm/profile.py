@@ -1,0 +1,142 @@
+"""A device's capability profile: what the planner needs to know about a node, and how to measure it.
+
+The profile is a small frozen value gossiped by every node and read by the
+planner's cost model. Measurements use onnxruntime itself (the engine that
+will run the layers): a matrix-matrix product for compute throughput, a
+matrix-vector product over a buffer much larger than the caches for memory
+bandwidth. Emulation factors let one machine pretend to be several slower
+devices (demos, tests, the sim-to-real check); they are part of the profile
+so that nobody mistakes an emulated figure for a measured one.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Link:
+    """Measured (or assumed) link from one node to a peer."""
+
+    latency_s: float  # one-way latency
+    bandwidth_Bps: float  # bytes per second
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    node_id: str
+    name: str
+    flops: float  # sustained FLOP/s of float32 matmul (prefill, compute-bound)
+    mem_bandwidth_Bps: float  # sustained bytes/s of a matrix-vector product (decode, memory-bound)
+    mem_bytes: int  # memory meshllm may use for weights and KV caches
+    device_class: str = "measured"
+    emulated: bool = False  # figures were scaled by emulation options, not measured as is
+    links: dict[str, Link] = field(default_factory=dict)  # peer node_id -> link
+    default_link: Link = Link(latency_s=0.5e-3, bandwidth_Bps=1e9 / 8 * 0.9)  # gigabit LAN when unmeasured
+
+    def link_to(self, peer: str) -> Link:
+        return self.links.get(peer, self.default_link)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DeviceProfile:
+        d = dict(d)
+        d["links"] = {k: Link(**v) for k, v in (d.get("links") or {}).items()}
+        if "default_link" in d and isinstance(d["default_link"], dict):
+            d["default_link"] = Link(**d["default_link"])
+        return cls(**d)
+
+    def emulate(self, compute_scale: float = 1.0, memory_cap: int | None = None,
+                extra_latency_s: float = 0.0) -> DeviceProfile:
+        """This profile as a device ``compute_scale`` times slower (compute and bandwidth), with capped memory."""
+        if compute_scale == 1.0 and memory_cap is None and extra_latency_s == 0.0:
+            return self
+        link = Link(self.default_link.latency_s + extra_latency_s, self.default_link.bandwidth_Bps)
+        return replace(
+            self,
+            flops=self.flops / compute_scale,
+            mem_bandwidth_Bps=self.mem_bandwidth_Bps / compute_scale,
+            mem_bytes=min(self.mem_bytes, memory_cap) if memory_cap else self.mem_bytes,
+            emulated=True,
+            default_link=link,
+        )
+
+
+# --- measurement ---------------------------------------------------------
+
+
+def _matmul_session(m: int, k: int, n: int, threads: int | None) -> tuple[Any, np.ndarray]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "bench",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess, np.ones((m, k), np.float32)
+
+
+def _median_seconds(sess: Any, x: np.ndarray, reps: int) -> float:
+    sess.run(None, {"x": x})
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_flops(threads: int | None = None, size: int = 512, reps: int = 5) -> float:
+    """FLOP/s of a (size x size) @ (size x size) float32 matmul in onnxruntime."""
+    sess, x = _matmul_session(size, size, size, threads)
+    return 2.0 * size**3 / _median_seconds(sess, x, reps)
+
+
+def measure_bandwidth(threads: int | None = None, n_bytes: int = 64 << 20, reps: int = 7) -> float:
+    """Bytes/s read by a float32 matrix-vector product over an ``n_bytes`` weight matrix."""
+    k = 1024
+    sess, x = _matmul_session(1, k, n_bytes // 4 // k, threads)
+    return n_bytes / _median_seconds(sess, x, reps)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable, else physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def measure_profile(node_id: str, name: str, *, threads: int | None = None, quick: bool = False) -> DeviceProfile:
+    """Measures this machine (about a second; ``quick`` trades accuracy for ~0.2 s)."""
+    return DeviceProfile(
+        node_id=node_id,
+        name=name,
+        flops=measure_flops(threads, size=256 if quick else 512, reps=3 if quick else 5),
+        mem_bandwidth_Bps=measure_bandwidth(threads, n_bytes=(16 if quick else 64) << 20, reps=3 if quick else 7),
+        mem_bytes=available_memory(),
+    )
