@@ -8,10 +8,13 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import signal
+import socket
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from meshllm.errors import MeshError
 
@@ -52,6 +55,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    try:
+        return int(float(s[:-1]) * units[s[-1].lower()]) if s and s[-1].lower() in units else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got {s!r}") from None
+
+
+def run_async(coro: Any) -> Any:
+    """Runs a coroutine on uvloop where the platform has it."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _node_main(args: argparse.Namespace) -> int:
+    from meshllm.mesh.node import Emulation, Node, NodeConfig
+
+    cfg = NodeConfig(
+        mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
+        broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
+        emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3),
+        quick_profile=args.quick_profile,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Node(cfg) as node:
+        print(json.dumps({"event": "started", "node_id": node.node_id, "port": node.dataplane.port}), flush=True)
+        waiter = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({waiter, asyncio.ensure_future(node.wait_stopped())},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    return int(run_async(_node_main(args)))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from meshllm.mesh.status import find_broker, read_state, render
+
+    async def go() -> dict[str, Any]:
+        broker = args.broker or await find_broker(args.mesh, args.interface, args.timeout)
+        return await read_state(args.mesh, broker, ca_file=args.broker_ca)
+
+    state = run_async(go())
+    print(json.dumps(state, indent=1) if args.json else render(state))
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from meshllm.mesh.broker import EmbeddedBroker
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with EmbeddedBroker(args.host, args.port) as broker:
+            print(json.dumps({"event": "started", "url": broker.url}), flush=True)
+            await stop.wait()
+
+    run_async(go())
+    return 0
+
+
+def _mesh_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default="meshllm", help="mesh name (nodes with the same name form one mesh)")
+    p.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
+                   "(default: find one on the LAN over mDNS, or host one)")
+    p.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
+    p.add_argument("--interface", help="IPv4 address of the interface for mDNS and the data plane "
+                   "(default: this machine's LAN address)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshllm", description="Serve an LLM on a mesh of small devices.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -79,6 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="onnxruntime threads per segment (default: all cores)")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
     g.set_defaults(func=cmd_generate)
+
+    n = sub.add_parser("node", help="join (or start) a mesh on this device")
+    _mesh_options(n)
+    n.add_argument("--name", help="human-readable node name (default: the hostname)")
+    n.add_argument("--node-id", help="node id (default: NAME-<random>); the smallest id hosts the broker")
+    n.add_argument("--port", type=int, default=0, help="data-plane TCP port (default: any free port)")
+    n.add_argument("--model", help="meshllm model directory this node can load layers from")
+    n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
+    em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
+    em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",
+                    help="behave X times slower in compute and memory bandwidth")
+    em.add_argument("--emulate-memory", type=_size, metavar="SIZE", help="cap usable memory, e.g. 512M")
+    em.add_argument("--emulate-link-delay-ms", type=float, default=0.0, metavar="MS",
+                    help="add one-way delay to this node's data-plane replies")
+    n.set_defaults(func=cmd_node)
+
+    br = sub.add_parser("broker", help="run a standalone embedded MQTT broker (amqtt); Mosquitto works as well")
+    br.add_argument("--host", default="127.0.0.1")
+    br.add_argument("--port", type=int, default=1883)
+    br.set_defaults(func=cmd_broker)
+
+    st = sub.add_parser("status", help="show a mesh: members, broker, planner, plan")
+    _mesh_options(st)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to look for the broker")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -1,0 +1,94 @@
+"""The data-plane endpoint of a node: a TCP server speaking codec frames.
+
+For the mesh it answers probes (round-trip time and bandwidth between peers);
+serving adds its own frame types through :meth:`DataPlane.route`. One
+connection per peer, frames handled in order; a malformed frame closes that
+connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from meshllm.dataplane.codec import FrameError, encode, read_frame
+from meshllm.profile import Link
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[None]]
+
+
+class DataPlane:
+    """TCP server on ``host:port`` (async context manager)."""
+
+    def __init__(self, host: str, port: int = 0, *, delay_s: float = 0.0) -> None:
+        self.host, self.port = host, port
+        self.delay_s = delay_s  # emulated one-way link delay, applied to every reply
+        self._handlers: dict[str, Handler] = {"ping": self._ping}
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    def route(self, frame_type: str, handler: Handler) -> None:
+        self._handlers[frame_type] = handler
+
+    async def __aenter__(self) -> DataPlane:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                msg = await read_frame(reader)
+                handler = self._handlers.get(msg["t"])
+                if handler is None:
+                    raise FrameError(f"unknown frame type {msg['t']!r}")
+                await handler(msg, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except FrameError as e:
+            log.warning("closing data-plane connection from %s: %s", peer, e)
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _ping(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if self.delay_s:
+            await asyncio.sleep(2 * self.delay_s)
+        writer.write(encode({"t": "pong", "n": len(msg.get("pad", b""))}))
+        await writer.drain()
+
+
+async def probe_link(host: str, port: int, *, bulk_bytes: int = 1 << 20, timeout: float = 5.0) -> Link:
+    """Measures round-trip latency (small pings) and bandwidth (one bulk ping) to a peer."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        async def ping(pad: bytes) -> float:
+            t = time.perf_counter()
+            writer.write(encode({"t": "ping", "pad": pad}))
+            await writer.drain()
+            reply = await asyncio.wait_for(read_frame(reader), timeout)
+            if reply.get("t") != "pong":
+                raise FrameError(f"unexpected reply {reply.get('t')!r} to a ping")
+            return time.perf_counter() - t
+
+        rtt = min([await ping(b"") for _ in range(5)])
+        bulk = await ping(bytes(bulk_bytes))
+        return Link(latency_s=rtt / 2, bandwidth_Bps=bulk_bytes / max(bulk - rtt, 1e-6))
+    finally:
+        writer.close()

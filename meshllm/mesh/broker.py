@@ -1,0 +1,155 @@
+"""The MQTT broker of a mesh: where to find one, and an embedded one to host.
+
+Which broker a node uses (:func:`choose_broker`) is a pure rule, so that every
+node reaches the same answer from the same view:
+
+1. ``--broker URL`` when given (Mosquitto, EMQX, a bridged fog broker...);
+2. else an external ``_mqtt._tcp`` broker advertised on the LAN;
+3. else the broker hosted by the mesh node with the smallest node id;
+4. else, if this node has the smallest id among the live peers it sees, it
+   hosts an embedded amqtt broker itself; otherwise it waits for that peer.
+
+Two nodes that start brokers at the same moment converge: the one with the
+larger id sees the smaller id's broker, stops its own and moves over. The mesh
+never depends on the embedded broker: any MQTT 3.1.1 broker works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from meshllm.errors import MeshError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(MeshError):
+    """The broker cannot be reached, or its URL is malformed."""
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise BrokerError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise BrokerError(f"broker URL {url!r} has no host")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise BrokerError(f"broker URL {url!r} has an invalid port") from None
+        return cls(parts.hostname, port, tls,
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+    def __str__(self) -> str:  # never prints the password
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+    def client_kwargs(self, ca_file: str | None = None) -> dict[str, Any]:
+        import aiomqtt
+
+        kw: dict[str, Any] = {"hostname": self.host, "port": self.port}
+        if self.username:
+            kw["username"] = self.username
+            kw["password"] = self.password
+        if self.tls:
+            kw["tls_params"] = aiomqtt.TLSParameters(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        return kw
+
+
+@dataclass(frozen=True)
+class BrokerAd:
+    """A broker seen on the LAN: external (``host_node`` None) or hosted by a mesh node."""
+
+    url: str
+    host_node: str | None = None
+
+
+def existing_broker(ads: list[BrokerAd]) -> str | None:
+    """The broker already on the LAN that everyone should use: external first, then the smallest host id."""
+    external = sorted(a.url for a in ads if a.host_node is None)
+    if external:
+        return external[0]
+    hosted = sorted((a.host_node, a.url) for a in ads if a.host_node is not None)
+    return hosted[0][1] if hosted else None
+
+
+def choose_broker(self_id: str, configured: str | None, ads: list[BrokerAd], live_peers: list[str]) -> str | None:
+    """The broker URL to use, ``"host"`` to host one, or None to wait for a peer's."""
+    if configured:
+        return configured
+    url = existing_broker(ads)
+    if url is not None:
+        return url
+    return "host" if min([self_id, *live_peers]) == self_id else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    w.close()
+    try:
+        await w.wait_closed()
+    except OSError:
+        pass
+    return True
+
+
+class EmbeddedBroker:
+    """An amqtt broker on ``host:port`` for the lifetime of the context."""
+
+    def __init__(self, host: str, port: int = 0, *, users: dict[str, str] | None = None) -> None:
+        self.host, self.port = host, port or free_port(host)
+        self.users = users
+        self._broker: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+
+        # amqtt logs every TCP probe of its port as an error; keep only its critical messages
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+        config: dict[str, Any] = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 256}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._broker = Broker(config)
+        await self._broker.start()
+        log.info("embedded broker listening on %s", self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._broker is not None:
+            try:
+                await self._broker.shutdown()
+            except Exception as e:  # amqtt raises plain exceptions from its state machine
+                log.debug("embedded broker shutdown: %s", e)
+            self._broker = None

@@ -1,0 +1,172 @@
+"""Zero-configuration discovery over mDNS (zeroconf).
+
+Each node advertises ``_meshllm._tcp.local.`` with a TXT record (node id, mesh
+name, data-plane port, protocol version, and the URL of the broker it hosts,
+if any) and browses for peers of the same mesh and for ``_mqtt._tcp.local.``
+brokers. mDNS is bound to one interface address (``--interface``); tests and
+demos bind it to 127.0.0.1 or to addresses inside their own network
+namespaces, so that nothing leaves on a real network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from meshllm.mesh.broker import BrokerAd
+from meshllm.mesh.topics import PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+MESHLLM_SERVICE = "_meshllm._tcp.local."
+MQTT_SERVICE = "_mqtt._tcp.local."
+
+
+@dataclass(frozen=True)
+class PeerAd:
+    node_id: str
+    mesh: str
+    host: str
+    port: int  # data plane
+    version: int
+    broker: str | None  # URL of the broker this peer hosts
+
+
+def _txt(props: dict[bytes, bytes | None], key: str) -> str | None:
+    v = props.get(key.encode())
+    return v.decode("utf-8", "replace") if v is not None else None
+
+
+def lan_addresses() -> list[str]:
+    """Non-loopback IPv4 addresses of this machine (used when no --interface is given)."""
+    import ifaddr
+
+    out = [ip.ip for a in ifaddr.get_adapters() for ip in a.ips
+           if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+    return out or ["127.0.0.1"]
+
+
+class Discovery:
+    """Advertises this node and keeps the set of peers and brokers seen (async context manager)."""
+
+    def __init__(self, node_id: str, mesh: str, port: int, *, interface: str | None, advertise: bool = True) -> None:
+        self.node_id, self.mesh, self.port = node_id, mesh, port
+        self.advertise = advertise  # False: only browse (``meshllm status``, clients)
+        self.interface = interface
+        self.address = interface or lan_addresses()[0]
+        self.peers: dict[str, PeerAd] = {}
+        self.external_brokers: dict[str, str] = {}  # service name -> URL
+        self.changed = asyncio.Event()
+        self._broker: str | None = None
+        self._names: dict[str, str] = {}  # service name -> node id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._azc: AsyncZeroconf | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._browser: AsyncServiceBrowser | None = None
+
+    def _service_info(self) -> AsyncServiceInfo:
+        props = {"id": self.node_id, "mesh": self.mesh, "port": str(self.port), "v": str(PROTOCOL_VERSION)}
+        if self._broker:
+            props["broker"] = self._broker
+        return AsyncServiceInfo(
+            MESHLLM_SERVICE, f"{self.node_id}.{MESHLLM_SERVICE}",
+            addresses=[socket.inet_aton(self.address)], port=self.port, properties=props,
+            server=f"{self.node_id}.local.",
+        )
+
+    async def __aenter__(self) -> Discovery:
+        interfaces: Any = [self.interface] if self.interface else [self.address]
+        self._azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        if self.advertise:
+            self._info = self._service_info()
+            await self._azc.async_register_service(self._info)
+        self._browser = AsyncServiceBrowser(self._azc.zeroconf, [MESHLLM_SERVICE, MQTT_SERVICE],
+                                            handlers=[self._on_change])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._azc is not None:
+            await self._azc.async_unregister_all_services()  # goodbye packets: peers drop us at once
+            await self._azc.async_close()
+
+    async def set_broker(self, url: str | None) -> None:
+        """Advertises (or withdraws) the broker this node hosts."""
+        if url == self._broker or self._azc is None or not self.advertise:
+            return
+        self._broker = url
+        self._info = self._service_info()
+        await self._azc.async_update_service(self._info)
+
+    def broker_ads(self) -> list[BrokerAd]:
+        ads = [BrokerAd(url) for url in self.external_brokers.values()]
+        ads += [BrokerAd(p.broker, p.node_id) for p in self.peers.values() if p.broker]
+        if self._broker:
+            ads.append(BrokerAd(self._broker, self.node_id))
+        return ads
+
+    def forget_broker(self, url: str) -> None:
+        """Drops a broker found dead until it is announced again."""
+        for node_id, p in list(self.peers.items()):
+            if p.broker == url:
+                self.peers[node_id] = PeerAd(p.node_id, p.mesh, p.host, p.port, p.version, None)
+        for name, u in list(self.external_brokers.items()):
+            if u == url:
+                del self.external_brokers[name]
+
+    def forget_peer(self, node_id: str) -> None:
+        self.peers.pop(node_id, None)
+
+    # --- browsing -----------------------------------------------------
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            node_id = self._names.pop(name, None)
+            if node_id:
+                self.peers.pop(node_id, None)
+            self.external_brokers.pop(name, None)
+            self.changed.set()
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        assert self._azc is not None
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self._azc.zeroconf, 3000):
+            return
+        addrs = info.parsed_addresses(IPVersion.V4Only)
+        if not addrs or info.port is None:
+            return
+        if service_type == MQTT_SERVICE:
+            self.external_brokers[name] = f"mqtt://{addrs[0]}:{info.port}"
+            self.changed.set()
+            return
+        props = info.properties
+        node_id, mesh = _txt(props, "id"), _txt(props, "mesh")
+        if not node_id or mesh != self.mesh or node_id == self.node_id:
+            return  # another mesh on the same LAN, or ourselves
+        try:
+            version = int(_txt(props, "v") or 0)
+            port = int(_txt(props, "port") or info.port)
+        except ValueError:
+            log.warning("ignoring malformed mDNS record %s", name)
+            return
+        if version != PROTOCOL_VERSION:
+            log.warning("peer %s speaks protocol v%d, this node v%d: ignored", node_id, version, PROTOCOL_VERSION)
+            return
+        self._names[name] = node_id
+        self.peers[node_id] = PeerAd(node_id, mesh, addrs[0], port, version, _txt(props, "broker"))
+        self.changed.set()

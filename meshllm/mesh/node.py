@@ -1,0 +1,356 @@
+"""``meshllm node``: one device's membership in the mesh.
+
+A :class:`Node` is an async context manager. Entering it measures the device's
+profile, opens the data-plane port, advertises the node over mDNS, and starts
+the mesh loop: find (or host) the broker, gossip the profile as a retained
+message with a last will that clears it, send heartbeats, expire silent
+members, and take part in the planner election. Leaving it clears the
+profile, withdraws the mDNS record and stops any hosted broker, so peers see
+the node go at once instead of waiting for a time-out.
+
+The decisions (broker choice, membership, election) are pure functions and
+state machines in sibling modules; this module only feeds them events and
+performs what they decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import aiomqtt
+
+from meshllm.errors import MeshError
+from meshllm.dataplane.server import DataPlane, probe_link
+from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
+from meshllm.mesh.discovery import Discovery
+from meshllm.mesh.election import Election
+from meshllm.mesh.membership import Membership
+from meshllm.mesh.topics import PROTOCOL_VERSION, Topics
+from meshllm.profile import DeviceProfile, Link, measure_profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """Make this node behave like a slower device (demos, tests). Documented as emulation, never as a measurement."""
+
+    compute_scale: float = 1.0  # compute and memory bandwidth divided by this, and segment run time multiplied
+    memory_cap: int | None = None  # bytes
+    link_delay_s: float = 0.0  # added one-way delay on this node's data-plane replies
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    mesh: str = "meshllm"
+    name: str = field(default_factory=socket.gethostname)
+    node_id: str | None = None  # default: <name>-<random hex>
+    broker: str | None = None  # mqtt://[user:pass@]host:port or mqtts://...
+    broker_ca: str | None = None  # CA file for mqtts://
+    port: int = 0  # data-plane TCP port (0: any free port)
+    interface: str | None = None  # IPv4 address to bind mDNS and the data plane to (default: the LAN address)
+    model: str | None = None
+    emulation: Emulation = Emulation()
+    heartbeat_s: float = 0.5
+    failure_timeout_s: float = 1.5
+    settle_s: float = 1.0  # time to listen to mDNS before deciding to host a broker
+    profile: DeviceProfile | None = None  # skip measuring (tests, simulations)
+    quick_profile: bool = False
+
+
+class _SwitchBroker(Exception):
+    """The broker rule now points elsewhere: leave this session and reconnect."""
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id or f"{config.name}-{secrets.token_hex(3)}"
+        self.topics = Topics(config.mesh)
+        self.membership = Membership(self.node_id, timeout=config.failure_timeout_s)
+        self.election = Election(self.node_id)
+        self.profile: DeviceProfile | None = None
+        self.broker_url: str | None = None
+        self.plan: dict[str, Any] | None = None
+        self.links: dict[str, Link] = {}
+        self.changed = asyncio.Event()  # set whenever the view (members, planner, plan, broker) changes
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._hosted: EmbeddedBroker | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._main: asyncio.Task[None] | None = None
+        self._plan_listeners: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+        self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
+        self._started = time.monotonic()
+        self._leaving = False
+
+    # --- lifecycle ----------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        cfg = self.config
+        try:
+            profile = cfg.profile or await asyncio.get_running_loop().run_in_executor(
+                None, lambda: measure_profile(self.node_id, cfg.name, quick=cfg.quick_profile))
+            em = cfg.emulation
+            self.profile = profile.emulate(em.compute_scale, em.memory_cap, em.link_delay_s)
+            host = cfg.interface or "0.0.0.0"
+            self.dataplane = await self._stack.enter_async_context(
+                DataPlane(host, cfg.port, delay_s=em.link_delay_s))
+            self.discovery = await self._stack.enter_async_context(
+                Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface))
+            self._main = asyncio.get_running_loop().create_task(self._run(), name=f"node-{self.node_id}")
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._leave()
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        await self._stop_hosted_broker()
+        await self._stack.aclose()
+
+    async def wait_stopped(self) -> None:
+        """Waits until the mesh loop ends (it only ends on error or cancellation)."""
+        assert self._main is not None
+        await self._main
+
+    def on_plan(self, listener: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._plan_listeners.append(listener)
+
+    # --- the view -----------------------------------------------------
+
+    @property
+    def is_planner(self) -> bool:
+        return self.election.leader == self.node_id
+
+    def view(self) -> dict[str, Any]:
+        """What this node believes about the mesh (``meshllm status`` shows the same)."""
+        return {
+            "node_id": self.node_id,
+            "mesh": self.config.mesh,
+            "broker": self.broker_url,
+            "members": {m.node_id: m.info for m in self.membership.members.values()},
+            "planner": self.election.leader,
+            "term": self.election.term,
+            "plan": self.plan,
+        }
+
+    def _record(self) -> dict[str, Any]:
+        assert self.profile is not None
+        return {
+            "node_id": self.node_id,
+            "name": self.config.name,
+            "version": PROTOCOL_VERSION,
+            "host": self.discovery.address,
+            "port": self.dataplane.port,
+            "profile": self.profile.to_json(),
+            "links": {k: {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps} for k, v in self.links.items()},
+            "hosts_broker": self._hosted.url if self._hosted else None,
+            "model": os.path.basename(self.config.model.rstrip("/")) if self.config.model else None,
+        }
+
+    # --- broker -------------------------------------------------------
+
+    async def _find_broker(self) -> str:
+        """Applies the broker rule until it yields a reachable broker (hosting one if it is our turn)."""
+        settle_until = self._started + self.config.settle_s
+        while True:
+            d = self.discovery
+            live = [p.node_id for p in d.peers.values()]
+            choice = choose_broker(self.node_id, self.config.broker, d.broker_ads(), live)
+            if choice == "host" and time.monotonic() < settle_until:
+                choice = None  # listen a little longer before deciding to host
+            if choice == "host":
+                return await self._host_broker()
+            if choice is None:
+                # wait for a peer with a smaller id to host; drop such peers that are dead
+                for p in [p for p in d.peers.values() if p.node_id < self.node_id]:
+                    if not await port_open(p.host, p.port):
+                        d.forget_peer(p.node_id)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    d.changed.clear()
+                    await asyncio.wait_for(d.changed.wait(), 0.25)
+                continue
+            url = BrokerURL.parse(choice)
+            if await port_open(url.host, url.port):
+                return choice
+            log.info("%s: broker %s is unreachable", self.node_id, url)
+            if self.config.broker:
+                await asyncio.sleep(0.5)  # a configured broker: keep trying it
+            else:
+                d.forget_broker(choice)
+
+    async def _host_broker(self) -> str:
+        if self._hosted is None:
+            broker = EmbeddedBroker(self.discovery.address)
+            await broker.__aenter__()
+            self._hosted = broker
+            await self.discovery.set_broker(broker.url)
+            log.info("%s: hosting the mesh broker at %s", self.node_id, broker.url)
+        return self._hosted.url
+
+    async def _stop_hosted_broker(self) -> None:
+        if self._hosted is not None:
+            broker, self._hosted = self._hosted, None
+            with contextlib.suppress(Exception):
+                await self.discovery.set_broker(None)
+            await broker.__aexit__(None, None, None)
+
+    # --- the mesh loop --------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            url = await self._find_broker()
+            try:
+                await self._session(url)
+            except* _SwitchBroker:
+                log.info("%s: moving to another broker", self.node_id)
+            except* aiomqtt.MqttError as eg:
+                log.warning("%s: lost broker %s: %s", self.node_id, BrokerURL.parse(url), eg.exceptions[0])
+                if not self.config.broker and not (self._hosted and self._hosted.url == url):
+                    self.discovery.forget_broker(url)
+            finally:
+                self._client = None
+                self.connected.clear()
+            if self._hosted is not None and self._hosted.url != self._chosen_url():
+                await self._stop_hosted_broker()
+            await asyncio.sleep(0.05)
+
+    def _chosen_url(self) -> str | None:
+        d = self.discovery
+        choice = choose_broker(self.node_id, self.config.broker, d.broker_ads(), list(d.peers))
+        return self._hosted.url if choice == "host" and self._hosted else choice
+
+    async def _session(self, url: str) -> None:
+        b = BrokerURL.parse(url)
+        will = aiomqtt.Will(self.topics.member(self.node_id), b"", qos=1, retain=True)
+        async with aiomqtt.Client(**b.client_kwargs(self.config.broker_ca), identifier=self.node_id, will=will,
+                                  keepalive=2, clean_session=True, timeout=5) as client:
+            self._client = client
+            self.broker_url = str(b)
+            for t in (self.topics.members, self.topics.heartbeats, self.topics.planner, self.topics.plan):
+                await client.subscribe(t, qos=1)
+            await self._publish_record()
+            if self.is_planner:  # a new broker has no retained claim: restate ours
+                await self._publish_claim(self.election.term)
+            self.connected.set()
+            self.changed.set()
+            log.info("%s: joined mesh %r via %s", self.node_id, self.config.mesh, b)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(client))
+                tg.create_task(self._heartbeat(client))
+                tg.create_task(self._watch_broker(url))
+                tg.create_task(self._measure_links())
+
+    async def _publish_record(self) -> None:
+        if self._client is not None:
+            await self._client.publish(self.topics.member(self.node_id), json.dumps(self._record()), qos=1,
+                                       retain=True)
+
+    async def _publish_claim(self, term: int) -> None:
+        assert self._client is not None
+        await self._client.publish(self.topics.planner, json.dumps({"node": self.node_id, "term": term}),
+                                   qos=1, retain=True)
+
+    async def publish_plan(self, plan: dict[str, Any]) -> None:
+        """Publishes a plan stamped with this planner's term (only the planner may)."""
+        if not self.is_planner or self._client is None:
+            raise RuntimeError("only the connected planner publishes plans")
+        stamped = {**plan, "term": self.election.term, "planner": self.node_id}
+        await self._client.publish(self.topics.plan, json.dumps(stamped), qos=1, retain=True)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        now = time.monotonic
+        async for msg in client.messages:
+            topic = str(msg.topic)
+            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+            try:
+                if msg.topic.matches(self.topics.heartbeats):
+                    self.membership.on_heartbeat(self.topics.leaf(topic), now())
+                elif msg.topic.matches(self.topics.members):
+                    info = json.loads(payload) if payload else None
+                    if info is not None and not isinstance(info, dict):
+                        raise ValueError("member record is not an object")
+                    node_id = self.topics.leaf(topic)
+                    if node_id == self.node_id and info is None and not self._leaving:
+                        await self._publish_record()  # declared gone while we were stalled: we are back
+                        continue
+                    if self.membership.on_record(node_id, info, now()) or info is None:
+                        self.changed.set()
+                elif topic == self.topics.planner and payload:
+                    claim = json.loads(payload)
+                    if self.election.on_claim(str(claim["node"]), int(claim["term"])):
+                        self.changed.set()
+                elif topic == self.topics.plan and payload:
+                    plan = json.loads(payload)
+                    if self.election.accepts_plan(int(plan["term"]), str(plan["planner"])):
+                        self.plan = plan
+                        self.changed.set()
+                        for listener in self._plan_listeners:
+                            await listener(plan)
+                    else:
+                        log.info("%s: ignoring plan of stale term %s", self.node_id, plan.get("term"))
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("%s: ignoring malformed message on %s: %s", self.node_id, topic, e)
+
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+        beat = 0
+        while True:
+            await client.publish(self.topics.heartbeat(self.node_id), str(beat), qos=0)
+            beat += 1
+            gone = self.membership.expire(time.monotonic())
+            if gone:
+                self.changed.set()
+                for node_id in gone:  # declare them gone mesh-wide (idempotent; a stalled node republishes)
+                    await client.publish(self.topics.member(node_id), b"", qos=1, retain=True)
+            term = self.election.should_claim(self.membership.ids)
+            if term is not None:
+                self.election.on_claim(self.node_id, term)
+                await self._publish_claim(term)
+                log.info("%s: elected planner, term %d", self.node_id, term)
+                self.changed.set()
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _watch_broker(self, url: str) -> None:
+        while True:
+            self.discovery.changed.clear()
+            chosen = self._chosen_url()
+            if chosen is not None and chosen != url:
+                raise _SwitchBroker()
+            await self.discovery.changed.wait()
+
+    async def _measure_links(self) -> None:
+        """Once peers are known, measures latency and bandwidth to each; republishes the record when done."""
+        while True:
+            peers = [m for m in self.membership.members.values()
+                     if m.node_id != self.node_id and m.node_id not in self.links]
+            for m in peers:
+                try:
+                    self.links[m.node_id] = await probe_link(m.info["host"], int(m.info["port"]), timeout=2.0)
+                except (OSError, EOFError, asyncio.TimeoutError, KeyError, ValueError, MeshError) as e:
+                    log.debug("%s: probing %s failed: %s", self.node_id, m.node_id, e)
+            if peers:
+                await self._publish_record()
+            await asyncio.sleep(1.0)
+
+    async def _leave(self) -> None:
+        """Clears our retained record so that peers drop us at once."""
+        self._leaving = True
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+            await asyncio.wait_for(client.publish(self.topics.member(self.node_id), b"", qos=1, retain=True), 1.0)
