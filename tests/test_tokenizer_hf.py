@@ -105,7 +105,8 @@ def _write_variant(d: Path, name: str) -> Path:
         )
     d.mkdir(parents=True, exist_ok=True)
     tok.save(str(d / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True}, "unk_token": "<unk>"}
+    eos = {"__type": "AddedToken", "content": "</s>", "special": True}  # as transformers saves it
+    config: dict[str, Any] = {"bos_token": "<s>", "eos_token": eos, "unk_token": "<unk>"}
     config.update(extras, chat_template=CHAT_TEMPLATE)
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     return d

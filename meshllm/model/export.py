@@ -91,6 +91,10 @@ def _copy_tokenizer(kind: str, checkpoint: Path, tokenizer: Path | None, out: Pa
     if tok_cfg.is_file():
         shutil.copyfile(tok_cfg, out / "tokenizer_config.json")
         info["config"] = "tokenizer_config.json"
+    template = src.with_name("chat_template.jinja")  # takes priority over the config's, as in transformers
+    if template.is_file():
+        shutil.copyfile(template, out / "chat_template.jinja")
+        info["chat_template"] = "chat_template.jinja"
     return info
 
 
@@ -112,7 +116,7 @@ def build_model_dir(
         parts.append(Part(f"layer.{i}", _save_part(model, out, f"layer_{i:03d}"), costs["layer"]))
     parts.append(Part("head", _save_part(graphs.build_head(cfg, weights, dtype), out, "head"), costs["head"]))
     files = [f for p in parts for f in p.files]
-    files += [f for f in (tokenizer_info.get("file"), tokenizer_info.get("config")) if f]
+    files += [tokenizer_info[k] for k in ("file", "config", "chat_template") if tokenizer_info.get(k)]
     manifest = Manifest(
         name=name,
         config=cfg,

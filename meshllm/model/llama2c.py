@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -228,7 +229,7 @@ def write_llama2c(
         dtype=_I32,
     )
 
-    def put(f, arr: np.ndarray) -> None:  # noqa: ANN001
+    def put(f: BinaryIO, arr: np.ndarray) -> None:
         np.ascontiguousarray(arr, dtype=_F32).tofile(f)
 
     with open(path, "wb") as f:

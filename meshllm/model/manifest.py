@@ -84,7 +84,7 @@ class Manifest:
         return files + self.tokenizer_files()
 
     def tokenizer_files(self) -> list[str]:
-        return [f for f in (self.tokenizer.get("file"), self.tokenizer.get("config")) if f]
+        return [self.tokenizer[k] for k in ("file", "config", "chat_template") if self.tokenizer.get(k)]
 
     @property
     def layer_costs(self) -> list[PartCost]:

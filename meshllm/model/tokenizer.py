@@ -155,17 +155,17 @@ class Llama2cTokenizer(Tokenizer):
         heap: list[tuple[float, int, int, int, int]] = []
 
         def push(i: int) -> None:
-            j = nxt[i]
-            if i < 0 or j < 0:
+            j = nxt[i] if i >= 0 else -1
+            if j < 0:
                 return
             tid = self._pair_id(tokens[i], tokens[j])
             if tid is not None:
-                heapq.heappush(heap, (-self.scores[tid], -i, i, tokens[i], tokens[j], tid))
+                heapq.heappush(heap, (-self.scores[tid], i, tokens[i], tokens[j], tid))
 
         for i in range(n - 1):
             push(i)
         while heap:
-            _, _, i, left, right, tid = heapq.heappop(heap)
+            _, i, left, right, tid = heapq.heappop(heap)
             j = nxt[i]
             if not alive[i] or j < 0 or tokens[i] != left or tokens[j] != right:
                 continue  # stale: one side has been merged since
@@ -324,7 +324,7 @@ class HFTokenizer(Tokenizer):
         chat_template: str | None = None,
         source: str = "<memory>",
     ) -> None:
-        from tokenizers import AddedToken, processors
+        from tokenizers import AddedToken
 
         config = config or {}
         self.source = source
@@ -343,27 +343,13 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self._id_of(self.bos_token)
         eos_id = self._id_of(self.eos_token)
         self.eos_ids = (eos_id,) if eos_id is not None else ()
-        # Explicit add_bos/add_eos flags (or no post-processor) replace the JSON's
-        # post-processor, as transformers does; otherwise the JSON's one decides.
-        if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
-            self._set_template(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")), processors)
+        # The post-processor in tokenizer.json alone decides whether BOS/EOS are
+        # added: transformers 5 drops tokenizer_config's add_bos_token/add_eos_token
+        # whenever a tokenizer.json exists, so honouring them here would double BOS.
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
-
-    def _set_template(self, add_bos: bool, add_eos: bool, processors: Any) -> None:
-        add_bos = add_bos and self.bos_id is not None
-        add_eos = add_eos and self.eos_id_or_none is not None
-        bos, eos = self.bos_token, self.eos_token
-        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        special = ([(bos, self.bos_id)] if add_bos else []) + ([(eos, self.eos_id_or_none)] if add_eos else [])
-        self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-
-    @property
-    def eos_id_or_none(self) -> int | None:
-        return self.eos_ids[0] if self.eos_ids else None
 
     @classmethod
     def from_dir(
@@ -390,10 +376,12 @@ class HFTokenizer(Tokenizer):
                 raise TokenizerError(f"{cpath}: cannot read tokenizer config: {e}") from e
             if not isinstance(config, dict):
                 raise TokenizerError(f"{cpath}: tokenizer config is not a JSON object")
-        template = _pick_template(config.get("chat_template"))
+        # Like transformers, a separate chat_template.jinja wins over the config's entry.
         jinja_file = model_dir / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
+        if jinja_file.is_file():
+            template: str | None = jinja_file.read_text(encoding="utf-8")
+        else:
+            template = _pick_template(config.get("chat_template"))
         return cls(raw, config, chat_template=template, source=str(path))
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
@@ -401,7 +389,7 @@ class HFTokenizer(Tokenizer):
         return list(self._tok.encode(text, add_special_tokens=bos).ids)
 
     def decode(self, ids: Sequence[int], prev: int | None = None) -> str:
-        """Text without special tokens; ``prev`` is ignored (HF decoders are context free)."""
+        """Text without special tokens, as AutoTokenizer decodes it; ``prev`` is ignored."""
         try:
             return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
         except Exception as e:

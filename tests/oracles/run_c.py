@@ -166,7 +166,7 @@ class RunC:
         return self.sorted_vocab.get(s, -1)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        data = text.encode("utf-8").split(b"\0", 1)[0] + b"\0"  # a C string
+        data = text.encode("utf-8", "surrogatepass").split(b"\0", 1)[0] + b"\0"  # a C string
         tokens: list[int] = []
         if bos:
             tokens.append(1)
