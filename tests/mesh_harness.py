@@ -108,21 +108,49 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
 
 
 @contextlib.contextmanager
-def mosquitto() -> Iterator[str]:
+def mosquitto(*, users: dict[str, str] | None = None, tls: bool = False) -> Iterator[str]:
+    """A Mosquitto broker on a free loopback port; with ``users`` it requires a password, with ``tls``
+    it speaks TLS with a throw-away CA (its file is left beside as ``ca.pem`` for the URL's clients)."""
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
     if exe is None:
         raise AssertionError("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
-        conf = Path(d) / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root"]  # keep access to our temp files
+        if users:
+            pw = Path(d) / "passwd"
+            pw.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+            subprocess.run(["mosquitto_passwd", "-U", str(pw)], check=True, capture_output=True)
+            conf += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            conf.append("allow_anonymous true")
+        if tls:
+            make_test_ca(Path(d))
+            conf += [f"cafile {d}/ca.pem", f"certfile {d}/server.pem", f"keyfile {d}/server.key"]
+        (Path(d) / "mosquitto.conf").write_text("\n".join(conf) + "\n")
+        proc = subprocess.Popen([exe, "-c", f"{d}/mosquitto.conf"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         try:
             wait_until(lambda: _port_open(port), 10, "mosquitto to listen")
-            yield f"mqtt://127.0.0.1:{port}"
+            user = f"{next(iter(users))}:{next(iter(users.values()))}@" if users else ""
+            yield f"{'mqtts' if tls else 'mqtt'}://{user}127.0.0.1:{port}" + (f"#{d}/ca.pem" if tls else "")
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def make_test_ca(d: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1, made with openssl."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=meshllm-test-ca",
+        "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{d}/server.key",
+        "-out", f"{d}/server.csr")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+        "-CAcreateserial", "-days", "2", "-out", f"{d}/server.pem", "-extfile", f"{d}/ext.cnf")
 
 
 @contextlib.contextmanager

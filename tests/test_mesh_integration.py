@@ -104,3 +104,27 @@ def test_mesh_reforms_on_a_new_broker_after_the_broker_host_is_killed() -> None:
 
         st2 = wait_until(reformed, 30, "the survivors on a new broker")
         assert st2["broker"] != st["broker"]
+
+
+def test_external_mosquitto_with_password_and_tls() -> None:
+    mesh = mesh_name("auth")
+    with mosquitto(users={"mesh": "s3cret"}, tls=True) as url:
+        broker, ca = url.split("#")
+        with nodes(mesh, ["s1", "s2"], broker=broker, extra=["--broker-ca", ca]):
+            def st() -> dict:
+                import asyncio
+
+                from meshllm.mesh.status import read_state
+                return asyncio.run(read_state(mesh, broker, ca_file=ca))
+
+            s = wait_until(lambda: (x := st()) and len(x["members"]) == 2 and x["planner"] and x, 30, "two members")
+            assert s["broker"].startswith("mqtts://mesh@127.0.0.1")  # the password is never shown
+        # a node with the wrong password cannot join: it never reports the mesh
+        wrong = broker.replace("s3cret", "wrong")
+        p = NodeProc(mesh, "intruder", broker=wrong, extra=["--broker-ca", ca])
+        try:
+            p.wait_started()
+            time.sleep(2.0)
+            assert "intruder" not in st()["members"]
+        finally:
+            p.kill()
