@@ -74,10 +74,12 @@ def run_async(coro: Any) -> Any:
 
 async def _node_main(args: argparse.Namespace) -> int:
     from meshllm.mesh.node import Emulation, Node, NodeConfig
+    from meshllm.serve.server import ServingNode
 
     cfg = NodeConfig(
         mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
+        plan_file=args.plan_file,
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3),
         quick_profile=args.quick_profile,
     )
@@ -85,7 +87,8 @@ async def _node_main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Node(cfg) as node:
+    async with (ServingNode(cfg, threads=args.threads) if cfg.model else Node(cfg)) as member:
+        node = member.node if isinstance(member, ServingNode) else member
         print(json.dumps({"event": "started", "node_id": node.node_id, "port": node.dataplane.port}), flush=True)
         waiter = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({waiter, asyncio.ensure_future(node.wait_stopped())},
@@ -168,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--name", help="human-readable node name (default: the hostname)")
     n.add_argument("--node-id", help="node id (default: NAME-<random>); the smallest id hosts the broker")
     n.add_argument("--port", type=int, default=0, help="data-plane TCP port (default: any free port)")
-    n.add_argument("--model", help="meshllm model directory this node can load layers from")
+    n.add_argument("--model", help="meshllm model directory to serve layers from (without it the node only "
+                   "takes part in membership)")
+    n.add_argument("--plan-file", help="pin this plan (JSON) instead of planning; node ids must match")
+    n.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
     em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
     em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",

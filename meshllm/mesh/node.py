@@ -59,6 +59,7 @@ class NodeConfig:
     port: int = 0  # data-plane TCP port (0: any free port)
     interface: str | None = None  # IPv4 address to bind mDNS and the data plane to (default: the LAN address)
     model: str | None = None
+    plan_file: str | None = None  # pin this plan instead of computing one (operators, tests)
     emulation: Emulation = Emulation()
     heartbeat_s: float = 0.5
     failure_timeout_s: float = 1.5
@@ -89,6 +90,7 @@ class Node:
         self._stack = contextlib.AsyncExitStack()
         self._main: asyncio.Task[None] | None = None
         self._plan_listeners: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+        self._subscriptions: list[tuple[str, Callable[[aiomqtt.Message], Awaitable[None]]]] = []
         self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
         self._started = time.monotonic()
         self._leaving = False
@@ -129,6 +131,21 @@ class Node:
 
     def on_plan(self, listener: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         self._plan_listeners.append(listener)
+
+    def subscribe(self, topic_filter: str, handler: Callable[[aiomqtt.Message], Awaitable[None]]) -> None:
+        """Adds a subscription (made on every broker session) whose messages go to ``handler``."""
+        self._subscriptions.append((topic_filter, handler))
+
+    async def publish(self, topic: str, payload: str | bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Publishes on the current broker session; False when not connected (the caller decides)."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError:
+            return False
+        return True
 
     # --- the view -----------------------------------------------------
 
@@ -241,7 +258,8 @@ class Node:
                                   keepalive=2, clean_session=True, timeout=5) as client:
             self._client = client
             self.broker_url = str(b)
-            for t in (self.topics.members, self.topics.heartbeats, self.topics.planner, self.topics.plan):
+            for t in (self.topics.members, self.topics.heartbeats, self.topics.planner, self.topics.plan,
+                      *(f for f, _ in self._subscriptions)):
                 await client.subscribe(t, qos=1)
             await self._publish_record()
             if self.is_planner:  # a new broker has no retained claim: restate ours
@@ -303,6 +321,10 @@ class Node:
                             await listener(plan)
                     else:
                         log.info("%s: ignoring plan of stale term %s", self.node_id, plan.get("term"))
+                else:
+                    for topic_filter, handler in self._subscriptions:
+                        if msg.topic.matches(topic_filter):
+                            await handler(msg)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("%s: ignoring malformed message on %s: %s", self.node_id, topic, e)
 

@@ -53,8 +53,27 @@ class Topics:
     def requests(self) -> str:
         return f"{self.root}/requests"
 
+    @property
+    def replies(self) -> str:
+        """Prefix of the default reply topics (``replies/<id>``); malformed requests without an id
+        are answered on ``replies/_invalid``."""
+        return f"{self.root}/replies"
+
     def reply(self, request_id: str) -> str:
-        return f"{self.root}/replies/{request_id}"
+        return f"{self.replies}/{request_id}"
+
+    @property
+    def cancel(self) -> str:
+        """Apps publish ``{"id": ...}`` here to stop a request they no longer want."""
+        return f"{self.root}/cancel"
+
+    @property
+    def readiness(self) -> str:
+        """Retained per node: which plan version and stage it has loaded (``ready/<node_id>``)."""
+        return f"{self.root}/ready/+"
+
+    def ready(self, node_id: str) -> str:
+        return f"{self.root}/ready/{node_id}"
 
     def leaf(self, topic: str) -> str:
         """The last level of a topic (a node id for members/heartbeats)."""

@@ -6,6 +6,7 @@ the same tokens on one process or across the mesh.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,17 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+
+    def state(self) -> str:
+        """The random generator's state as a string, so that a request can move between nodes mid-stream."""
+        return json.dumps(self._rng.bit_generator.state)
+
+    @classmethod
+    def restore(cls, params: SamplingParams, state: str | None) -> Sampler:
+        s = cls(params)
+        if state is not None:
+            s._rng.bit_generator.state = json.loads(state)
+        return s
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params

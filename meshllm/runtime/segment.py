@@ -183,6 +183,36 @@ class Segment:
                 self._swap(self._slot[s], j)
         return 0
 
+    # --- KV hand-off -------------------------------------------------
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+    def export_kv(self, seq: SeqId, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of one layer's cached keys and values for ``seq``: ``(kv_heads, n, head_dim)`` each."""
+        slot, n, j = self._slot_of(seq), self.length(seq), self._layer_index(layer)
+        return self._k[j][slot, :, :n], self._v[j][slot, :, :n]
+
+    def import_kv(self, seq: SeqId, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Writes one layer's keys and values for ``seq`` (from another replica's prefill).
+
+        The sequence's length becomes ``n`` once every layer of the segment has been written; the
+        caller imports all layers before the next step."""
+        slot, j = self._slot_of(seq), self._layer_index(layer)
+        expect = (self.config.n_kv_heads, k.shape[1] if k.ndim == 3 else -1, self.config.head_dim)
+        if k.shape != expect or v.shape != expect or k.shape[1] > self.max_seq_len:
+            raise GenerationError(f"KV block for layer {layer} has shape {k.shape}/{v.shape}, expected {expect}")
+        n = k.shape[1]
+        self._k[j][slot, :, :n] = k
+        self._v[j][slot, :, :n] = v
+        self._len[slot] = n
+
+    def _layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise GenerationError(f"layer {layer} is not in this segment [{self.start}, {self.stop})")
+        return layer - self.start
+
     # --- steps --------------------------------------------------------
 
     def prefill(self, seq: SeqId, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,167 @@
+"""The request API over MQTT: what apps publish, what the mesh streams back. Schema v1.
+
+An app publishes one JSON object to ``meshllm/v1/<mesh>/requests``::
+
+    {"id": "r1", "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0,
+     "reply_to": "my/app/replies/r1"}
+
+and receives JSON objects on ``reply_to`` (default ``meshllm/v1/<mesh>/replies/<id>``)::
+
+    {"id": "r1", "index": 0, "text": " there", "token_id": 612}
+    ...
+    {"id": "r1", "index": 12, "text": "", "done": true, "finish_reason": "length",
+     "usage": {"prompt_tokens": 5, "completion_tokens": 13},
+     "timings": {"queue_s": ..., "ttft_s": ..., "tokens_per_s": ..., "replicas": {...}}}
+
+or one error object ``{"id": "r1", "error": {"code": "invalid_request", "message": "..."}}``.
+
+This module owns parsing and validating requests (strictly: unknown fields are
+errors) and building replies; ``schemas/request-v1.json`` and
+``schemas/reply-v1.json`` describe the same shapes for other languages. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshllm.errors import GenerationError, MeshError
+from meshllm.runtime.sampling import SamplingParams
+
+SCHEMA_VERSION = 1
+MAX_REQUEST_BYTES = 1 << 20
+MAX_PROMPT_CHARS = 200_000
+MAX_STOP_STRINGS = 8
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_TOPIC_BAD = re.compile(r"[#+\x00]")
+
+FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "reply_to",
+          "schema"}
+
+# error codes
+INVALID_JSON = "invalid_json"
+INVALID_REQUEST = "invalid_request"
+CONTEXT_LENGTH = "context_length_exceeded"
+BUSY = "busy"
+UNAVAILABLE = "unavailable"  # no ready replica
+INTERNAL = "internal_error"
+CANCELLED = "cancelled"
+
+
+class RequestError(MeshError):
+    """A request the mesh refuses; carries what is needed to answer it."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None, reply_to: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.request_id, self.reply_to = code, message, request_id, reply_to
+
+    def reply(self) -> dict[str, Any]:
+        return error_reply(self.request_id, self.code, self.message)
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    reply_to: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "reply_to": self.reply_to, **self.sampling.to_json()}
+        if self.prompt is not None:
+            d["prompt"] = self.prompt
+        else:
+            d["messages"] = [dict(m) for m in self.messages]
+        return d
+
+
+def parse_request(payload: bytes | str, default_reply: str) -> Request:
+    """Validates one request; ``default_reply`` is the reply topic prefix (``.../replies``)."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise RequestError(INVALID_REQUEST, f"request of {len(payload)} bytes exceeds {MAX_REQUEST_BYTES} bytes")
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(INVALID_JSON, f"request is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(INVALID_REQUEST, "request must be a JSON object")
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not _ID.match(rid):
+        raise RequestError(INVALID_REQUEST, "'id' must be a string of 1-128 letters, digits, '_', '.', ':', '-'",
+                           rid if isinstance(rid, str) and _ID.match(rid or "") else None)
+    reply_to = obj.get("reply_to", f"{default_reply}/{rid}")
+    if not isinstance(reply_to, str) or not reply_to or len(reply_to) > 256 or _TOPIC_BAD.search(reply_to):
+        raise RequestError(INVALID_REQUEST, "'reply_to' must be an MQTT topic without wildcards", rid)
+
+    def fail(msg: str, code: str = INVALID_REQUEST) -> RequestError:
+        return RequestError(code, msg, rid, reply_to)
+
+    unknown = sorted(set(obj) - FIELDS)
+    if unknown:
+        raise fail(f"unknown field(s): {', '.join(unknown)}")
+    if obj.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise fail(f"schema version {obj.get('schema')!r} is not supported (this mesh speaks {SCHEMA_VERSION})")
+    prompt, messages = obj.get("prompt"), obj.get("messages")
+    if (prompt is None) == (messages is None):
+        raise fail("give exactly one of 'prompt' (a string) or 'messages' (a chat)")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise fail("'prompt' must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise fail(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters", CONTEXT_LENGTH)
+    else:
+        if not isinstance(messages, list) or not messages:
+            raise fail("'messages' must be a non-empty list of {role, content} objects")
+        for m in messages:
+            if (not isinstance(m, dict) or set(m) - {"role", "content"} or not isinstance(m.get("role"), str)
+                    or not isinstance(m.get("content"), str)):
+                raise fail("each message must be an object with string 'role' and 'content'")
+        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+            raise fail(f"messages are longer than {MAX_PROMPT_CHARS} characters", CONTEXT_LENGTH)
+    stop = obj.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
+        raise fail(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+    for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
+                       ("top_p", float)):
+        v = obj.get(name)
+        if v is None:
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        if not ok or (isinstance(v, float) and not math.isfinite(v)):
+            raise fail(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    try:
+        sampling = SamplingParams(
+            max_tokens=int(obj.get("max_tokens", 128)),
+            temperature=float(obj.get("temperature", 0.8)),
+            top_k=int(obj.get("top_k", 0)),
+            top_p=float(obj.get("top_p", 1.0)),
+            seed=int(obj["seed"]) if obj.get("seed") is not None else None,
+            stop=tuple(stop),
+        )
+    except GenerationError as e:
+        raise fail(str(e)) from None
+    return Request(rid, reply_to, sampling, prompt, tuple(messages or ()))
+
+
+# --- replies ------------------------------------------------------------
+
+
+def token_reply(request_id: str, index: int, text: str, token_id: int) -> dict[str, Any]:
+    return {"id": request_id, "index": index, "text": text, "token_id": token_id}
+
+
+def final_reply(request_id: str, index: int, text: str, finish_reason: str, prompt_tokens: int,
+                completion_tokens: int, timings: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "index": index, "text": text, "done": True, "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            "timings": timings}
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "error": {"code": code, "message": message}}

@@ -1,0 +1,102 @@
+"""The planner's duty in a live mesh: (re)plan when membership or profiles change.
+
+Runs on every serving node and acts only while the node is the elected
+planner. It waits for the membership to settle, builds device profiles from
+the gossiped records (with the links each node measured), runs the same
+planner code as ``meshllm plan`` (:mod:`meshllm.plan`), and publishes the
+plan, stamped with its term, when it is new or clearly better than the
+current one (hysteresis). An operator may pin a plan instead
+(``--plan-file``); the duty then publishes that plan as soon as all its nodes
+are members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshllm.profile import DeviceProfile, Link
+
+if TYPE_CHECKING:
+    from meshllm.serve.server import ServingNode
+
+log = logging.getLogger(__name__)
+
+SETTLE_S = 0.7  # membership must be unchanged this long before planning
+
+
+def member_profiles(members: dict[str, Any]) -> list[DeviceProfile]:
+    """Device profiles from gossiped member records, with their measured links."""
+    out = []
+    for node_id, info in sorted(members.items()):
+        p = DeviceProfile.from_json(info["profile"])
+        links = {peer: Link(**v) for peer, v in (info.get("links") or {}).items()}
+        out.append(DeviceProfile(**{**p.__dict__, "node_id": node_id, "links": links}))
+    return out
+
+
+class PlannerDuty:
+    def __init__(self, server: ServingNode) -> None:
+        self.server = server
+        self.version = 0
+        self.current: Any = None  # the meshllm.plan.Plan last published by this node
+        self.pinned: dict[str, Any] | None = None
+        if server.config.plan_file:
+            self.pinned = json.loads(Path(server.config.plan_file).read_text())
+
+    async def run(self) -> None:
+        node = self.server.node
+        seen: tuple[Any, ...] | None = None
+        while True:
+            await asyncio.sleep(SETTLE_S)
+            if not node.is_planner or not node.connected.is_set():
+                seen = None
+                continue
+            members = {m.node_id: m.info for m in node.membership.members.values()}
+            view = tuple(sorted((i, json.dumps(m.get("profile"), sort_keys=True), len(m.get("links") or {}))
+                                for i, m in members.items()))
+            if view == seen:
+                continue
+            await asyncio.sleep(SETTLE_S)  # let a burst of joins settle
+            if {m.node_id for m in node.membership.members.values()} != set(members):
+                continue
+            seen = view
+            try:
+                plan = self.make_plan(members)
+            except Exception as e:  # a planner bug must not take the node down
+                log.exception("%s: planning failed: %s", node.node_id, e)
+                continue
+            if plan is not None:
+                self.version = max(self.version, int((node.plan or {}).get("version", 0))) + 1
+                plan["version"] = self.version
+                await node.publish_plan(plan)
+                log.info("%s: published plan v%d (%d replicas)", node.node_id, self.version,
+                         len(plan.get("replicas", [])))
+
+    def make_plan(self, members: dict[str, Any]) -> dict[str, Any] | None:
+        """The plan to publish now, or None to keep the current one."""
+        if self.pinned is not None:
+            needed = {s["node_id"] for r in self.pinned["replicas"] for s in r["stages"]}
+            if not needed <= set(members):
+                return None
+            if self.server.node.plan and self.server.node.plan.get("pinned"):
+                return None
+            return {**self.pinned, "pinned": True}
+        from meshllm.plan import ModelCosts, plan_mesh, should_replace
+
+        costs = ModelCosts.from_manifest(self.server.manifest)
+        profiles = member_profiles(members)
+        new = plan_mesh(profiles, costs, seed=0)
+        if not new.replicas:
+            log.warning("%s: no feasible plan for %d devices: %s", self.server.node_id, len(profiles),
+                        "; ".join(new.notes))
+            return None
+        live = self.server.node.plan
+        if self.current is not None and live is not None and set(self.current.node_ids) <= set(members) \
+                and not should_replace(self.current, new, profiles=profiles, costs=costs):
+            return None
+        self.current = new
+        return dict(new.to_json())

@@ -1,0 +1,67 @@
+"""Serving frames on the data plane, and their validation. Pure: no I/O.
+
+Every frame names the plan version (``pv``) and replica (``r``) it belongs to,
+so that a node holding an old and a new plan's stage during a roll-out sends
+each frame to the right one.
+
+==========  ==================================================  =======================
+type        fields                                              goes to
+==========  ==================================================  =======================
+prefill     pv r id x meta                                      next stage of a replica
+step        pv r ids x                                          next stage (a batch)
+kv          pv r id layer k vv                                  DECODE stage holding layer
+begin       pv r id token sampler meta                          DECODE replica's last stage
+release     pv r id                                             every stage of a replica
+cancel      id                                                  the request's last stage
+done        id pr dr finish                                     the scheduler
+==========  ==================================================  =======================
+
+``x`` is token ids (int64) for a replica's first stage and hidden states
+(float32, ``(B, S, dim)``) for the others. ``meta`` is the request's
+metadata (reply topic, sampling, prompt length, timings), read only by the
+stage that samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from meshllm.dataplane.codec import FrameError
+
+_SPEC: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "prefill": {"pv": int, "r": int, "id": str, "x": np.ndarray, "meta": dict},
+    "step": {"pv": int, "r": int, "ids": list, "x": np.ndarray},
+    "kv": {"pv": int, "r": int, "id": str, "layer": int, "k": np.ndarray, "vv": np.ndarray},
+    "begin": {"pv": int, "r": int, "id": str, "token": int, "sampler": (str, type(None)), "meta": dict},
+    "release": {"pv": int, "r": int, "id": str},
+    "cancel": {"id": str},
+    "done": {"id": str, "pr": int, "dr": int, "finish": str},
+}
+MAX_BATCH_IDS = 1024
+
+
+def check(frame: dict[str, Any]) -> dict[str, Any]:
+    """Validates a serving frame's fields and types; raises FrameError naming the problem."""
+    t = frame.get("t")
+    spec = _SPEC.get(t)  # type: ignore[arg-type]
+    if spec is None:
+        raise FrameError(f"unknown serving frame type {t!r}")
+    for name, kind in spec.items():
+        v = frame.get(name)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise FrameError(f"{t} frame: field {name!r} must be {kind}, got {type(v).__name__}")
+    if t == "step":
+        ids = frame["ids"]
+        if not ids or len(ids) > MAX_BATCH_IDS or not all(isinstance(i, str) for i in ids):
+            raise FrameError("step frame: 'ids' must be 1..1024 request ids")
+        if frame["x"].shape[0] != len(ids):
+            raise FrameError(f"step frame: x has batch {frame['x'].shape[0]} for {len(ids)} ids")
+    if t in ("prefill", "step") and frame["x"].dtype not in (np.int64, np.float32):
+        raise FrameError(f"{t} frame: x must be int64 ids or float32 hidden states, got {frame['x'].dtype}")
+    if t == "kv":
+        k, v = frame["k"], frame["vv"]
+        if k.shape != v.shape or k.ndim != 3 or k.dtype != np.float32 or v.dtype != np.float32:
+            raise FrameError("kv frame: k and vv must be float32 arrays of one shape (kv_heads, n, head_dim)")
+    return frame

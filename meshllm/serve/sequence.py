@@ -1,0 +1,79 @@
+"""One request's output side: sampling state, detokenizer, stop rules and its reply stream.
+
+Lives on the last stage of the DECODE (or MIXED) replica serving the request,
+the single writer of its reply topic, so tokens are published exactly once
+and in order. The stop rules are those of ``meshllm generate``
+(:class:`~meshllm.runtime.generate.LocalModel`), so the mesh's text equals a
+single process's token for token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from meshllm.model.tokenizer import StreamDecoder, Tokenizer
+from meshllm.runtime.generate import StopStrings
+from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.serve import api
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class SequenceState:
+    id: str
+    meta: dict[str, Any]
+    sampler: Sampler
+    tokenizer: Tokenizer
+    stop_ids: frozenset[int]
+    publish: Publish
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.params = SamplingParams(**self.meta["sampling"])
+        self.detok = StreamDecoder(self.tokenizer, prev=self.meta["last_prompt_token"])
+        self.stops = StopStrings(self.params.stop)
+        self.prompt_len = int(self.meta["prompt_len"])
+
+    @property
+    def reply_to(self) -> str:
+        return str(self.meta["reply_to"])
+
+    async def push(self, token: int, context: int) -> bool:
+        """Handles a sampled token; returns whether the request goes on."""
+        if token in self.stop_ids:
+            return await self._finish("stop", "")
+        self.tokens.append(token)
+        text, hit = self.stops.push(self.detok.push(token))
+        await self.publish(self.reply_to, api.token_reply(self.id, len(self.tokens) - 1, text, token))
+        if hit:
+            return await self._finish("stop", "", flushed=True)
+        if self.cancelled:
+            return await self._finish("cancelled", "")
+        if len(self.tokens) >= self.params.max_tokens or self.prompt_len + len(self.tokens) >= context:
+            return await self._finish("length", "")
+        return True
+
+    async def _finish(self, reason: str, text: str, flushed: bool = False) -> bool:
+        if not flushed:
+            text, hit = self.stops.push(self.detok.flush())
+            text += "" if hit else self.stops.flush()
+            reason = "stop" if hit else reason
+        self.finish_reason = reason
+        now = time.time()
+        m = self.meta
+        first = m.get("t_first_token", now)
+        n = len(self.tokens)
+        timings = {
+            "queue_s": round(m.get("t_prefill_start", now) - m.get("t_received", now), 6),
+            "ttft_s": round(first - m.get("t_received", now), 6),
+            "total_s": round(now - m.get("t_received", now), 6),
+            "tokens_per_s": round((n - 1) / (now - first), 3) if n > 1 and now > first else 0.0,
+            "replicas": {"prefill": m.get("prefill_r"), "decode": m.get("decode_r")},
+        }
+        await self.publish(self.reply_to, api.final_reply(self.id, n, text, reason, self.prompt_len, n, timings))
+        return False

@@ -1,0 +1,378 @@
+"""A serving node: a mesh :class:`~meshllm.mesh.node.Node` that deploys plans and serves requests.
+
+- **Deploy.** On every accepted plan the node finds its stage, loads that layer
+  range (reusing the loaded segment when the range is unchanged), starts a
+  :class:`~meshllm.serve.stage.StageRunner` and announces readiness on the
+  retained ``ready/<node>`` topic. Runners of older plans keep serving the
+  requests they hold and are dropped once empty (drain, no request lost).
+- **Data plane.** Serving frames are validated (:mod:`meshllm.serve.protocol`)
+  and handed to the runner of their plan version and replica.
+- **Planner duties.** The elected planner computes plans when membership
+  changes (:mod:`meshllm.serve.planning`) and runs the
+  :class:`~meshllm.serve.scheduler.Scheduler`: it takes requests from the MQTT
+  ``requests`` topic, tokenizes them, routes them, and answers errors itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from meshllm.dataplane.codec import FrameError
+from meshllm.dataplane.links import PeerLinks, PeerUnreachable
+from meshllm.errors import GenerationError, MeshError
+from meshllm.mesh.node import Node, NodeConfig
+from meshllm.model.manifest import Manifest, load_manifest, verify_files
+from meshllm.model.tokenizer import Tokenizer, load_tokenizer
+from meshllm.runtime.sampling import Sampler
+from meshllm.runtime.segment import Segment
+from meshllm.serve import api, protocol
+from meshllm.serve.layout import Layout, LayoutError
+from meshllm.serve.scheduler import Job, Scheduler
+from meshllm.serve.sequence import SequenceState
+from meshllm.serve.stage import StageRunner
+
+log = logging.getLogger(__name__)
+
+
+class ServingNode:
+    """``async with ServingNode(config) as s:`` runs a node that serves its share of the model."""
+
+    def __init__(self, config: NodeConfig, *, threads: int | None = None) -> None:
+        if not config.model:
+            raise MeshError("a serving node needs --model DIR")
+        self.config = config
+        self.model_dir = Path(config.model)
+        self.manifest: Manifest = load_manifest(self.model_dir)
+        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)
+        self.stop_ids = self.manifest.config.stop_ids()
+        self.threads = threads
+        self.node = Node(config)
+        self.node_id = self.node.node_id
+        self.links = PeerLinks()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
+        self.runners: dict[tuple[int, int], StageRunner] = {}
+        self._runner_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._segment: tuple[tuple[int, int, int, int], Segment] | None = None
+        self.layout: Layout | None = None
+        self.ready: dict[str, dict[str, Any]] = {}  # node id -> its readiness record
+        self.scheduler: Scheduler | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._deploy_lock = asyncio.Lock()
+        self._verified: set[str] = set()
+
+    # --- lifecycle ----------------------------------------------------
+
+    async def __aenter__(self) -> ServingNode:
+        node = self.node
+        for kind in ("prefill", "step", "kv", "begin", "release", "cancel", "done"):
+            node_route = self._frame_handler(kind)
+            self._route(kind, node_route)
+        node.on_plan(self._on_plan)
+        node.subscribe(node.topics.readiness, self._on_ready)
+        node.subscribe(node.topics.requests, self._on_request)
+        node.subscribe(node.topics.cancel, self._on_cancel)
+        await self.links.__aenter__()
+        await node.__aenter__()
+        for kind, handler in self._pending_routes:
+            node.dataplane.route(kind, handler)
+        from meshllm.serve.planning import PlannerDuty
+
+        self.planner = PlannerDuty(self)
+        self._spawn(self.planner.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in list(self._tasks) + list(self._runner_tasks.values()):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._runner_tasks.values(), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.node.publish(self.node.topics.ready(self.node_id), b"", retain=True)
+        await self.node.__aexit__(*exc)
+        await self.links.__aexit__(*exc)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    _pending_routes: list[tuple[str, Any]]
+
+    def _route(self, kind: str, handler: Any) -> None:
+        if not hasattr(self, "_pending_routes"):
+            self._pending_routes = []
+        self._pending_routes.append((kind, handler))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: background task failed", self.node_id, exc_info=task.exception())
+
+    # --- the Fabric a stage uses --------------------------------------
+
+    def _addr(self, node_id: str) -> tuple[str, int]:
+        if node_id == self.node_id:
+            return (self.node.discovery.address, self.node.dataplane.port)
+        m = self.node.membership.members.get(node_id)
+        if m is None:
+            raise PeerUnreachable(f"node {node_id} is not a member of the mesh")
+        return (str(m.info["host"]), int(m.info["port"]))
+
+    async def send(self, node_id: str, frame: dict[str, Any]) -> None:
+        if node_id == self.node_id:
+            await self._dispatch(frame)  # a frame to ourselves never touches the network
+            return
+        await self.links.send(self._addr(node_id), frame)
+
+    async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        ok = await self.node.publish(topic, json.dumps(payload), qos=1)
+        if not ok:
+            log.warning("%s: could not publish to %s (no broker session)", self.node_id, topic)
+
+    def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
+        return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish)
+
+    async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None:
+        scheduler = meta.get("scheduler")
+        frame = {"t": "done", "id": request_id, "pr": int(meta["prefill_r"]), "dr": int(meta["decode_r"]),
+                 "finish": finish_reason}
+        if scheduler:
+            try:
+                await self.send(scheduler, frame)
+            except MeshError as e:
+                log.warning("%s: cannot tell the scheduler that %s is done: %s", self.node_id, request_id, e)
+
+    # --- frames -------------------------------------------------------
+
+    def _frame_handler(self, kind: str) -> Any:
+        async def handle(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+            await self._dispatch(msg)
+        return handle
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        try:
+            protocol.check(frame)
+        except FrameError:
+            raise
+        t = frame["t"]
+        if t == "done":
+            self._on_done(frame)
+            return
+        if t == "cancel":
+            for runner in self.runners.values():
+                runner.on_cancel(frame["id"])
+            return
+        runner = self.runners.get((frame["pv"], frame["r"]))
+        if runner is None:
+            raise FrameError(f"no stage of plan v{frame['pv']} replica {frame['r']} on {self.node_id}")
+        try:
+            if t == "prefill":
+                runner.on_prefill(frame)
+            elif t == "step":
+                runner.on_step(frame)
+            elif t == "kv":
+                runner.on_kv(frame)
+            elif t == "begin":
+                await runner.on_begin(frame)
+            elif t == "release":
+                runner.on_release(frame)
+        except GenerationError as e:
+            raise FrameError(f"{t} frame refused: {e}") from None
+
+    # --- deployment ----------------------------------------------------
+
+    async def _on_plan(self, plan: dict[str, Any]) -> None:
+        try:
+            layout = Layout.from_plan(plan)
+        except LayoutError as e:
+            log.error("%s: refusing plan v%s: %s", self.node_id, plan.get("version"), e)
+            return
+        self._spawn(self._deploy(layout))
+
+    async def _deploy(self, layout: Layout) -> None:
+        async with self._deploy_lock:
+            if self.layout is not None and layout.version <= self.layout.version:
+                return
+            self.layout = layout
+            if self.scheduler is not None:
+                self.scheduler.layout = layout
+                self._refresh_ready()
+            replica = layout.replica_of(self.node_id)
+            if replica is None:
+                await self.node.publish(self.node.topics.ready(self.node_id), json.dumps(
+                    {"pv": layout.version, "r": None, "idle": True}), retain=True)
+                self._retire_old(layout.version)
+                return
+            index = replica.stage_index(self.node_id)
+            assert index is not None
+            st = replica.stages[index]
+            context = min(replica.context or self.manifest.config.max_seq_len, self.manifest.config.max_seq_len)
+            key = (st.start, st.stop, replica.slots, context)
+            segment = None
+            if self._segment is not None and self._segment[0] == key and not self._segment_in_use():
+                segment = self._segment[1]
+            if segment is None:
+                files = self.manifest.segment_files(st.start, st.stop)
+                todo = [f for f in files if f not in self._verified]
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.executor, lambda: verify_files(self.model_dir, self.manifest, todo))
+                self._verified.update(todo)
+                segment = await loop.run_in_executor(self.executor, lambda: Segment(
+                    self.model_dir, st.start, st.stop, max_batch=replica.slots, max_seq_len=context,
+                    threads=self.threads, verify=False, manifest=self.manifest))
+                self._segment = (key, segment)
+            runner = StageRunner(self, layout, replica, index, segment, self.executor,
+                                 compute_scale=self.config.emulation.compute_scale)
+            self.runners[runner.key] = runner
+            self._runner_tasks[runner.key] = asyncio.get_running_loop().create_task(runner.run())
+            self._retire_old(layout.version)
+            await self.node.publish(self.node.topics.ready(self.node_id), json.dumps(
+                {"pv": layout.version, "r": replica.id, "stage": index, "role": replica.role}), retain=True)
+            log.info("%s: serving plan v%d as stage %d of %s replica %d (layers %d-%d)", self.node_id,
+                     layout.version, index, replica.role, replica.id, st.start, st.stop - 1)
+
+    def _segment_in_use(self) -> bool:
+        return any(r.active or r.sequences for r in self.runners.values())
+
+    def _retire_old(self, version: int) -> None:
+        """Drops runners of older plans once they hold no request (drain)."""
+        for key in [k for k in self.runners if k[0] < version]:
+            runner = self.runners[key]
+            if runner.active or runner.sequences or not runner.inbox.empty():
+                self._spawn(self._retire_when_idle(key))
+                continue
+            self.runners.pop(key)
+            self._runner_tasks.pop(key).cancel()
+
+    async def _retire_when_idle(self, key: tuple[int, int]) -> None:
+        runner = self.runners.get(key)
+        while runner is not None and (runner.active or runner.sequences or not runner.inbox.empty()):
+            await asyncio.sleep(0.1)
+        self.runners.pop(key, None)
+        task = self._runner_tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    # --- readiness, requests (planner side) -----------------------------
+
+    async def _on_ready(self, msg: aiomqtt.Message) -> None:
+        node_id = self.node.topics.leaf(str(msg.topic))
+        payload = msg.payload if isinstance(msg.payload, bytes) else b""
+        if payload:
+            self.ready[node_id] = json.loads(payload)
+        else:
+            self.ready.pop(node_id, None)
+        self._refresh_ready()
+
+    def ready_replicas(self) -> set[int]:
+        layout = self.layout
+        if layout is None:
+            return set()
+        alive = set(self.node.membership.ids)
+        out = set()
+        for r in layout.replicas.values():
+            if all(s.node_id in alive and self.ready.get(s.node_id, {}).get("pv") == layout.version
+                   and self.ready[s.node_id].get("r") == r.id for s in r.stages):
+                out.add(r.id)
+        return out
+
+    def _refresh_ready(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.ready = self.ready_replicas()
+            for job in self.scheduler.drain():
+                self._spawn(self._start(job, self._jobs_meta.pop(job.id)))
+
+    _jobs_meta: dict[str, tuple[list[int], dict[str, Any]]] = {}
+
+    async def _on_request(self, msg: aiomqtt.Message) -> None:
+        if not self.node.is_planner:
+            return
+        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+        topics = self.node.topics
+        try:
+            req = api.parse_request(bytes(payload), topics.replies)
+            prompt = req.prompt if req.prompt is not None else self.tokenizer.apply_chat_template(list(req.messages))
+            ids = self.tokenizer.encode(prompt, bos=req.prompt is not None)
+            if not ids:
+                raise api.RequestError(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
+            sched = self._ensure_scheduler()
+            limit = min((r.context or self.manifest.config.max_seq_len for r in sched.layout.replicas.values()),
+                        default=self.manifest.config.max_seq_len)
+            if len(ids) >= limit:
+                raise api.RequestError(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
+                                       f"of {limit} tokens", req.id, req.reply_to)
+            meta = {"reply_to": req.reply_to, "sampling": req.sampling.to_json(), "prompt_len": len(ids),
+                    "last_prompt_token": ids[-1], "t_received": time.time(), "scheduler": self.node_id}
+            meta["sampling"]["stop"] = list(req.sampling.stop)
+            job = Job(req.id, req.reply_to, len(ids))
+            self._jobs_meta[job.id] = (ids, meta)
+            try:
+                routed = sched.admit(job)
+            except api.RequestError:
+                self._jobs_meta.pop(job.id, None)
+                raise
+            if routed is not None:
+                self._spawn(self._start(routed, self._jobs_meta.pop(job.id)))
+        except api.RequestError as e:
+            topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
+            await self.publish(topic, e.reply())
+        except MeshError as e:  # e.g. a chat request to a model without a chat template
+            rid = locals().get("req")
+            if rid is not None:
+                await self.publish(rid.reply_to, api.error_reply(rid.id, api.INVALID_REQUEST, str(e)))
+
+    def _ensure_scheduler(self) -> Scheduler:
+        if self.layout is None:
+            raise api.RequestError(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self.layout)
+        self.scheduler.layout = self.layout
+        self.scheduler.ready = self.ready_replicas()
+        return self.scheduler
+
+    async def _start(self, job: Job, ids_meta: tuple[list[int], dict[str, Any]]) -> None:
+        ids, meta = ids_meta
+        assert self.layout is not None
+        meta.update(prefill_r=job.prefill_r, decode_r=job.decode_r)
+        replica = self.layout.replicas[job.prefill_r]
+        frame = {"t": "prefill", "pv": self.layout.version, "r": replica.id, "id": job.id,
+                 "x": np.asarray(ids, np.int64), "meta": meta}
+        try:
+            await self.send(replica.first.node_id, frame)
+        except MeshError as e:
+            await self.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE, f"replica unreachable: {e}"))
+            self._on_done({"id": job.id})
+
+    def _on_done(self, frame: dict[str, Any]) -> None:
+        if self.scheduler is None:
+            return
+        for job in self.scheduler.done(frame["id"]):
+            self._spawn(self._start(job, self._jobs_meta.pop(job.id)))
+
+    async def _on_cancel(self, msg: aiomqtt.Message) -> None:
+        if not self.node.is_planner or self.scheduler is None:
+            return
+        try:
+            rid = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"")["id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        queued = self.scheduler.cancel_queued(str(rid))
+        if queued is not None:
+            self._jobs_meta.pop(queued.id, None)
+            await self.publish(queued.reply_to, api.error_reply(queued.id, api.CANCELLED, "cancelled by the client"))
+            return
+        job = self.scheduler.jobs.get(str(rid))
+        if job is not None and self.layout is not None and job.decode_r in self.layout.replicas:
+            with contextlib.suppress(MeshError):
+                await self.send(self.layout.replicas[job.decode_r].last.node_id, {"t": "cancel", "id": job.id})

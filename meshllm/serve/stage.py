@@ -1,0 +1,266 @@
+"""A pipeline stage: one node's segment of one replica, turning frames into model steps.
+
+A :class:`StageRunner` owns a :class:`~meshllm.runtime.segment.Segment` and an
+inbox. Its loop takes the next work item; decode steps that are ready are
+batched (every active sequence waiting at this stage goes through one
+``Segment.decode``), prompts run one at a time. Results go to the next stage,
+or, at the replica's last stage, become tokens:
+
+- in a PREFILL replica the last stage samples the first token and sends a
+  ``begin`` to the chosen DECODE replica's last stage; every stage then ships
+  the KV cache of its layers to the DECODE stage that holds those layers
+  (layer by layer, while later stages are still computing) and frees it;
+- in a DECODE (or MIXED) replica the last stage owns each request's
+  :class:`~meshllm.serve.sequence.SequenceState`: it samples, streams tokens to
+  the reply topic and feeds each new token back to the first stage.
+
+KV caches stay where their layers are; per token only activations move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+
+from meshllm.errors import MeshError
+from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.runtime.segment import Segment
+from meshllm.serve import api
+from meshllm.serve.layout import Layout, ReplicaLayout
+from meshllm.serve.sequence import SequenceState
+
+log = logging.getLogger(__name__)
+
+
+class Fabric(Protocol):
+    """What a stage needs from its node: sending frames, publishing replies, the tokenizer."""
+
+    node_id: str
+
+    async def send(self, node_id: str, frame: dict[str, Any]) -> None: ...
+
+    async def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
+
+    def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState: ...
+
+    async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None: ...
+
+
+@dataclass
+class _Item:
+    kind: str  # "prefill" | "step"
+    rid: str
+    x: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class StageRunner:
+    def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
+                 executor: Executor, *, compute_scale: float = 1.0) -> None:
+        self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
+        self.segment = segment
+        self.executor = executor
+        self.compute_scale = compute_scale
+        self.is_first = index == 0
+        self.is_last = index == len(replica.stages) - 1
+        self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.active: set[str] = set()  # requests with KV on this stage
+        self._kv_missing: dict[str, int] = {}  # DECODE: layers of a handed-off prompt not yet received
+        self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
+        self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
+        self.busy_s = 0.0
+        self.tokens_out = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layout.version, self.replica.id)
+
+    # --- frames in ----------------------------------------------------
+
+    def on_prefill(self, frame: dict[str, Any]) -> None:
+        self.inbox.put_nowait(_Item("prefill", frame["id"], frame["x"], frame["meta"]))
+
+    def on_step(self, frame: dict[str, Any]) -> None:
+        x = frame["x"]
+        for i, rid in enumerate(frame["ids"]):
+            item = _Item("step", rid, x[i:i + 1])
+            if rid in self._kv_missing:
+                self._held.setdefault(rid, []).append(item)
+            else:
+                self.inbox.put_nowait(item)
+
+    def on_kv(self, frame: dict[str, Any]) -> None:
+        rid = frame["id"]
+        if rid not in self.active:
+            self.segment.open(rid)
+            self.active.add(rid)
+            self._kv_missing[rid] = len(self.segment.layers)
+        self.segment.import_kv(rid, frame["layer"], frame["k"], frame["vv"])
+        self._kv_missing[rid] -= 1
+        if self._kv_missing[rid] == 0:
+            del self._kv_missing[rid]
+            for item in self._held.pop(rid, []):
+                self.inbox.put_nowait(item)
+
+    async def on_begin(self, frame: dict[str, Any]) -> None:
+        """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
+        meta = frame["meta"]
+        sampling = SamplingParams(**meta["sampling"])
+        state = self.fabric.make_sequence(frame["id"], meta, Sampler.restore(sampling, frame["sampler"]))
+        self.sequences[frame["id"]] = state
+        await self._emit(state, frame["token"])
+
+    def on_release(self, frame: dict[str, Any]) -> None:
+        rid = frame["id"]
+        self.active.discard(rid)
+        self._kv_missing.pop(rid, None)
+        self._held.pop(rid, None)
+        self.segment.close(rid)
+
+    def on_cancel(self, rid: str) -> None:
+        state = self.sequences.get(rid)
+        if state is not None:
+            state.cancelled = True
+
+    # --- the loop -----------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            item = await self.inbox.get()
+            if item.kind == "prefill":
+                await self._prefill(item)
+                continue
+            batch = [item]
+            deferred: deque[_Item] = deque()
+            while not self.inbox.empty() and len(batch) < self.segment.max_batch:
+                nxt = self.inbox.get_nowait()
+                if nxt.kind == "step" and nxt.rid not in {b.rid for b in batch}:
+                    batch.append(nxt)
+                else:
+                    deferred.append(nxt)
+            for d in deferred:  # keep prompts (and a second step of one request) for later, in order
+                self.inbox.put_nowait(d)
+            await self._decode(batch)
+
+    async def _compute(self, fn: Callable[[], np.ndarray]) -> np.ndarray:
+        t = time.perf_counter()
+        out = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        took = time.perf_counter() - t
+        if self.compute_scale > 1.0:  # emulation: behave like a slower device
+            await asyncio.sleep(took * (self.compute_scale - 1.0))
+        self.busy_s += time.perf_counter() - t
+        return out
+
+    async def _prefill(self, item: _Item) -> None:
+        rid, meta = item.rid, item.meta
+        if self.is_first:
+            meta["t_prefill_start"] = time.time()
+        if rid not in self.active:
+            self.segment.open(rid)
+            self.active.add(rid)
+        try:
+            out = await self._compute(lambda: self.segment.prefill(rid, item.x))
+        except MeshError as e:
+            await self._fail(rid, meta, api.CONTEXT_LENGTH if "context" in str(e) else api.INTERNAL, str(e))
+            return
+        if not self.is_last:
+            await self.fabric.send(self.replica.stages[self.index + 1].node_id,
+                                   {"t": "prefill", "pv": self.layout.version, "r": self.replica.id, "id": rid,
+                                    "x": out, "meta": meta})
+        else:
+            sampling = SamplingParams(**meta["sampling"])
+            sampler = Sampler(sampling)
+            token = sampler(out[0])
+            meta["t_first_token"] = time.time()
+            decode = self.layout.replicas[meta["decode_r"]]
+            begin = {"t": "begin", "pv": self.layout.version, "r": decode.id, "id": rid, "token": token,
+                     "sampler": None if sampling.greedy else sampler.state(), "meta": meta}
+            if decode.id == self.replica.id:
+                await self.on_begin(begin)
+            else:
+                await self.fabric.send(decode.last.node_id, begin)
+        if self.replica.role == "prefill":
+            await self._hand_off(rid, meta)
+
+    async def _hand_off(self, rid: str, meta: dict[str, Any]) -> None:
+        """Ships this stage's KV for ``rid`` to the DECODE stages holding the same layers, then frees it."""
+        decode = self.layout.replicas[meta["decode_r"]]
+        for layer in self.segment.layers:
+            k, v = self.segment.export_kv(rid, layer)
+            await self.fabric.send(decode.holder(layer).node_id,
+                                   {"t": "kv", "pv": self.layout.version, "r": decode.id, "id": rid,
+                                    "layer": layer, "k": np.ascontiguousarray(k), "vv": np.ascontiguousarray(v)})
+        self.on_release({"id": rid})
+
+    async def _decode(self, batch: list[_Item]) -> None:
+        ids = [b.rid for b in batch]
+        x = np.concatenate([b.x for b in batch], axis=0)
+        if self.is_first:
+            x = x.reshape(len(ids))
+        out = await self._compute(lambda: self.segment.decode(ids, x))
+        if not self.is_last:
+            await self.fabric.send(self.replica.stages[self.index + 1].node_id,
+                                   {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids, "x": out})
+            return
+        feed: list[tuple[str, int]] = []
+        for row, rid in enumerate(ids):
+            state = self.sequences.get(rid)
+            if state is None:
+                continue
+            token = state.sampler(out[row])
+            if await self._emit(state, token, send=False):
+                feed.append((rid, token))
+        if feed:
+            await self._feed(feed)
+
+    async def _emit(self, state: SequenceState, token: int, send: bool = True) -> bool:
+        """Publishes ``token`` for a request; returns True if it continues (and feeds it back when ``send``)."""
+        self.tokens_out += 1
+        cont = await state.push(token, self.segment.max_seq_len)
+        if not cont:
+            await self._finish(state)
+        elif send:
+            await self._feed([(state.id, token)])
+        return cont
+
+    async def _feed(self, pairs: list[tuple[str, int]]) -> None:
+        frame = {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": [p[0] for p in pairs],
+                 "x": np.array([p[1] for p in pairs], np.int64)}
+        if self.is_first:  # a one-stage replica feeds itself
+            self.on_step(frame)
+        else:
+            await self.fabric.send(self.replica.first.node_id, frame)
+
+    async def _finish(self, state: SequenceState) -> None:
+        self.sequences.pop(state.id, None)
+        for s in self.replica.stages:
+            frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": state.id}
+            if s.node_id == self.fabric.node_id:
+                self.on_release(frame)
+            else:
+                await _quietly(self.fabric.send(s.node_id, frame))
+        await self.fabric.finished(state.id, state.meta, state.finish_reason or "stop")
+
+    async def _fail(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
+        await self.fabric.publish(meta["reply_to"], api.error_reply(rid, code, message))
+        await self.fabric.finished(rid, meta, "error")
+        for s in self.replica.stages:
+            frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
+            if s.node_id == self.fabric.node_id:
+                self.on_release(frame)
+            else:
+                await _quietly(self.fabric.send(s.node_id, frame))
+
+
+async def _quietly(aw: Awaitable[None]) -> None:
+    try:
+        await aw
+    except MeshError as e:
+        log.debug("ignored: %s", e)
