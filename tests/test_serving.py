@@ -1,0 +1,97 @@
+"""Serving over the mesh equals one process, token for token; bad requests get JSON errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+
+from meshllm.runtime.generate import LocalModel
+from meshllm.runtime.sampling import SamplingParams
+from tests.mesh_harness import mosquitto
+from tests.serving_harness import ask_raw, random_model, replica, serving_mesh, text_of, tokens_of
+
+PROMPTS = ["Once upon a time", "the cat sat", "Héllo 🙂 wörld", "a b c d e f g"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return random_model(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with mosquitto() as url:
+        yield url
+
+
+def expected(model: Path, prompt: str, n: int) -> tuple[list[int], str]:
+    done = LocalModel(model).generate(prompt, SamplingParams(max_tokens=n, temperature=0))
+    return done.token_ids, done.text
+
+
+PLANS = {
+    "prefill1-decode1+3": [replica(0, "prefill", [("n1", 0, 4)]), replica(1, "decode", [("n2", 0, 1), ("n3", 1, 4)])],
+    "prefill2+2-decode3+1": [replica(0, "prefill", [("n1", 0, 2), ("n2", 2, 4)]),
+                             replica(1, "decode", [("n3", 0, 3), ("n4", 3, 4)])],
+    "mixed2+2": [replica(0, "mixed", [("n1", 0, 2), ("n2", 2, 4)])],
+    "mixed1-and-mixed1": [replica(0, "mixed", [("n1", 0, 4)]), replica(1, "mixed", [("n2", 0, 4)])],
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_mesh_greedy_output_equals_one_process(name: str, model: Path, broker: str, tmp_path: Path) -> None:
+    replicas = PLANS[name]
+    nodes = sorted({s["node_id"] for r in replicas for s in r["stages"]})
+    mesh = f"t-serve-{secrets.token_hex(3)}"
+    plan = {"version": 1, "n_layers": 4, "replicas": replicas}
+    with serving_mesh(mesh, broker, model, nodes, plan, tmp_path):
+        reqs = [{"id": f"r{i}", "prompt": p, "max_tokens": 24, "temperature": 0} for i, p in enumerate(PROMPTS)]
+        streams = asyncio.run(ask_raw(broker, mesh, reqs))
+    for p, stream in zip(PROMPTS, streams):
+        ids, text = expected(model, p, 24)
+        assert tokens_of(stream) == ids, p
+        assert text_of(stream) == text
+        final = stream[-1]
+        assert final["done"] and final["usage"]["completion_tokens"] == len(ids)
+        assert [m["index"] for m in stream] == list(range(len(stream)))
+
+
+def test_twenty_concurrent_requests_complete_exactly_once_in_order(model: Path, broker: str, tmp_path: Path) -> None:
+    mesh = f"t-serve20-{secrets.token_hex(3)}"
+    plan = {"version": 1, "n_layers": 4, "replicas": PLANS["prefill1-decode1+3"]}
+    with serving_mesh(mesh, broker, model, ["n1", "n2", "n3"], plan, tmp_path):
+        reqs = [{"id": f"c{i}", "prompt": PROMPTS[i % 4] + f" {i}", "max_tokens": 16, "temperature": 0}
+                for i in range(20)]
+        streams = asyncio.run(ask_raw(broker, mesh, reqs, timeout=120))
+    for r, stream in zip(reqs, streams):
+        ids, _ = expected(model, r["prompt"], 16)
+        assert tokens_of(stream) == ids
+        assert [m["index"] for m in stream] == list(range(len(ids) + 1))
+        assert sum(1 for m in stream if m.get("done")) == 1
+
+
+def test_bad_requests_get_json_errors_and_the_mesh_keeps_serving(model: Path, broker: str, tmp_path: Path) -> None:
+    mesh = f"t-servebad-{secrets.token_hex(3)}"
+    plan = {"version": 1, "n_layers": 4, "replicas": PLANS["mixed2+2"]}
+    root = f"meshllm/v1/{mesh}/replies"
+    with serving_mesh(mesh, broker, model, ["n1", "n2"], plan, tmp_path):
+        bad = [
+            (b"{not json", f"{root}/_invalid", "invalid_json"),
+            (json.dumps({"id": "u1", "prompt": "hi", "colour": "red"}).encode(), f"{root}/u1", "invalid_request"),
+            (json.dumps({"id": "t1", "prompt": "hi", "temperature": -2}).encode(), f"{root}/t1", "invalid_request"),
+            (json.dumps({"id": "k1", "prompt": "hi", "top_k": "many"}).encode(), f"{root}/k1", "invalid_request"),
+            (json.dumps({"id": "m1", "prompt": "hi", "max_tokens": 0}).encode(), f"{root}/m1", "invalid_request"),
+            (json.dumps({"id": "l1", "prompt": "word " * 200}).encode(), f"{root}/l1", "context_length_exceeded"),
+            (json.dumps({"id": "c1", "messages": [{"role": "user", "content": "hi"}]}).encode(), f"{root}/c1",
+             "invalid_request"),  # llama2.c models have no chat template
+        ]
+        streams = asyncio.run(ask_raw(broker, mesh, [b for b, _, _ in bad], reply_topics=[t for _, t, _ in bad]))
+        for (_, _, code), stream in zip(bad, streams):
+            assert len(stream) == 1 and stream[0]["error"]["code"] == code, stream
+        good = asyncio.run(ask_raw(broker, mesh, [{"id": "ok", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                     "temperature": 0}]))[0]
+        assert tokens_of(good) == expected(model, PROMPTS[0], 8)[0]
