@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
-from meshllm.dataplane.codec import encode
+from meshllm.dataplane.codec import encode_buffers
 from meshllm.errors import MeshError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class PeerLinks:
         self._conns.clear()
 
     async def send(self, addr: tuple[str, int], frame: dict[str, Any]) -> None:
-        data = encode(frame)
+        buffers = encode_buffers(frame)
         conn = self._conns.setdefault(addr, _Conn())
         async with conn.lock:
             for attempt in (0, 1):  # one reconnect if the cached connection went stale
@@ -56,7 +56,7 @@ class PeerLinks:
                         conn.writer = None
                         raise PeerUnreachable(f"data plane of {addr[0]}:{addr[1]} unreachable: {e}") from None
                 try:
-                    conn.writer.write(data)
+                    conn.writer.writelines(buffers)
                     await conn.writer.drain()
                     return
                 except (ConnectionError, OSError) as e:
