@@ -94,6 +94,7 @@ class Node:
         self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
         self._started = time.monotonic()
         self._leaving = False
+        self.record_extra: dict[str, Any] = {}  # merged into the gossiped record (serving adds its model)
 
     # --- lifecycle ----------------------------------------------------
 
@@ -177,6 +178,7 @@ class Node:
             "links": {k: {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps} for k, v in self.links.items()},
             "hosts_broker": self._hosted.url if self._hosted else None,
             "model": os.path.basename(self.config.model.rstrip("/")) if self.config.model else None,
+            **self.record_extra,
         }
 
     # --- broker -------------------------------------------------------
@@ -272,6 +274,9 @@ class Node:
                 tg.create_task(self._heartbeat(client))
                 tg.create_task(self._watch_broker(url))
                 tg.create_task(self._measure_links())
+
+    async def republish_record(self) -> None:
+        await self._publish_record()
 
     async def _publish_record(self) -> None:
         if self._client is not None:

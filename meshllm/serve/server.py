@@ -31,11 +31,12 @@ from meshllm.dataplane.codec import FrameError
 from meshllm.dataplane.links import PeerLinks, PeerUnreachable
 from meshllm.errors import GenerationError, MeshError
 from meshllm.mesh.node import Node, NodeConfig
-from meshllm.model.manifest import Manifest, load_manifest, verify_files
+from meshllm.model.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
 from meshllm.model.tokenizer import Tokenizer, load_tokenizer
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api, protocol
+from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
 from meshllm.serve.layout import Layout, LayoutError
 from meshllm.serve.scheduler import Job, Scheduler
 from meshllm.serve.sequence import SequenceState
@@ -51,13 +52,14 @@ class ServingNode:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
         self.config = config
-        self.model_dir = Path(config.model)
-        self.manifest: Manifest = load_manifest(self.model_dir)
-        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)
-        self.stop_ids = self.manifest.config.stop_ids()
-        self.threads = threads
         self.node = Node(config)
         self.node_id = self.node.node_id
+        self.model_dir = Path(config.model)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest: Manifest | None = None
+        if (self.model_dir / MANIFEST_NAME).exists():
+            self._load_model_meta()
+        self.threads = threads
         self.links = PeerLinks()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
         self.runners: dict[tuple[int, int], StageRunner] = {}
@@ -70,6 +72,39 @@ class ServingNode:
         self._deploy_lock = asyncio.Lock()
         self._verified: set[str] = set()
 
+    def _load_model_meta(self) -> None:
+        """Manifest and tokenizer (fetched from a peer first if this node has no model files yet)."""
+        self.manifest = load_manifest(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)
+        self.stop_ids = self.manifest.config.stop_ids()
+        complete = not missing_files(self.model_dir, self.manifest, list(self.manifest.files))
+        self.node.record_extra.update(model_sha=sha256_file(self.model_dir / MANIFEST_NAME), has_files=complete)
+
+    async def _fetch_from_peer(self, files: list[str]) -> None:
+        """Fetches ``files`` from a member that holds the complete model (same manifest)."""
+        deadline = time.monotonic() + 60
+        while True:
+            mine = self.node.record_extra.get("model_sha")
+            peers = [m for m in self.node.membership.members.values() if m.node_id != self.node_id
+                     and m.info.get("has_files") and (mine is None or m.info.get("model_sha") == mine)]
+            if peers:
+                break
+            if time.monotonic() > deadline:
+                raise MeshError(f"no peer holds the model files {files[:3]}...; give this node --model with them")
+            await asyncio.sleep(0.5)
+        peer = peers[0]
+        for name in files:
+            entry = self.manifest.files.get(name) if self.manifest is not None else None
+            for attempt in range(3):  # a corrupt or cut transfer is discarded or resumed, then retried
+                try:
+                    await fetch_file(str(peer.info["host"]), int(peer.info["port"]), self.model_dir, name,
+                                     sha256=entry.sha256 if entry else None, size=entry.size if entry else None)
+                    break
+                except (MeshError, OSError, EOFError, asyncio.TimeoutError) as e:
+                    if attempt == 2:
+                        raise MeshError(f"cannot fetch {name} from {peer.node_id}: {e}") from None
+                    log.warning("%s: fetching %s failed (%s); retrying", self.node_id, name, e)
+
     # --- lifecycle ----------------------------------------------------
 
     async def __aenter__(self) -> ServingNode:
@@ -81,10 +116,17 @@ class ServingNode:
         node.subscribe(node.topics.readiness, self._on_ready)
         node.subscribe(node.topics.requests, self._on_request)
         node.subscribe(node.topics.cancel, self._on_cancel)
+        self._route("fetch", lambda msg, writer: serve_fetch(self.model_dir, self.manifest, msg, writer))
         await self.links.__aenter__()
         await node.__aenter__()
         for kind, handler in self._pending_routes:
             node.dataplane.route(kind, handler)
+        if self.manifest is None:  # a node with no model files yet: learn the model from a peer
+            await self._fetch_from_peer([MANIFEST_NAME])
+            self.manifest = load_manifest(self.model_dir)
+            await self._fetch_from_peer(self.manifest.tokenizer_files())
+            self._load_model_meta()
+            await node.republish_record()
         from meshllm.serve.planning import PlannerDuty
 
         self.planner = PlannerDuty(self)
@@ -224,6 +266,10 @@ class ServingNode:
                 segment = self._segment[1]
             if segment is None:
                 files = self.manifest.segment_files(st.start, st.stop)
+                absent = missing_files(self.model_dir, self.manifest, files)
+                if absent:
+                    log.info("%s: fetching %d model files from a peer", self.node_id, len(absent))
+                    await self._fetch_from_peer(absent)
                 todo = [f for f in files if f not in self._verified]
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.executor, lambda: verify_files(self.model_dir, self.manifest, todo))
