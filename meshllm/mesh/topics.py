@@ -75,6 +75,14 @@ class Topics:
     def ready(self, node_id: str) -> str:
         return f"{self.root}/ready/{node_id}"
 
+    @property
+    def all_stats(self) -> str:
+        return f"{self.root}/stats/+"
+
+    def stats(self, node_id: str) -> str:
+        """Every second, per serving node: its stage's load and output rate (and the scheduler's queue)."""
+        return f"{self.root}/stats/{node_id}"
+
     def leaf(self, topic: str) -> str:
         """The last level of a topic (a node id for members/heartbeats)."""
         return topic.rsplit("/", 1)[-1]

@@ -131,6 +131,7 @@ class ServingNode:
 
         self.planner = PlannerDuty(self)
         self._spawn(self.planner.run())
+        self._spawn(self._publish_stats())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -231,6 +232,29 @@ class ServingNode:
                 runner.on_release(frame)
         except GenerationError as e:
             raise FrameError(f"{t} frame refused: {e}") from None
+
+    async def _publish_stats(self, every_s: float = 1.0) -> None:
+        """Live load figures for dashboards (the gateway's mesh page): not retained, once a second."""
+        last_tokens, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(every_s)
+            runners = [r for r in self.runners.values() if self.layout and r.layout.version == self.layout.version]
+            tokens = sum(r.tokens_out for r in self.runners.values())
+            now = time.monotonic()
+            rate = (tokens - last_tokens) / (now - last_t)
+            last_tokens, last_t = tokens, now
+            stats: dict[str, Any] = {"node_id": self.node_id, "pv": self.layout.version if self.layout else None,
+                                     "tokens_per_s": round(rate, 2), "tokens_out": tokens}
+            if runners:
+                r = runners[0]
+                stats.update(replica=r.replica.id, role=r.replica.role, stage=r.index, active=len(r.active),
+                             inbox=r.inbox.qsize(), busy_s=round(r.busy_s, 3))
+            if self.node.is_planner and self.scheduler is not None:
+                sc = self.scheduler
+                stats["scheduler"] = {"queued": len(sc.queue), "in_flight": len(sc.jobs),
+                                      "active": {str(k): v for k, v in sc.active.items()},
+                                      "ready": sorted(sc.ready)}
+            await self.node.publish(self.node.topics.stats(self.node_id), json.dumps(stats), qos=0)
 
     # --- deployment ----------------------------------------------------
 
