@@ -17,10 +17,13 @@ from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.runtime.generate import Completion, LocalModel
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.runtime.segment import Segment
+from meshllm.serve.client import Chunk, Client, RequestFailed, Result
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chunk",
+    "Client",
     "Completion",
     "GenerationError",
     "LocalModel",
@@ -29,6 +32,8 @@ __all__ = [
     "MeshError",
     "ModelConfig",
     "ModelError",
+    "RequestFailed",
+    "Result",
     "SamplingParams",
     "Segment",
     "TokenizerError",

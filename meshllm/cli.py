@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from meshllm.errors import MeshError
@@ -79,7 +80,7 @@ async def _node_main(args: argparse.Namespace) -> int:
     cfg = NodeConfig(
         mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
-        plan_file=args.plan_file,
+        plan_file=args.plan_file, secret=_secret(args),
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3),
         quick_profile=args.quick_profile,
     )
@@ -95,6 +96,14 @@ async def _node_main(args: argparse.Namespace) -> int:
                                      return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
     return 0
+
+
+def _secret(args: argparse.Namespace) -> str | None:
+    import os
+
+    if args.secret_file:
+        return Path(args.secret_file).read_text().strip() or None
+    return os.environ.get("MESHLLM_SECRET") or None
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -126,6 +135,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
             await stop.wait()
 
     run_async(go())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshllm.demo import PROMPTS, run_demo
+
+    run_async(run_demo(args.nodes, Path(args.model) if args.model else None, args.prompt or PROMPTS,
+                       args.max_tokens, timeout=args.timeout))
     return 0
 
 
@@ -175,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes part in membership)")
     n.add_argument("--plan-file", help="pin this plan (JSON) instead of planning; node ids must match")
     n.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    n.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): data-plane "
+                   "peers must prove they hold it before any frame is accepted")
     n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
     em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
     em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",
@@ -188,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--host", default="127.0.0.1")
     br.add_argument("--port", type=int, default=1883)
     br.set_defaults(func=cmd_broker)
+
+    d = sub.add_parser("demo", help="run a whole mesh on this machine, offline, on the bundled model")
+    d.add_argument("--nodes", type=int, default=4)
+    d.add_argument("--model", help="model directory (default: the bundled model under models/)")
+    d.add_argument("--prompt", action="append", help="prompt to ask (repeatable; default: three examples)")
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the mesh to be ready")
+    d.set_defaults(func=cmd_demo)
+
+    from meshllm.serve.ask import add_ask_parser
+
+    add_ask_parser(sub)
 
     st = sub.add_parser("status", help="show a mesh: members, broker, planner, plan")
     _mesh_options(st)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
+from meshllm.dataplane.auth import connect
 from meshllm.dataplane.codec import encode_buffers
 from meshllm.errors import MeshError
 
@@ -31,8 +32,9 @@ class _Conn:
 class PeerLinks:
     """Outgoing connections keyed by (host, port) (async context manager)."""
 
-    def __init__(self, connect_timeout: float = 3.0) -> None:
+    def __init__(self, connect_timeout: float = 3.0, key: bytes | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.key = key
         self._conns: dict[tuple[str, int], _Conn] = {}
 
     async def __aenter__(self) -> PeerLinks:
@@ -51,8 +53,8 @@ class PeerLinks:
             for attempt in (0, 1):  # one reconnect if the cached connection went stale
                 if conn.writer is None or conn.writer.is_closing():
                     try:
-                        _, conn.writer = await asyncio.wait_for(asyncio.open_connection(*addr), self.connect_timeout)
-                    except (OSError, asyncio.TimeoutError) as e:
+                        _, conn.writer = await connect(addr[0], addr[1], self.key, self.connect_timeout)
+                    except (OSError, EOFError, asyncio.TimeoutError, MeshError) as e:
                         conn.writer = None
                         raise PeerUnreachable(f"data plane of {addr[0]}:{addr[1]} unreachable: {e}") from None
                 try:

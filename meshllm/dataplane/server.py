@@ -15,6 +15,7 @@ import time
 import numpy as np
 from typing import Any, Awaitable, Callable
 
+from meshllm.dataplane.auth import connect, server_handshake
 from meshllm.dataplane.codec import FrameError, encode, read_frame
 from meshllm.profile import Link
 
@@ -29,8 +30,9 @@ Handler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[None]]
 class DataPlane:
     """TCP server on ``host:port`` (async context manager)."""
 
-    def __init__(self, host: str, port: int = 0, *, delay_s: float = 0.0) -> None:
+    def __init__(self, host: str, port: int = 0, *, delay_s: float = 0.0, key: bytes | None = None) -> None:
         self.host, self.port = host, port
+        self.key = key  # mesh secret's HMAC key: connections must pass the handshake first
         self.delay_s = delay_s  # emulated one-way link delay, applied to every reply
         self._handlers: dict[str, Handler] = {"ping": self._ping}
         self._server: asyncio.Server | None = None
@@ -60,13 +62,15 @@ class DataPlane:
         self._writers.add(writer)
         peer = writer.get_extra_info("peername")
         try:
+            if self.key is not None:
+                await server_handshake(reader, writer, self.key)
             while True:
                 msg = await read_frame(reader)
                 handler = self._handlers.get(msg["t"])
                 if handler is None:
                     raise FrameError(f"unknown frame type {msg['t']!r}")
                 await handler(msg, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         except FrameError as e:
             log.warning("closing data-plane connection from %s: %s", peer, e)
@@ -83,9 +87,10 @@ class DataPlane:
         await writer.drain()
 
 
-async def probe_link(host: str, port: int, *, bulk_bytes: int = 1 << 20, timeout: float = 5.0) -> Link:
+async def probe_link(host: str, port: int, *, bulk_bytes: int = 1 << 20, timeout: float = 5.0,
+                     key: bytes | None = None) -> Link:
     """Measures round-trip latency (small pings) and bandwidth (one bulk ping) to a peer."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await connect(host, port, key, timeout)
     try:
         async def ping(pad: np.ndarray) -> float:
             t = time.perf_counter()

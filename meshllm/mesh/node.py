@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable
 import aiomqtt
 
 from meshllm.errors import MeshError
+from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import DataPlane, probe_link
 from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
 from meshllm.mesh.discovery import Discovery
@@ -60,6 +61,7 @@ class NodeConfig:
     interface: str | None = None  # IPv4 address to bind mDNS and the data plane to (default: the LAN address)
     model: str | None = None
     plan_file: str | None = None  # pin this plan instead of computing one (operators, tests)
+    secret: str | None = None  # mesh secret: data-plane peers must prove they hold it
     emulation: Emulation = Emulation()
     heartbeat_s: float = 0.5
     failure_timeout_s: float = 1.5
@@ -94,7 +96,8 @@ class Node:
         self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
         self._started = time.monotonic()
         self._leaving = False
-        self.record_extra: dict[str, Any] = {}  # merged into the gossiped record (serving adds its model)
+        self.record_extra: dict[str, Any] = {}
+        self.key = secret_key(config.secret) if config.secret else None  # merged into the gossiped record (serving adds its model)
 
     # --- lifecycle ----------------------------------------------------
 
@@ -107,7 +110,7 @@ class Node:
             self.profile = profile.emulate(em.compute_scale, em.memory_cap, em.link_delay_s)
             host = cfg.interface or "0.0.0.0"
             self.dataplane = await self._stack.enter_async_context(
-                DataPlane(host, cfg.port, delay_s=em.link_delay_s))
+                DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key))
             self.discovery = await self._stack.enter_async_context(
                 Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface))
             self._main = asyncio.get_running_loop().create_task(self._run(), name=f"node-{self.node_id}")
@@ -366,7 +369,8 @@ class Node:
                      if m.node_id != self.node_id and m.node_id not in self.links]
             for m in peers:
                 try:
-                    self.links[m.node_id] = await probe_link(m.info["host"], int(m.info["port"]), timeout=2.0)
+                    self.links[m.node_id] = await probe_link(m.info["host"], int(m.info["port"]), timeout=2.0,
+                                                             key=self.key)
                 except (OSError, EOFError, asyncio.TimeoutError, KeyError, ValueError, MeshError) as e:
                     log.debug("%s: probing %s failed: %s", self.node_id, m.node_id, e)
             if peers:

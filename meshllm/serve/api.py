@@ -35,7 +35,7 @@ SCHEMA_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
 MAX_STOP_STRINGS = 8
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # \Z: "$" would also accept a trailing newline
 _TOPIC_BAD = re.compile(r"[#+\x00]")
 
 FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "reply_to",
@@ -81,20 +81,25 @@ class Request:
 
 def parse_request(payload: bytes | str, default_reply: str) -> Request:
     """Validates one request; ``default_reply`` is the reply topic prefix (``.../replies``)."""
-    if len(payload) > MAX_REQUEST_BYTES:
-        raise RequestError(INVALID_REQUEST, f"request of {len(payload)} bytes exceeds {MAX_REQUEST_BYTES} bytes")
+    size = len(payload) if isinstance(payload, (bytes, bytearray)) else len(payload.encode("utf-8", "surrogatepass"))
+    if size > MAX_REQUEST_BYTES:
+        raise RequestError(INVALID_REQUEST, f"request of {size} bytes exceeds {MAX_REQUEST_BYTES} bytes")
     try:
         obj = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(INVALID_JSON, f"request is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(INVALID_JSON, "request is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError(INVALID_REQUEST, "request must be a JSON object")
     rid = obj.get("id")
     if not isinstance(rid, str) or not _ID.match(rid):
         raise RequestError(INVALID_REQUEST, "'id' must be a string of 1-128 letters, digits, '_', '.', ':', '-'",
                            rid if isinstance(rid, str) and _ID.match(rid or "") else None)
-    reply_to = obj.get("reply_to", f"{default_reply}/{rid}")
-    if not isinstance(reply_to, str) or not reply_to or len(reply_to) > 256 or _TOPIC_BAD.search(reply_to):
+    # null means "the default" for every optional field, as OpenAI-style clients send it
+    reply_to = obj.get("reply_to") if obj.get("reply_to") is not None else f"{default_reply}/{rid}"
+    if (not isinstance(reply_to, str) or not reply_to or len(reply_to) > 256 or _TOPIC_BAD.search(reply_to)
+            or not _is_utf8(reply_to)):
         raise RequestError(INVALID_REQUEST, "'reply_to' must be an MQTT topic without wildcards", rid)
 
     def fail(msg: str, code: str = INVALID_REQUEST) -> RequestError:
@@ -103,7 +108,8 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     unknown = sorted(set(obj) - FIELDS)
     if unknown:
         raise fail(f"unknown field(s): {', '.join(unknown)}")
-    if obj.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+    schema = obj.get("schema") if obj.get("schema") is not None else SCHEMA_VERSION
+    if isinstance(schema, bool) or schema != SCHEMA_VERSION:
         raise fail(f"schema version {obj.get('schema')!r} is not supported (this mesh speaks {SCHEMA_VERSION})")
     prompt, messages = obj.get("prompt"), obj.get("messages")
     if (prompt is None) == (messages is None):
@@ -113,6 +119,8 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
             raise fail("'prompt' must be a non-empty string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise fail(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters", CONTEXT_LENGTH)
+        if not _is_utf8(prompt):
+            raise fail("'prompt' must be valid Unicode (it contains an unpaired surrogate)")
     else:
         if not isinstance(messages, list) or not messages:
             raise fail("'messages' must be a non-empty list of {role, content} objects")
@@ -122,31 +130,53 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
                 raise fail("each message must be an object with string 'role' and 'content'")
         if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
             raise fail(f"messages are longer than {MAX_PROMPT_CHARS} characters", CONTEXT_LENGTH)
-    stop = obj.get("stop", [])
+        if not all(_is_utf8(m["role"]) and _is_utf8(m["content"]) for m in messages):
+            raise fail("messages must be valid Unicode (they contain an unpaired surrogate)")
+    stop = obj.get("stop") if obj.get("stop") is not None else []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
         raise fail(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+    if not all(_is_utf8(s) for s in stop if isinstance(s, str)):
+        raise fail("'stop' strings must be valid Unicode (they contain an unpaired surrogate)")
+    # null means "the default", like an absent field
+    num: dict[str, Any] = {"max_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": None}
     for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
                        ("top_p", float)):
         v = obj.get(name)
         if v is None:
             continue
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
-        if not ok or (isinstance(v, float) and not math.isfinite(v)):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok and isinstance(v, float):
+            ok = math.isfinite(v) and (kind is float or v.is_integer())
+        if ok:
+            try:
+                num[name] = int(v) if kind is int else float(v)
+            except OverflowError:  # an integer too large for a float
+                ok = False
+        if not ok:
             raise fail(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
     try:
         sampling = SamplingParams(
-            max_tokens=int(obj.get("max_tokens", 128)),
-            temperature=float(obj.get("temperature", 0.8)),
-            top_k=int(obj.get("top_k", 0)),
-            top_p=float(obj.get("top_p", 1.0)),
-            seed=int(obj["seed"]) if obj.get("seed") is not None else None,
+            max_tokens=num["max_tokens"],
+            temperature=num["temperature"],
+            top_k=num["top_k"],
+            top_p=num["top_p"],
+            seed=num["seed"],
             stop=tuple(stop),
         )
     except GenerationError as e:
         raise fail(str(e)) from None
     return Request(rid, reply_to, sampling, prompt, tuple(messages or ()))
+
+
+def _is_utf8(s: str) -> bool:
+    """Whether ``s`` can go on the wire: JSON lets ``\\ud800`` through, UTF-8 (and MQTT topics) cannot."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- replies ------------------------------------------------------------

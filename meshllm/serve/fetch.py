@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from meshllm.dataplane.auth import connect
 from meshllm.dataplane.codec import FrameError, encode_buffers, read_frame
 from meshllm.model.manifest import MANIFEST_NAME, Manifest, sha256_file
 from meshllm.errors import ManifestError
@@ -50,14 +51,14 @@ async def serve_fetch(model_dir: Path, manifest: Manifest | None, msg: dict[str,
 
 
 async def fetch_file(host: str, port: int, model_dir: Path, name: str, *, sha256: str | None,
-                     size: int | None, timeout: float = 30.0) -> None:
+                     size: int | None, timeout: float = 30.0, key: bytes | None = None) -> None:
     """Fetches ``name`` into ``model_dir`` from a peer, resuming a ``.part`` file; verifies before use."""
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise ManifestError(f"refusing to fetch a file outside the model directory: {name!r}")
     dest = model_dir / name
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=8 << 20), timeout)
+    reader, writer = await connect(host, port, key, timeout)
     try:
         writer.writelines(encode_buffers({"t": "fetch", "file": name, "offset": offset}))
         await writer.drain()

@@ -60,7 +60,7 @@ class ServingNode:
         if (self.model_dir / MANIFEST_NAME).exists():
             self._load_model_meta()
         self.threads = threads
-        self.links = PeerLinks()
+        self.links = PeerLinks(key=self.node.key)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
         self.runners: dict[tuple[int, int], StageRunner] = {}
         self._runner_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -98,7 +98,8 @@ class ServingNode:
             for attempt in range(3):  # a corrupt or cut transfer is discarded or resumed, then retried
                 try:
                     await fetch_file(str(peer.info["host"]), int(peer.info["port"]), self.model_dir, name,
-                                     sha256=entry.sha256 if entry else None, size=entry.size if entry else None)
+                                     sha256=entry.sha256 if entry else None, size=entry.size if entry else None,
+                                     key=self.node.key)
                     break
                 except (MeshError, OSError, EOFError, asyncio.TimeoutError) as e:
                     if attempt == 2:

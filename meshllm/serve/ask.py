@@ -1,0 +1,67 @@
+"""``meshllm ask``: send one prompt to a mesh and stream the answer to the terminal.
+
+A thin shell over :class:`~meshllm.serve.client.Client`: it parses arguments
+and prints; errors are :class:`~meshllm.errors.MeshError` subclasses, which
+``meshllm``'s ``main()`` prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Registers ``meshllm ask`` on the CLI's subparsers (``build_parser``'s ``sub``)."""
+    a = subparsers.add_parser("ask", help="send a prompt to a mesh and stream the answer")
+    a.add_argument("prompt", metavar="PROMPT")
+    a.add_argument("--mesh", default="meshllm", help="mesh name")
+    a.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
+                   "(default: find the mesh's broker on the LAN over mDNS)")
+    a.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
+    a.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
+    a.add_argument("--max-tokens", type=int, help="most tokens to generate (mesh default: 128)")
+    a.add_argument("--temperature", type=float, help="0 = greedy (mesh default: 0.8)")
+    a.add_argument("--top-p", type=float, help="nucleus sampling cut (mesh default: 1)")
+    a.add_argument("--top-k", type=int, help="keep the k most likely tokens (mesh default: 0 = all)")
+    a.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    a.add_argument("--stop", action="append", help="stop string (repeatable)")
+    a.add_argument("--json", action="store_true", help="print the result as one JSON object (text, token ids, "
+                   "finish reason, usage, timings) instead of streaming text")
+    a.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the first token (default: 120)")
+    a.set_defaults(func=cmd_ask)
+    return a  # type: ignore[no-any-return]
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from meshllm.cli import run_async
+
+    return int(run_async(_ask(args)))
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    from meshllm.serve.client import Client
+
+    params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                              "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    async with Client(args.mesh, args.broker, args.interface, args.broker_ca,
+                      first_token_timeout=args.timeout) as client:
+        if args.json:
+            result = await client.complete(args.prompt, **params)
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+            return 0
+        ended, wrote = False, False
+        try:
+            async for chunk in client.stream(args.prompt, **params):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                wrote = wrote or bool(chunk.text)
+            ended = True
+        finally:
+            if ended or wrote:  # an error after some text: end the line before main() prints it
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+    return 0
