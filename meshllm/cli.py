@@ -31,7 +31,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from meshllm.model.export import export
 
     m = export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-               max_seq_len=args.max_seq_len, overwrite=args.overwrite)
+               max_seq_len=args.max_seq_len, overwrite=args.overwrite, name=args.name)
     size = sum(f.size for f in m.files.values())
     c = m.config
     print(f"exported {m.name}: {c.arch}, {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads}, "
@@ -80,7 +80,7 @@ async def _node_main(args: argparse.Namespace) -> int:
     cfg = NodeConfig(
         mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
-        plan_file=args.plan_file, secret=_secret(args),
+        plan_file=args.plan_file, secret=_secret(args), workload=args.workload,
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3),
         quick_profile=args.quick_profile,
     )
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weight storage type")
     e.add_argument("--max-seq-len", type=int, help="cap the context length (default: the checkpoint's)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--name", help="model name recorded in the manifest (default: the checkpoint's name)")
     e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="generate text from a prompt in this process")
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model", help="meshllm model directory to serve layers from (without it the node only "
                    "takes part in membership)")
     n.add_argument("--plan-file", help="pin this plan (JSON) instead of planning; node ids must match")
+    n.add_argument("--workload", help="workload the planner optimises for, e.g. in=128,out=64,rate=2 "
+                   "(default: half the context in, half out, 1 request/s)")
     n.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     n.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): data-plane "
                    "peers must prove they hold it before any frame is accepted")
