@@ -95,3 +95,41 @@ def test_bad_requests_get_json_errors_and_the_mesh_keeps_serving(model: Path, br
         good = asyncio.run(ask_raw(broker, mesh, [{"id": "ok", "prompt": PROMPTS[0], "max_tokens": 8,
                                                      "temperature": 0}]))[0]
         assert tokens_of(good) == expected(model, PROMPTS[0], 8)[0]
+
+
+PLANNER_CASES = {
+    # node id -> emulation flags; memory caps force the planner to split the model across devices
+    "2-capped": {"a1": ["--emulate-memory", "1800K"], "a2": ["--emulate-memory", "1800K"]},
+    "3-mixed": {"b1": [], "b2": ["--emulate-memory", "1800K"], "b3": ["--emulate-memory", "1800K",
+                                                                       "--emulate-compute-scale", "2"]},
+    "4-hetero": {"c1": [], "c2": ["--emulate-compute-scale", "3"], "c3": ["--emulate-memory", "1800K"],
+                 "c4": ["--emulate-memory", "1800K"]},
+}
+
+
+@pytest.mark.parametrize("case", list(PLANNER_CASES))
+def test_plans_made_by_the_planner_serve_the_same_greedy_tokens(case: str, model: Path, broker: str) -> None:
+    from tests.mesh_harness import NodeProc, state, wait_until
+    from tests.serving_harness import all_ready
+
+    mesh = f"t-planned-{secrets.token_hex(3)}"
+    procs = [NodeProc(mesh, node_id, broker=broker, extra=["--model", str(model), *flags])
+             for node_id, flags in PLANNER_CASES[case].items()]
+    try:
+        for p in procs:
+            p.wait_started()
+        wait_until(lambda: all_ready(mesh, broker), 60, "the planner's plan deployed")
+        plan = state(mesh, broker)["plan"]
+        assert plan["method"] == "ga" and plan["term"] >= 1
+        capped = {n for n, f in PLANNER_CASES[case].items() if "--emulate-memory" in f}
+        for r in plan["replicas"]:
+            assert [s["start"] for s in r["stages"]][0] == 0 and r["stages"][-1]["stop"] == 4
+            if {s["node_id"] for s in r["stages"]} <= capped:
+                assert len(r["stages"]) >= 2, "a capped device cannot hold the whole model"
+        reqs = [{"id": f"p{i}", "prompt": p, "max_tokens": 16, "temperature": 0} for i, p in enumerate(PROMPTS)]
+        streams = asyncio.run(ask_raw(broker, mesh, reqs))
+    finally:
+        for p in procs:
+            p.kill()
+    for p, stream in zip(PROMPTS, streams):
+        assert tokens_of(stream) == expected(model, p, 16)[0], (case, p, plan["replicas"])

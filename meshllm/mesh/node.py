@@ -62,6 +62,7 @@ class NodeConfig:
     model: str | None = None
     plan_file: str | None = None  # pin this plan instead of computing one (operators, tests)
     secret: str | None = None  # mesh secret: data-plane peers must prove they hold it
+    workload: str | None = None  # workload spec the planner optimises for (see `meshllm plan --workload`)
     emulation: Emulation = Emulation()
     heartbeat_s: float = 0.5
     failure_timeout_s: float = 1.5

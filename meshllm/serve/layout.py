@@ -19,6 +19,15 @@ class LayoutError(MeshError):
     """A plan that cannot be served as written."""
 
 
+def _mean_input(plan: dict[str, Any]) -> float:
+    """Mean prompt length of the plan's workload (to turn predicted prompts/s into tokens/s)."""
+    if "workload" not in plan:
+        return 128.0
+    from meshllm.plan.workload import Workload
+
+    return max(Workload.from_json(plan["workload"]).input.mean, 1.0)
+
+
 @dataclass(frozen=True)
 class StageLayout:
     node_id: str
@@ -85,7 +94,7 @@ class Layout:
     def from_plan(cls, plan: dict[str, Any]) -> Layout:
         try:
             n_layers = int(plan["n_layers"])
-            mean_in = float(plan.get("workload", {}).get("mean_in", 0) or 0) or 128.0
+            mean_in = _mean_input(plan)
             replicas: dict[int, ReplicaLayout] = {}
             for r in plan["replicas"]:
                 role = str(r["role"]).lower()

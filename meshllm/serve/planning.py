@@ -42,7 +42,6 @@ class PlannerDuty:
     def __init__(self, server: ServingNode) -> None:
         self.server = server
         self.version = 0
-        self.current: Any = None  # the meshllm.plan.Plan last published by this node
         self.pinned: dict[str, Any] | None = None
         if server.config.plan_file:
             self.pinned = json.loads(Path(server.config.plan_file).read_text())
@@ -71,7 +70,7 @@ class PlannerDuty:
                 continue
             if plan is not None:
                 self.version = max(self.version, int((node.plan or {}).get("version", 0))) + 1
-                plan["version"] = self.version
+                plan["version"] = self.version  # versions only grow, whoever planned before
                 await node.publish_plan(plan)
                 log.info("%s: published plan v%d (%d replicas)", node.node_id, self.version,
                          len(plan.get("replicas", [])))
@@ -85,18 +84,25 @@ class PlannerDuty:
             if self.server.node.plan and self.server.node.plan.get("pinned"):
                 return None
             return {**self.pinned, "pinned": True}
-        from meshllm.plan import ModelCosts, plan_mesh, should_replace
+        from meshllm.plan import ModelCosts, Plan, replan
 
-        costs = ModelCosts.from_manifest(self.server.manifest)
+        manifest = self.server.manifest
+        assert manifest is not None
+        costs = ModelCosts.from_manifest(manifest)
         profiles = member_profiles(members)
-        new = plan_mesh(profiles, costs, seed=0)
-        if not new.replicas:
+        current = Plan.from_json(self.server.node.plan) if self.server.node.plan else None
+        plan, is_new = replan(current, profiles, costs, self.workload(manifest.config.max_seq_len))
+        if not plan.replicas:
             log.warning("%s: no feasible plan for %d devices: %s", self.server.node_id, len(profiles),
-                        "; ".join(new.notes))
+                        "; ".join(plan.notes))
             return None
-        live = self.server.node.plan
-        if self.current is not None and live is not None and set(self.current.node_ids) <= set(members) \
-                and not should_replace(self.current, new, profiles=profiles, costs=costs):
-            return None
-        self.current = new
-        return dict(new.to_json())
+        return dict(plan.to_json()) if is_new else None
+
+    def workload(self, max_seq_len: int) -> Any:
+        """The workload plans are made for: ``--workload``, else prompts and answers of half the context each
+        at one request per second (so that every replica reserves the model's whole context per slot)."""
+        from meshllm.plan import Workload
+
+        if self.server.config.workload:
+            return Workload.parse(self.server.config.workload)
+        return Workload.simple(max_seq_len / 2, max_seq_len / 2, 1.0, name="default")

@@ -1,0 +1,212 @@
+"""Plans as artefacts: frozen, versioned, JSON round-trippable, with every predicted figure.
+
+A :class:`Plan` lists the replicas (each a pipeline of :class:`Stage` s with a
+role), the idle devices, and what the cost model predicts for each stage,
+each replica and the whole system under the workload it was made for.
+``version`` is the plan's sequence number in a mesh (the planner node
+increments it); ``format_version`` is the JSON schema's.
+
+:func:`should_replace` is the hysteresis rule that keeps a mesh from
+thrashing: a new plan replaces the current one only when it is clearly
+better. Both plans must be scored under the same, current conditions (see
+:func:`meshllm.plan.planner.replan`). Pure values; no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from meshllm.plan.errors import PlanError
+from meshllm.plan.objective import Metrics
+from meshllm.plan.workload import Workload
+
+PLAN_FORMAT = "meshllm-plan"
+PLAN_FORMAT_VERSION = 1
+DEFAULT_MARGIN = 0.10
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"  # runs prompts, hands the KV cache to a DECODE replica
+    DECODE = "decode"  # makes output tokens
+    MIXED = "mixed"  # both phases (a single replica; the exo and DP-only baselines)
+
+
+def _num(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _unnum(v: Any) -> float:
+    return math.inf if v is None else float(v)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Layers ``[start, stop)`` on one node, with predicted figures for the replica's planned run."""
+
+    node_id: str
+    start: int
+    stop: int
+    run_s: float  # one run (mean prompt for PREFILL, one micro-batch step for DECODE)
+    send_s: float  # outgoing activations to the next stage
+    memory_bytes: float  # weights + reserved KV
+    memory_capacity: float
+
+    @property
+    def time_s(self) -> float:
+        return self.run_s + self.send_s
+
+
+@dataclass(frozen=True)
+class Replica:
+    id: int
+    role: Role
+    stages: tuple[Stage, ...]
+    slots: int  # sequences with reserved KV cache
+    context: int  # KV positions reserved per slot
+    bottleneck_s: float
+    latency_s: float  # one run through every stage
+    prefill_rate: float  # prompts/s at saturation (this partition)
+    decode_token_rate: float  # tokens/s with every slot busy (this partition)
+    order_exact: bool = True
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(s.node_id for s in self.stages)
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    model: str
+    n_layers: int
+    method: str  # "ga", "exo", "splitwise", "dp-only", "random"
+    workload: Workload
+    replicas: tuple[Replica, ...]
+    idle: tuple[str, ...]
+    metrics: Metrics
+    seed: int | None = None
+    notes: tuple[str, ...] = ()
+    format_version: int = PLAN_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def fitness(self) -> float:
+        return self.metrics.fitness if self.replicas else math.inf
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(n for r in self.replicas for n in r.node_ids) + self.idle
+
+    def validate(self) -> None:
+        """Raises PlanError unless every replica runs every layer exactly once and no node is used twice."""
+        seen: set[str] = set()
+        for r in self.replicas:
+            pos = 0
+            for s in r.stages:
+                if s.start != pos or s.stop <= s.start:
+                    raise PlanError(f"plan v{self.version}: replica {r.id} does not cover the layers contiguously "
+                                    f"(stage [{s.start}, {s.stop}) after layer {pos})")
+                pos = s.stop
+                if s.node_id in seen:
+                    raise PlanError(f"plan v{self.version}: node {s.node_id!r} is used twice")
+                seen.add(s.node_id)
+            if pos != self.n_layers:
+                raise PlanError(f"plan v{self.version}: replica {r.id} stops at layer {pos} of {self.n_layers}")
+        for n in self.idle:
+            if n in seen:
+                raise PlanError(f"plan v{self.version}: node {n!r} is both idle and in a replica")
+            seen.add(n)
+
+    def with_version(self, version: int) -> Plan:
+        return Plan(version, self.model, self.n_layers, self.method, self.workload, self.replicas, self.idle,
+                    self.metrics, self.seed, self.notes, self.format_version, self.extra)
+
+    # --- JSON -------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "format_version": self.format_version,
+            "version": self.version,
+            "model": self.model,
+            "n_layers": self.n_layers,
+            "method": self.method,
+            "seed": self.seed,
+            "workload": self.workload.to_json(),
+            "metrics": self.metrics.to_json(),
+            "replicas": [
+                {
+                    "id": r.id, "role": r.role.value, "slots": r.slots, "context": r.context,
+                    "bottleneck_s": _num(r.bottleneck_s), "latency_s": _num(r.latency_s),
+                    "prefill_rate": r.prefill_rate, "decode_token_rate": r.decode_token_rate,
+                    "order_exact": r.order_exact,
+                    "stages": [
+                        {"node_id": s.node_id, "start": s.start, "stop": s.stop, "run_s": s.run_s,
+                         "send_s": s.send_s, "memory_bytes": s.memory_bytes,
+                         "memory_capacity": s.memory_capacity}
+                        for s in r.stages
+                    ],
+                }
+                for r in self.replicas
+            ],
+            "idle": list(self.idle),
+            "notes": list(self.notes),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "plan") -> Plan:
+        if d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{where}: not a meshllm plan (format={d.get('format')!r})")
+        if d.get("format_version") != PLAN_FORMAT_VERSION:
+            raise PlanError(f"{where}: plan format version {d.get('format_version')!r} is not supported "
+                            f"(this meshllm reads version {PLAN_FORMAT_VERSION}); re-plan with this meshllm")
+        try:
+            replicas = tuple(
+                Replica(
+                    id=int(r["id"]), role=Role(r["role"]), slots=int(r["slots"]), context=int(r["context"]),
+                    bottleneck_s=_unnum(r["bottleneck_s"]), latency_s=_unnum(r["latency_s"]),
+                    prefill_rate=float(r["prefill_rate"]), decode_token_rate=float(r["decode_token_rate"]),
+                    order_exact=bool(r.get("order_exact", True)),
+                    stages=tuple(Stage(str(s["node_id"]), int(s["start"]), int(s["stop"]), float(s["run_s"]),
+                                       float(s["send_s"]), float(s["memory_bytes"]), float(s["memory_capacity"]))
+                                 for s in r["stages"]),
+                )
+                for r in d["replicas"]
+            )
+            plan = cls(
+                version=int(d["version"]), model=str(d["model"]), n_layers=int(d["n_layers"]),
+                method=str(d["method"]), workload=Workload.from_json(d["workload"], f"{where}.workload"),
+                replicas=replicas, idle=tuple(str(n) for n in d["idle"]),
+                metrics=Metrics.from_json(d["metrics"]), seed=d.get("seed"),
+                notes=tuple(d.get("notes", ())), extra=dict(d.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
+        plan.validate()
+        return plan
+
+
+def should_replace(old: Plan | None, new: Plan, margin: float = DEFAULT_MARGIN) -> bool:
+    """Whether ``new`` is clearly better than ``old`` (both scored under the same conditions).
+
+    A stable plan (demand below its sustainable rate) beats an unstable one;
+    between two stable plans the new one must cut the mean response time by
+    more than ``margin`` (a fraction; the objective the new plan was made for); between two
+    unstable ones it must raise
+    the sustainable rate by more than ``margin``. ``old`` is None when the
+    current plan is no longer valid (a node left, a stage no longer fits).
+    """
+    if old is None or not old.replicas:
+        return bool(new.replicas)
+    if not new.replicas:
+        return False
+    if old.metrics.stable != new.metrics.stable:
+        return new.metrics.stable
+    if new.metrics.stable:
+        objective = str(new.extra.get("objective", "response"))
+        return new.metrics.score(objective) < old.metrics.score(objective) * (1.0 - margin)
+    return new.metrics.sustainable_rate > old.metrics.sustainable_rate * (1.0 + margin)

@@ -1,0 +1,114 @@
+"""Entry points: make a plan, re-score a plan under new conditions, re-plan with hysteresis.
+
+The planner node of a mesh and ``meshllm plan`` call these same functions:
+:func:`plan_mesh` for a fresh plan; :func:`replan` when membership or measured
+profiles change — it re-scores the current plan's exact placement under the
+new cost model and keeps it unless the new plan is clearly better
+(:func:`~meshllm.plan.plan.should_replace`). Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping, Sequence
+
+from meshllm.plan.baselines import BASELINES, baseline_plan, splitwise_machines
+from meshllm.plan.cost import CostModel, DeviceFactors, ModelCosts
+from meshllm.plan.errors import PlanError
+from meshllm.plan.ga import run_ga
+from meshllm.plan.partition import Partition, Placement
+from meshllm.plan.plan import DEFAULT_MARGIN, Plan, Role, should_replace
+from meshllm.plan.system import PlanOptions, ReplicaSpec, Scored, SystemModel
+from meshllm.plan.workload import Workload
+from meshllm.profile import DeviceProfile
+
+METHODS = ("ga", *BASELINES)
+
+
+def system_model(devices: Sequence[DeviceProfile], model: ModelCosts, workload: Workload,
+                 options: PlanOptions | None = None, factors: Mapping[str, DeviceFactors] | None = None
+                 ) -> SystemModel:
+    return SystemModel(CostModel(model, devices, factors), workload, options or PlanOptions())
+
+
+def plan_mesh(devices: Sequence[DeviceProfile], model: ModelCosts, workload: Workload, *,
+              options: PlanOptions | None = None, factors: Mapping[str, DeviceFactors] | None = None,
+              method: str = "ga", version: int = 1, seed_plans: Sequence[Plan] = ()) -> Plan:
+    """The plan of ``method`` ("ga" or a baseline) for these devices, model and workload."""
+    if method not in METHODS:
+        raise PlanError(f"unknown planning method {method!r} (choose from {', '.join(METHODS)})")
+    sm = system_model(devices, model, workload, options, factors)
+    return plan_with(sm, method, version, seed_plans)
+
+
+def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans: Sequence[Plan] = ()) -> Plan:
+    if method != "ga":
+        plan = baseline_plan(sm, method, sm.options.seed)
+        return plan.with_version(version)
+    index = sm.cost.index
+    seeds = [splitwise_machines(sm)]
+    for p in seed_plans:
+        groups = [[index[n] for n in r.node_ids if n in index] for r in p.replicas]
+        seeds.append([g for g in groups if g])
+    search = sm
+    if sm.options.search_quantum > 0:  # search on profiles rounded to classes, score the result exactly
+        search = SystemModel(sm.cost, sm.workload, replace(sm.options, profile_quantum=sm.options.search_quantum))
+    result = run_ga(search, [s for s in seeds if s])
+    plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
+    extra = {"objective": sm.options.objective, "generations": result.generations, "evaluations": result.evaluations,
+             "dp_runs": search.dp_runs + (sm.dp_runs if search is not sm else 0), "converged": result.converged}
+    return Plan(plan.version, plan.model, plan.n_layers, plan.method, plan.workload, plan.replicas, plan.idle,
+                plan.metrics, plan.seed, plan.notes, plan.format_version, extra)
+
+
+def rescore(plan: Plan, sm: SystemModel) -> Plan | None:
+    """``plan``'s exact placement (groups, order, layer ranges, roles, slots) scored under ``sm``.
+
+    None when it no longer applies: a node is gone, the model changed, or a stage no longer fits.
+    """
+    cost = sm.cost
+    if plan.n_layers != cost.L or not plan.replicas:
+        return None
+    specs: list[ReplicaSpec] = []
+    for r in plan.replicas:
+        if any(s.node_id not in cost.index for s in r.stages):
+            return None
+        devs = [cost.index[s.node_id] for s in r.stages]
+        k = len(devs)
+        if r.role is Role.PREFILL:
+            work = sm.prefill_work
+        elif r.role is Role.DECODE:
+            work = sm.decode_work(r.slots, k)
+        else:
+            work = sm.mixed_work(r.slots, k)
+        placed = []
+        for m, (d, s) in enumerate(zip(devs, r.stages)):
+            if not cost.fits(d, s.start, s.stop, r.slots * r.context):
+                return None
+            send = cost.activation_time(d, devs[m + 1], s.stop, work.tokens) if m + 1 < k else 0.0
+            placed.append(Placement(d, s.start, s.stop, cost.run_time(d, s.start, s.stop, work), send))
+        part = Partition(tuple(placed), max(p.time_s for p in placed), r.order_exact)
+        specs.append(ReplicaSpec(r.role, part, r.slots, r.context, sm.prefill_service(part),
+                                 sm.decode_service(part, r.slots)))
+    try:
+        metrics = sm.evaluate_specs(specs)
+    except ValueError:
+        return None
+    used = {p.device for s in specs for p in s.partition.stages}
+    idle = tuple(i for i in range(len(cost.devices)) if i not in used)
+    return sm.to_plan(Scored(sm.objective(metrics), metrics, tuple(specs), idle, ()), plan.method, plan.version,
+                      plan.seed)
+
+
+def replan(current: Plan | None, devices: Sequence[DeviceProfile], model: ModelCosts, workload: Workload, *,
+           options: PlanOptions | None = None, factors: Mapping[str, DeviceFactors] | None = None,
+           margin: float = DEFAULT_MARGIN) -> tuple[Plan, bool]:
+    """(plan to run, whether it is a new one). The new plan gets ``current.version + 1``."""
+    sm = system_model(devices, model, workload, options, factors)
+    now = rescore(current, sm) if current is not None else None
+    version = current.version + 1 if current is not None else 1
+    new = plan_with(sm, "ga", version, seed_plans=[current] if current is not None else [])
+    if should_replace(now, new, margin):
+        return new, True
+    assert now is not None
+    return now, False
