@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from meshllm.demo import PROMPTS, run_demo
 
     run_async(run_demo(args.nodes, Path(args.model) if args.model else None, args.prompt or PROMPTS,
-                       args.max_tokens, timeout=args.timeout))
+                       args.max_tokens, timeout=args.timeout, workload=args.workload))
     return 0
 
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", action="append", help="prompt to ask (repeatable; default: three examples)")
     d.add_argument("--max-tokens", type=int, default=48)
     d.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the mesh to be ready")
+    d.add_argument("--workload", default="in=64,out=64,rate=60",
+                   help="workload the planner optimises for (high demand shows PREFILL/DECODE replicas)")
     d.set_defaults(func=cmd_demo)
 
     from meshllm.serve.ask import add_ask_parser

@@ -28,6 +28,9 @@ from meshllm.mesh.status import read_state
 
 # name, compute slow-down, memory cap: a mini-PC, an old laptop, a Raspberry Pi 5, a Raspberry Pi 4
 DEVICES = [("minipc", 1.0, None), ("laptop", 1.6, None), ("rpi5", 3.0, "2G"), ("rpi4", 5.0, "1G")]
+# High demand, so that the planner forms several replicas with PREFILL and DECODE roles rather than
+# one pipeline that would idle most devices (see docs/planner.md).
+DEMO_WORKLOAD = "in=64,out=64,rate=60"
 PROMPTS = ["It is a truth universally acknowledged, that", "Mr. Darcy looked at", "She was"]
 
 
@@ -52,8 +55,9 @@ def render_plan(plan: dict[str, Any]) -> str:
 
 
 class _Mesh:
-    def __init__(self, n: int, model: Path, log_dir: Path, out: TextIO) -> None:
+    def __init__(self, n: int, model: Path, log_dir: Path, out: TextIO, workload: str) -> None:
         self.n, self.model, self.log_dir, self.out = n, model, log_dir, out
+        self.workload = workload
         self.mesh = f"demo-{secrets.token_hex(3)}"
         self.procs: list[subprocess.Popen[str]] = []
 
@@ -63,7 +67,8 @@ class _Mesh:
             node_id = f"{i + 1}-{name}"
             cmd = [sys.executable, "-m", "meshllm", "node", "--mesh", self.mesh, "--broker", broker,
                    "--interface", "127.0.0.1", "--node-id", node_id, "--name", name, "--model", str(self.model),
-                   "--quick-profile", "--threads", "1", "--emulate-compute-scale", str(scale)]
+                   "--quick-profile", "--threads", "1", "--emulate-compute-scale", str(scale),
+                   "--workload", self.workload]
             if mem:
                 cmd += ["--emulate-memory", mem]
             log = open(self.log_dir / f"{node_id}.log", "w")
@@ -128,13 +133,13 @@ async def _ready_nodes(broker: str, mesh: str, version: int) -> set[str]:
 
 
 async def run_demo(n: int, model: Path | None, prompts: list[str], max_tokens: int, out: TextIO = sys.stdout,
-                   timeout: float = 120.0) -> list[dict[str, Any]]:
+                   timeout: float = 120.0, workload: str = DEMO_WORKLOAD) -> list[dict[str, Any]]:
     from meshllm.serve.client import Client
 
     model = model or bundled_model()
     results = []
     with tempfile.TemporaryDirectory(prefix="meshllm-demo-") as tmp:
-        m = _Mesh(n, model, Path(tmp), out)
+        m = _Mesh(n, model, Path(tmp), out, workload)
         async with EmbeddedBroker("127.0.0.1") as broker:
             print(f"meshllm demo: {n} nodes on loopback, model {model.name}, broker {broker.url}", file=out)
             try:

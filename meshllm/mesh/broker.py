@@ -119,6 +119,34 @@ async def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return True
 
 
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """A dict whose iteration walks a snapshot.
+
+    amqtt 0.12 iterates its subscription table across ``await`` points (when a
+    client connects, and when one disconnects) while other clients subscribe,
+    which raises "dictionary changed size during iteration" and drops the
+    connecting client. Iterating over a copy makes those loops safe.
+    """
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().keys()))
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        return list(super().keys())
+
+    def values(self):  # type: ignore[no-untyped-def]
+        return list(super().values())
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(super().items())
+
+
+def _frames(exc: BaseException) -> list[str]:
+    import traceback
+
+    return [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+
+
 class EmbeddedBroker:
     """An amqtt broker on ``host:port`` for the lifetime of the context."""
 
@@ -126,6 +154,7 @@ class EmbeddedBroker:
         self.host, self.port = host, port or free_port(host)
         self.users = users
         self._broker: Any = None
+        self._previous_handler: Any = None
 
     @property
     def url(self) -> str:
@@ -141,7 +170,12 @@ class EmbeddedBroker:
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 256}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
+        loop = asyncio.get_running_loop()
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._quiet_amqtt)
         self._broker = Broker(config)
+        if isinstance(getattr(self._broker, "_subscriptions", None), dict):
+            self._broker._subscriptions = _SnapshotDict(self._broker._subscriptions)
         await self._broker.start()
         log.info("embedded broker listening on %s", self.url)
         return self
@@ -153,3 +187,16 @@ class EmbeddedBroker:
             except Exception as e:  # amqtt raises plain exceptions from its state machine
                 log.debug("embedded broker shutdown: %s", e)
             self._broker = None
+            asyncio.get_running_loop().set_exception_handler(self._previous_handler)
+
+    def _quiet_amqtt(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """amqtt leaves tasks that fail when a client vanishes mid-delivery (a closed transport);
+        those are normal on a mesh and go to the debug log, anything else to the usual handler."""
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, RuntimeError)) and any("amqtt" in f for f in _frames(exc)):
+            log.debug("amqtt: %s", exc)
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
