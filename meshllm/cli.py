@@ -39,6 +39,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from meshllm.model.pull import pull
+
+    m, out = pull(args.model_id, args.out, dtype=args.dtype, revision=args.revision,
+                  max_seq_len=args.max_seq_len, overwrite=args.overwrite)
+    size = sum(f.size for f in m.files.values())
+    print(f"pulled {args.model_id}: {m.config.n_layers} layers, {m.dtype}, {size / 1e6:.0f} MB -> {out}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from meshllm.runtime.generate import LocalModel
     from meshllm.runtime.sampling import SamplingParams
@@ -169,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("--name", help="model name recorded in the manifest (default: the checkpoint's name)")
     e.set_defaults(func=cmd_export)
+
+    pu = sub.add_parser("pull", help="download a Hugging Face checkpoint (online devices) and export it")
+    pu.add_argument("model_id", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct (see README for known models)")
+    pu.add_argument("--out", help="model directory to write (default: models/<name>-<dtype>)")
+    pu.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    pu.add_argument("--revision", help="branch, tag or commit on the hub")
+    pu.add_argument("--max-seq-len", type=int, help="cap the context length (KV memory grows with it)")
+    pu.add_argument("--overwrite", action="store_true")
+    pu.set_defaults(func=cmd_pull)
 
     g = sub.add_parser("generate", help="generate text from a prompt in this process")
     g.add_argument("prompt")
