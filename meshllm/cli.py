@@ -240,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workload the planner optimises for (high demand shows PREFILL/DECODE replicas)")
     d.set_defaults(func=cmd_demo)
 
+    from meshllm.plan.cli import add_plan_parser
     from meshllm.serve.ask import add_ask_parser
 
     add_ask_parser(sub)
+    add_plan_parser(sub)
 
     st = sub.add_parser("status", help="show a mesh: members, broker, planner, plan")
     _mesh_options(st)
