@@ -110,8 +110,8 @@ def main() -> int:
             shape_ = f"{sum(r.role.value == 'prefill' for r in p.replicas)}P/" \
                      f"{sum(r.role.value == 'decode' for r in p.replicas)}D" if any(
                          r.role.value != "mixed" for r in p.replicas) else f"{len(p.replicas)}M"
-            print(f"  {p.method:<10} {shape_:>8} {len(p.idle):>5} {m.sustainable_rate:>8.3f}/s {fmt(m.mean_wait_s):>11} "
-                  f"{fmt(m.ttft_s):>10} {fmt(m.e2e_s):>11}")
+            print(f"  {p.method:<10} {shape_:>8} {len(p.idle):>5} {m.sustainable_rate:>8.3f}/s "
+                  f"{fmt(m.mean_wait_s):>11} {fmt(m.ttft_s):>10} {fmt(m.e2e_s):>11}")
     return 0
 
 

@@ -51,7 +51,7 @@ def exo_plan(sm: SystemModel) -> Plan:
     order = sorted(range(len(cost.devices)), key=lambda i: (-cost.mem[i], i))  # exo sorts its ring by memory
     share = np.cumsum(cost.mem[order]) / cost.mem[order].sum()
     cuts = [0] + [int(round(x * cost.L)) for x in share]
-    stages = [(d, a, b) for d, a, b in zip(order, cuts[:-1], cuts[1:]) if b > a]
+    stages = [(d, a, b) for d, a, b in zip(order, cuts[:-1], cuts[1:], strict=True) if b > a]
     kv_room = min((cost.mem[d] - cost.memory(a, b, 0)) / (cost.cum_kv[b] - cost.cum_kv[a]) for d, a, b in stages)
     slots = int(min(sm.options.max_decode_slots, max(kv_room, 0.0) // sm.ctx_decode))
     if slots < 1:
@@ -59,8 +59,8 @@ def exo_plan(sm: SystemModel) -> Plan:
                                  "the KV cache of one sequence")
     work = sm.mixed_work(slots, len(stages))
     placed = []
-    for m, (d, a, b) in enumerate(stages):
-        send = (cost.activation_time(d, stages[m + 1][0], b, work.tokens) if m + 1 < len(stages) else 0.0)
+    for j, (d, a, b) in enumerate(stages):
+        send = (cost.activation_time(d, stages[j + 1][0], b, work.tokens) if j + 1 < len(stages) else 0.0)
         placed.append(Placement(d, a, b, cost.run_time(d, a, b, work), send))
     part = Partition(tuple(placed), max(p.time_s for p in placed), False)
     spec = sm.mixed_spec(part, slots)
@@ -75,8 +75,8 @@ def dp_only_plan(sm: SystemModel) -> Plan:
         return _empty(sm, "dp-only", f"dp-only: {spec.reason}")
     m = sm.evaluate_specs([spec])
     used = set(spec.partition.devices)
-    return sm.to_plan(Scored(sm.objective(m), m, (spec,), tuple(i for i in range(len(sm.cost.devices)) if i not in used),
-                             ()), "dp-only")
+    idle = tuple(i for i in range(len(sm.cost.devices)) if i not in used)
+    return sm.to_plan(Scored(sm.objective(m), m, (spec,), idle, ()), "dp-only")
 
 
 def splitwise_machines(sm: SystemModel) -> list[list[int]]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def prediction_error(cost: CostModel, samples: Sequence[Sample]) -> ErrorReport:
     rel = (pred - meas) / meas * 100
     err = np.abs(rel)
     kinds = sorted({s.kind for s in samples})
-    by_kind = {k: float(np.mean([e for e, s in zip(err, samples) if s.kind == k])) for k in kinds}
+    by_kind = {k: float(np.mean([e for e, s in zip(err, samples, strict=True) if s.kind == k])) for k in kinds}
     return ErrorReport(len(samples), float(err.mean()), float(np.median(err)), float(np.percentile(err, 90)),
                        float(err.max()), float(rel.mean()), by_kind)
 

@@ -153,7 +153,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="plan replicas, roles and layer ranges for a mesh (offline)")
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "plan", help="plan replicas, roles and layer ranges for a mesh (offline)")
     p.add_argument("--devices", required=True,
                    help="JSON list of device profiles or of {\"class\": \"rpi5\", \"name\": ...} entries")
     p.add_argument("--model", required=True,

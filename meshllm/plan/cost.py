@@ -23,8 +23,9 @@ Pure: no I/O, no clocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -224,8 +225,8 @@ class CostModel:
         self.index = {d.node_id: i for i, d in enumerate(devices)}
         self.factors = {d.node_id: (factors or {}).get(d.node_id, DeviceFactors()) for d in devices}
         f = [self.factors[d.node_id] for d in devices]
-        self.eff_flops = np.array([d.flops * x.flops_eff for d, x in zip(devices, f)])
-        self.eff_bw = np.array([d.mem_bandwidth_Bps * x.bw_eff for d, x in zip(devices, f)])
+        self.eff_flops = np.array([d.flops * x.flops_eff for d, x in zip(devices, f, strict=True)])
+        self.eff_bw = np.array([d.mem_bandwidth_Bps * x.bw_eff for d, x in zip(devices, f, strict=True)])
         self.run_overhead = np.array([x.run_overhead_s for x in f])
         self.layer_overhead = np.array([x.layer_overhead_s for x in f])
         self.mem = np.array([float(d.mem_bytes) for d in devices])
@@ -315,7 +316,7 @@ class CostModel:
                      + self.bytes_read(start, stop, work) / self.eff_bw[i])
 
     def run_coeffs(self, device: int | str, start: int, stop: int) -> np.ndarray:
-        """c such that ``run_time(device, start, stop, w) == c @ (w.runs, w.tokens, w.attn, w.kv_tokens, w.head_tokens)``."""
+        """c with ``run_time(device, start, stop, w) == c @ (runs, tokens, attn, kv_tokens, head_tokens)`` of w."""
         i = self.device_index(device)
         self._check_range(start, stop)
         head = stop == self.L
@@ -343,7 +344,7 @@ class CostModel:
         return float(self._static_mem[start, stop] + kv_tokens * (self.cum_kv[stop] - self.cum_kv[start]))
 
     def fits(self, device: int | str, start: int, stop: int, kv_tokens: float) -> bool:
-        return self.memory(start, stop, kv_tokens) <= self.mem[self.device_index(device)]
+        return bool(self.memory(start, stop, kv_tokens) <= self.mem[self.device_index(device)])
 
     def transfer_time(self, src: int | str, dst: int | str, n_bytes: float) -> float:
         i, j = self.device_index(src), self.device_index(dst)
@@ -422,7 +423,8 @@ class CostModel:
         cum = np.concatenate([np.zeros(shape + (1,)), np.cumsum(c, axis=2)], axis=2)
         send = np.diff(np.take_along_axis(cum, np.broadcast_to(scuts[:, None, :], shape + scuts.shape[1:]), 2), axis=2)
         recv = np.diff(np.take_along_axis(cum, np.broadcast_to(dcuts[None, :, :], shape + dcuts.shape[1:]), 2), axis=2)
-        return np.maximum(send.max(axis=2), recv.max(axis=2))
+        out: np.ndarray = np.maximum(send.max(axis=2), recv.max(axis=2))
+        return out
 
     # --- tables for the DP ---------------------------------------------------------
 
@@ -432,7 +434,8 @@ class CostModel:
         hit = self._table_cache.get(key)
         if hit is None:
             m = self.model
-            flops = work.tokens * self._flops + work.attn * self._attn + work.head_tokens * m.head_flops * self._has_head
+            flops = (work.tokens * self._flops + work.attn * self._attn
+                     + work.head_tokens * m.head_flops * self._has_head)
             nbytes = work.runs * (self._weights + m.head_weight_bytes * self._has_head) + work.kv_tokens * self._kv
             need = self._static_mem + kv_tokens * self._kv
             if len(self._table_cache) > 256:
@@ -462,7 +465,8 @@ class CostModel:
         idx = np.asarray(devices, dtype=int)
         lat = self.latency[idx][:, idx]
         bw = self.bandwidth[idx][:, idx]
-        return work.runs * lat[:, :, None] + work.tokens * self.act[None, None, :] / bw[:, :, None]
+        out: np.ndarray = work.runs * lat[:, :, None] + work.tokens * self.act[None, None, :] / bw[:, :, None]
+        return out
 
     def memory_needed(self, kv_tokens: float) -> float:
         """Bytes of the whole model with a KV budget of ``kv_tokens`` positions."""

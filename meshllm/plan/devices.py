@@ -14,9 +14,10 @@ is the one read of package data here, everything else is pure.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from meshllm.plan.errors import PlanError
 from meshllm.profile import DeviceProfile, Link

@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,11 +111,13 @@ class DecodeService:
         """Seconds for each of ``n`` active sequences to get one token, in ``m`` micro-batches."""
         beta = np.asarray(n, dtype=float) / m
         st = np.asarray(self.fixed_s)[:, None] + np.asarray(self.per_seq_s)[:, None] * beta[None, :]
-        return np.maximum(st.sum(axis=0) + self.return_s, m * st.max(axis=0))
+        out: np.ndarray = np.maximum(st.sum(axis=0) + self.return_s, m * st.max(axis=0))
+        return out
 
     def token_rate(self, n: np.ndarray | float) -> np.ndarray:
         """Tokens/s with ``n`` (possibly fractional: a routing share) active sequences."""
-        return np.interp(np.asarray(n, dtype=float), np.arange(self.slots + 1), self.rates)
+        out: np.ndarray = np.interp(np.asarray(n, dtype=float), np.arange(self.slots + 1), self.rates)
+        return out
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ class Metrics:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Metrics:
-        return cls(**{k: (math.inf if v is None else v) for k, v in d.items()})
+        return cls(**{k: (math.inf if v is None else v) for k, v in d.items()})  # type: ignore[arg-type]
 
 
 def infeasible_metrics(rate: float) -> Metrics:
@@ -178,6 +181,34 @@ def _chain(lam: float, M: np.ndarray) -> tuple[float, float, bool]:
     en = (np.dot(n, p[:c]) + pc * (c / (1 - r) + r / (1 - r) ** 2)) / z
     eq = pc * r / (1 - r) ** 2 / z
     return float(en), float(eq), True
+
+
+def _served_by_first(lam: float, M: np.ndarray, own: np.ndarray) -> float:
+    """Throughput E[own(N)] of the servers behind the first ``len(own)`` rates of the chain ``M``.
+
+    ``own`` is the completion rate of the pool's own servers with n = 1.. requests present
+    (constant beyond its length); the rest of ``M`` is lent servers.
+    """
+    c = len(M)
+    r = lam / M[-1]
+    if not r < 1:
+        return float(own[-1])
+    logp = np.concatenate([[0.0], np.cumsum(math.log(lam) - np.log(M))])
+    logp -= logp.max()
+    p = np.exp(logp)
+    z = p[:c].sum() + p[c] / (1 - r)
+    f = np.concatenate([[0.0], own[: c - 1], np.full(max(0, c - len(own)), own[-1])])[:c]
+    return float((np.dot(p[:c], f) + p[c] / (1 - r) * own[-1]) / z)
+
+
+def _lent_share(lam: float, M: np.ndarray, own: np.ndarray, lent_capacity: float, own_first: bool) -> float:
+    """Requests/s that lent servers carry: what the own servers do not (own first), or in
+    proportion to capacity (servers ranked together)."""
+    if lent_capacity <= 0:
+        return 0.0
+    if own_first:
+        return max(0.0, lam - _served_by_first(lam, M, own)) if len(M) > len(own) else 0.0
+    return float(lam * lent_capacity / (own[-1] + lent_capacity))
 
 
 def _prefill_gains(services: Sequence[PrefillService]) -> np.ndarray:
@@ -226,7 +257,7 @@ def _decode_rates(services: Sequence[DecodeService], tokens_per_request: float, 
         slots = np.array([s.slots for s in services], dtype=float)
         n = np.arange(1, int(slots.sum()) + 1, dtype=float)
         total = np.zeros(n.size)
-        for s, share in zip(services, slots / slots.sum()):
+        for s, share in zip(services, slots / slots.sum(), strict=True):
             total += s.token_rate(n * share)
     else:
         raise ValueError(f"unknown decode routing {routing!r}")
@@ -296,21 +327,39 @@ def evaluate(prefill: Sequence[PrefillService], decode: Sequence[DecodeService],
     ``routing``: "fastest" — a prompt or sequence goes to the server (own or lent)
     that adds the most rate; "memory" — Splitwise: prompts to its own pool first
     (least pending tokens), sequences in proportion to KV memory, lent servers
-    only when the own pool is full.
+    only when the own pool is full. The throughput lent servers carry (from the
+    chain) is time their own pool loses: its rates are scaled by the share kept
+    (a fixed point, three rounds).
     """
     lam = workload.rate
     tokens = workload.decode_tokens()
     sus_p, sus_d, avail_p, avail_d = capacities(prefill, decode, workload, borrow)
     sustainable = min(sus_p, sus_d)
     lend_p, lend_d = borrow if borrow is not None else ((), ())
-    wp, tp, _ = _pool(lam, _prefill_rates(prefill, 1.0, lend_p, avail_p, own_first=routing == "memory"),
-                      _cv2_prefill(prefill))
-    if tokens > 0:
-        rates = _decode_rates(decode, tokens, 1.0, routing, lend_d, avail_d)
-        wd, td, service_d = _pool(lam, rates, _cv2_decode(workload))
-        tbt = service_d / tokens
-    else:
-        wd = td = tbt = 0.0
+    own_first = routing == "memory"
+    keep_p = keep_d = 1.0  # share of its time a pool keeps for its own phase (the rest it lends)
+    for _ in range(3 if borrow is not None else 1):
+        mp = _prefill_rates(prefill, keep_p, lend_p, avail_p, own_first)
+        wp, tp, _ = _pool(lam, mp, _cv2_prefill(prefill))
+        if tokens > 0:
+            md = _decode_rates(decode, tokens, keep_d, routing, lend_d, avail_d)
+            wd, td, service_d = _pool(lam, md, _cv2_decode(workload))
+            tbt = service_d / tokens
+        else:
+            md = np.zeros(0)
+            wd = td = tbt = 0.0
+        if borrow is None or not (math.isfinite(tp) and math.isfinite(td)):
+            break
+        # lending is not free: the time a pool's replicas spend on the other phase slows their own
+        own_p = _prefill_rates(prefill, keep_p)
+        extra_p = sum(x.max_rate for x in lend_p)
+        lent_p = _lent_share(lam, mp, own_p, extra_p * avail_p, own_first)
+        keep_d = max(1e-6, 1.0 - lent_p / extra_p) if extra_p > 0 else 1.0
+        if tokens > 0 and len(lend_d):
+            own_d = _decode_rates(decode, tokens, keep_d, routing)
+            extra_d = sum(x.max_token_rate for x in lend_d) / tokens
+            lent_d = _lent_share(lam, md, own_d, extra_d * avail_d, own_first)
+            keep_p = max(1e-6, 1.0 - lent_d / extra_d) if extra_d > 0 else 1.0
     stable = math.isfinite(tp) and math.isfinite(td)
     return Metrics(
         rate=lam, sustainable_rate=float(sustainable), stable=stable,

@@ -45,8 +45,8 @@ Pure functions of the cost model; no I/O.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

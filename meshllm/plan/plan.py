@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from meshllm.plan.errors import PlanError
 from meshllm.plan.objective import Metrics
@@ -28,7 +29,7 @@ PLAN_FORMAT_VERSION = 1
 DEFAULT_MARGIN = 0.10
 
 
-class Role(str, enum.Enum):
+class Role(str, enum.Enum):  # noqa: UP042  (StrEnum is 3.11+; the package supports 3.10)
     PREFILL = "prefill"  # runs prompts, hands the KV cache to a DECODE replica
     DECODE = "decode"  # makes output tokens
     MIXED = "mixed"  # both phases (a single replica; the exo and DP-only baselines)

@@ -9,8 +9,8 @@ new cost model and keeps it unless the new plan is clearly better
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Mapping, Sequence
 
 from meshllm.plan.baselines import BASELINES, baseline_plan, splitwise_machines
 from meshllm.plan.cost import CostModel, DeviceFactors, ModelCosts
@@ -82,7 +82,7 @@ def rescore(plan: Plan, sm: SystemModel) -> Plan | None:
         else:
             work = sm.mixed_work(r.slots, k)
         placed = []
-        for m, (d, s) in enumerate(zip(devs, r.stages)):
+        for m, (d, s) in enumerate(zip(devs, r.stages, strict=True)):
             if not cost.fits(d, s.start, s.stop, r.slots * r.context):
                 return None
             send = cost.activation_time(d, devs[m + 1], s.stop, work.tokens) if m + 1 < k else 0.0

@@ -19,8 +19,8 @@ scores by the canonical grouping. Pure and deterministic; no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -63,9 +63,10 @@ class PlanOptions:
     profile_quantum: float = 0.0  # > 0: devices within this relative step share DP results
     search_quantum: float = 0.05  # the GA searches with profile_quantum = this; the final plan is scored exactly
     # genetic algorithm
-    population: int = 24
+    population: int | None = None  # None: 32 up to 12 devices, else 24
     generations: int = 40
-    patience: int = 8  # generations without an improvement before stopping
+    restarts: int | None = None  # independent GA runs, best kept; None: 3 up to 7 devices, 2 up to 12, else 1
+    patience: int | None = None  # generations without an improvement before stopping; None: 15 up to 12 devices, else 8
     min_improvement: float = 1e-3  # relative improvement that counts as one
     elite: int = 2
     immigrants: int = 4  # newcomers per generation
@@ -135,20 +136,20 @@ class SystemModel:
         n = workload.input.array
         self._prefill_basis = np.stack([np.ones_like(n), n, n * (n + 1) / 2, 2 * n, np.ones_like(n)], axis=1)
         mean_basis = workload.input.probs @ self._prefill_basis
-        self.prefill_work = Work(runs=mean_basis[0], tokens=mean_basis[1], attn=mean_basis[2],
-                                 kv_tokens=mean_basis[3], head_tokens=mean_basis[4])
+        self.prefill_work = Work(runs=float(mean_basis[0]), tokens=float(mean_basis[1]), attn=float(mean_basis[2]),
+                                 kv_tokens=float(mean_basis[3]), head_tokens=float(mean_basis[4]))
         # devices with the same figures (to within ``profile_quantum``) and no per-peer link measurement
         # are interchangeable: one class id, one DP per multiset of classes
         linked = {d.node_id for d in cost.devices if d.links} | {p for d in cost.devices for p in d.links}
         quantum = options.profile_quantum
 
-        def q(x: float) -> float:
+        def bucket(x: float) -> float:
             return round(math.log(x) / math.log1p(quantum)) if quantum > 0 and x > 0 else x
 
         classes: dict[Hashable, int] = {}
         self._cls: list[int] = []
         for i, d in enumerate(cost.devices):
-            sig: Hashable = ("node", i) if d.node_id in linked else tuple(q(float(x)) for x in (
+            sig: Hashable = ("node", i) if d.node_id in linked else tuple(bucket(float(x)) for x in (
                 cost.eff_flops[i], cost.eff_bw[i], cost.run_overhead[i] + 1e-9, cost.layer_overhead[i] + 1e-9,
                 cost.mem[i], d.default_link.latency_s, d.default_link.bandwidth_Bps))
             self._cls.append(classes.setdefault(sig, len(classes)))
@@ -176,7 +177,7 @@ class SystemModel:
         origin, res = hit
         if origin == ordered:
             return res
-        pos = dict(zip(origin, ordered))  # same classes, position by position
+        pos = dict(zip(origin, ordered, strict=True))  # same classes, position by position
         if isinstance(res, Partition):
             return replace(res, stages=tuple(replace(s, device=pos[s.device]) for s in res.stages))
         return Infeasible(ordered, res.reason)
@@ -328,7 +329,8 @@ class SystemModel:
             raise ValueError("a disaggregated system needs PREFILL and DECODE replicas only, at least one of each")
         h = self.mean_handoff(pre, dec) if handoff_s is None else handoff_s
         lend = None
-        if self.options.borrow if borrow is None else borrow:  # a lent replica serves the other phase at that phase's rate (its other partition)
+        if self.options.borrow if borrow is None else borrow:
+            # a lent replica serves the other phase at that phase's rate (its other partition)
             lend = ([d.prefill for d in dec], [p.decode for p in pre])
         return evaluate([s.prefill for s in pre], [s.decode for s in dec], h, self.workload, borrow=lend,
                         routing=routing)
@@ -396,7 +398,7 @@ class SystemModel:
             lam = self.workload.rate
             best: tuple[Metrics, tuple[ReplicaSpec, ...]] | None = None
             if max(sus) > lam:  # only stable candidates can win; compare them on the full objective
-                for c, r in zip(cands, sus):
+                for c, r in zip(cands, sus, strict=True):
                     if r > lam:
                         m = self.evaluate_specs(c, handoff_s=0.0)
                         if best is None or self.objective(m) < self.objective(best[0]):
