@@ -100,11 +100,23 @@ async def _node_main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with (ServingNode(cfg, threads=args.threads) if cfg.model else Node(cfg)) as member:
         node = member.node if isinstance(member, ServingNode) else member
+        gateway = None
+        if args.gateway:
+            import os
+
+            from meshllm.gateway import GatewayConfig, create_app, serve_gateway
+
+            gw_cfg = GatewayConfig(mesh=args.mesh, broker=args.broker or (lambda: node.broker_url),
+                                   interface=args.interface, ca_file=args.broker_ca,
+                                   api_key=os.environ.get("MESHLLM_API_KEY"), model_dir=args.model)
+            gateway = asyncio.ensure_future(serve_gateway(create_app(gw_cfg), *args.gateway))
         print(json.dumps({"event": "started", "node_id": node.node_id, "port": node.dataplane.port}), flush=True)
         waiter = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({waiter, asyncio.ensure_future(node.wait_stopped())},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiter, asyncio.ensure_future(node.wait_stopped())}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        if gateway is not None:
+            gateway.cancel()
+            await asyncio.gather(gateway, return_exceptions=True)
     return 0
 
 
@@ -214,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--workload", help="workload the planner optimises for, e.g. in=128,out=64,rate=2 "
                    "(default: half the context in, half out, 1 request/s)")
     n.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    from meshllm.gateway import add_gateway_parser, parse_host_port
+
+    n.add_argument("--gateway", type=parse_host_port, metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible HTTP gateway and the mesh page here "
+                   "(API key from MESHLLM_API_KEY)")
     n.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): data-plane "
                    "peers must prove they hold it before any frame is accepted")
     n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
@@ -245,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ask_parser(sub)
     add_plan_parser(sub)
+    add_gateway_parser(sub)
 
     st = sub.add_parser("status", help="show a mesh: members, broker, planner, plan")
     _mesh_options(st)
