@@ -116,7 +116,9 @@ def mosquitto(*, users: dict[str, str] | None = None, tls: bool = False) -> Iter
         raise AssertionError("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
-        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root"]  # keep access to our temp files
+        # user root: keep access to our temp files; max_queued_messages 0: never drop QoS 1 replies to a slow
+        # subscriber (Mosquitto drops beyond 1000 queued by default, see docs/mesh.md)
+        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root", "max_queued_messages 0"]
         if users:
             pw = Path(d) / "passwd"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))

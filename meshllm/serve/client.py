@@ -465,7 +465,10 @@ class Client:
                 late = RequestTimeout(f"the mesh stopped replying to request {rid!r} after index "
                                       f"{order.next_index - 1} for {idle_timeout:g} s (idle_timeout)", rid)
             try:
-                arrival, obj = await asyncio.wait_for(p.queue.get(), max(0.0, deadline - time.monotonic()))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+                # arrives together with a reply (CPython gh-86296), and the consumer would keep streaming
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    arrival, obj = await p.queue.get()
             except TimeoutError:
                 raise late from None
         else:  # what has arrived counts, even when the consumer was slower than the deadline

@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 class ServingNode:
     """``async with ServingNode(config) as s:`` runs a node that serves its share of the model."""
 
+    # The scheduler admits at most ``slots`` sequences per replica, but a finished sequence's
+    # release and the next sequence's KV reach a stage over different connections, in either
+    # order; spare cache rows absorb that overlap instead of refusing the newcomer.
+    SLOT_HEADROOM = 2
+
     def __init__(self, config: NodeConfig, *, threads: int | None = None) -> None:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
@@ -75,6 +80,8 @@ class ServingNode:
     def _load_model_meta(self) -> None:
         """Manifest and tokenizer (fetched from a peer first if this node has no model files yet)."""
         self.manifest = load_manifest(self.model_dir)
+        self.node.record_extra.update(model_name=self.manifest.name,
+                                      context_length=self.manifest.config.max_seq_len)
         self.tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)
         self.stop_ids = self.manifest.config.stop_ids()
         complete = not missing_files(self.model_dir, self.manifest, list(self.manifest.files))
@@ -232,7 +239,8 @@ class ServingNode:
             elif t == "release":
                 runner.on_release(frame)
         except GenerationError as e:
-            raise FrameError(f"{t} frame refused: {e}") from None
+            # one request's problem: log it and keep the connection, which carries other requests
+            log.error("%s: %s frame for %s refused: %s", self.node_id, t, frame.get("id") or frame.get("ids"), e)
 
     async def _publish_stats(self, every_s: float = 1.0) -> None:
         """Live load figures for dashboards (the gateway's mesh page): not retained, once a second."""
@@ -300,7 +308,8 @@ class ServingNode:
                 await loop.run_in_executor(self.executor, lambda: verify_files(self.model_dir, self.manifest, todo))
                 self._verified.update(todo)
                 segment = await loop.run_in_executor(self.executor, lambda: Segment(
-                    self.model_dir, st.start, st.stop, max_batch=replica.slots, max_seq_len=context,
+                    self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
+                    max_seq_len=context,
                     threads=self.threads, verify=False, manifest=self.manifest))
                 self._segment = (key, segment)
             runner = StageRunner(self, layout, replica, index, segment, self.executor,
