@@ -1,0 +1,270 @@
+"""The event loop: replicas as pipelines of FIFO stages, priced by the planner's CostModel.
+
+What is modelled (every time comes from :class:`~meshllm.plan.cost.CostModel`):
+
+- A replica is its plan's pipeline. Each stage is a FIFO server; an item (one
+  prompt, or one micro-batch of a decode step) runs stage ``j`` for
+  ``run_time(stage j) + activation send to stage j+1`` and then moves on, so
+  one item's latency is the sum of its stage times while many in flight
+  leave at the rate of the slowest stage (the tandem recursion
+  ``start_j = max(done_{j-1}, free_j)``). Prompts are pushed into the pipeline
+  when routed, in routing order.
+- Decode is continuous batching over micro-batches: a replica's running
+  sequences (at most its slots, reserved by the router) sit in one *lane*
+  per pipeline stage (a sequence joins the lane with the fewest); each lane
+  cycles on its own — a step of a lane runs its sequences as one
+  micro-batch through the stages (``decode_time`` for that batch at its mean
+  context) and sends the sampled token ids back from the last stage to the
+  first, then the lane's next step starts. With k lanes in flight a k-stage
+  pipeline stays full (a token per sequence per round trip, the stages'
+  queues interleave the lanes). Sequences whose KV arrives during a lane's
+  step join at its end; finished ones leave at its end.
+- A MIXED replica time-shares its stages: work enters the first stage only
+  when that stage is free; when prompts and decode steps both wait, they
+  take turns (one prompt, one lane step). Strict decode-first (the
+  planner's MIXED model) starves prompts on a one-stage replica, whose only
+  lane is always ready. Later stages serve what entered in entry order,
+  without preemption, so a decode micro-batch can wait behind a whole
+  prompt already in the pipeline (no chunked prefill).
+- The KV hand-off PREFILL -> DECODE takes ``kv_handoff_time`` of the prompt's
+  tokens between the two replicas' layouts; links are not contended.
+- The first token is made by the prefill: TTFT = end of prefill (the
+  hand-off is on the path of the second token).
+
+Metrics: waiting time = arrival to the start of the prompt's first stage
+(time in the router's FIFO plus the first stage's queue), TTFT, end-to-end,
+throughput. Deterministic (no randomness here) and bounded by
+:class:`SimLimits`; a run that hits a bound is reported as such.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshllm.plan.cost import TOKEN_ID_BYTES, CostModel, StageRef
+from meshllm.plan.plan import Plan
+from meshllm.sim.arrivals import Request
+from meshllm.sim.routing import Route, Router, router_for
+
+ARRIVE, PREFILLED, KV_READY, STEP_DONE, STAGE0_FREE = range(5)
+LANES = 1 << 16  # STEP_DONE payload: replica id * LANES + lane
+
+
+@dataclass(frozen=True)
+class SimLimits:
+    max_events: int = 2_000_000
+    max_time_s: float = 1e6  # simulated seconds
+
+
+class _Replica:
+    def __init__(self, cost: CostModel, rid: int, stages: Sequence[tuple[int, int, int]]) -> None:
+        self.cost, self.id = cost, rid
+        self.stages = tuple(stages)  # (device index, start, stop)
+        self.refs = [StageRef(d, a, b) for d, a, b in stages]
+        self.free = [0.0] * len(stages)  # when each stage's queue empties
+        k = len(stages)
+        self.active: list[list[list[int]]] = [[] for _ in range(k)]  # per lane: [request id, tokens made]
+        self.joining: list[list[list[int]]] = [[] for _ in range(k)]  # KV arrived during the lane's step
+        self.stepping = [False] * k
+        self.prompts: deque[int] = deque()  # routed prompts waiting to enter the first stage
+        self.lanes_ready: deque[int] = deque()  # lanes whose next step waits to enter the first stage
+        self.wake_pending = False
+        self.prompt_turn = True  # when both wait, the first stage alternates a prompt and a decode step
+        first, last = stages[0][0], stages[-1][0]
+        self.token_back = cost.transfer_time(last, first, TOKEN_ID_BYTES) if len(stages) > 1 else 0.0
+
+    def lane_for(self) -> int:
+        sizes = [len(a) + len(j) for a, j in zip(self.active, self.joining, strict=True)]
+        return sizes.index(min(sizes))
+
+    def _pass(self, t: float, times: Sequence[float]) -> tuple[float, float]:
+        """One item through the stages from time ``t``: (start at the first stage, done at the last)."""
+        start = ready = t
+        for j, dt in enumerate(times):
+            s = max(ready, self.free[j])
+            if j == 0:
+                start = s
+            ready = self.free[j] = s + dt
+        return start, ready
+
+    def _send(self, j: int, tokens: float) -> float:
+        if j + 1 >= len(self.stages):
+            return 0.0
+        d, _, b = self.stages[j]
+        return self.cost.activation_time(d, self.stages[j + 1][0], b, tokens)
+
+    def prefill(self, t: float, n_in: int) -> tuple[float, float]:
+        c = self.cost
+        return self._pass(t, [c.prefill_time(d, a, b, n_in) + self._send(j, n_in)
+                              for j, (d, a, b) in enumerate(self.stages)])
+
+    def step(self, t: float, contexts: Sequence[int]) -> float:
+        """Issue one decode step of one micro-batch (cached positions per sequence); returns when it ends."""
+        c = self.cost
+        bsz, ctx = len(contexts), float(np.mean(contexts))
+        _, end = self._pass(t, [c.decode_time(d, a, b, ctx, bsz) + self._send(j, bsz)
+                                for j, (d, a, b) in enumerate(self.stages)])
+        return end + self.token_back
+
+
+@dataclass
+class SimResult:
+    n: int
+    completed: int
+    wait: np.ndarray  # per completed request, seconds
+    ttft: np.ndarray
+    e2e: np.ndarray
+    tokens_out: int
+    makespan_s: float  # first arrival to last completion
+    events: int
+    bounded: bool  # a limit stopped the run before every request finished
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def throughput_rps(self) -> float:
+        return self.completed / self.makespan_s if self.makespan_s > 0 else 0.0
+
+    @property
+    def throughput_tps(self) -> float:
+        return self.tokens_out / self.makespan_s if self.makespan_s > 0 else 0.0
+
+    def summary(self) -> dict[str, float]:
+        def q(x: np.ndarray, p: float) -> float:
+            return float(np.percentile(x, p)) if len(x) else math.nan
+
+        return {
+            "n": self.n, "completed": self.completed, "bounded": float(self.bounded),
+            "wait_mean": float(self.wait.mean()) if len(self.wait) else math.nan,
+            "wait_p50": q(self.wait, 50), "wait_p95": q(self.wait, 95),
+            "ttft_mean": float(self.ttft.mean()) if len(self.ttft) else math.nan,
+            "ttft_p50": q(self.ttft, 50), "ttft_p95": q(self.ttft, 95),
+            "e2e_mean": float(self.e2e.mean()) if len(self.e2e) else math.nan,
+            "e2e_p50": q(self.e2e, 50), "e2e_p95": q(self.e2e, 95),
+            "throughput_rps": self.throughput_rps, "throughput_tps": self.throughput_tps,
+        }
+
+
+def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Router | None = None,
+             limits: SimLimits = SimLimits(), ready_s: float = 0.0) -> SimResult:
+    """Serve ``reqs`` with ``plan``'s replicas; ``cost`` must be the cost model the plan was made with.
+
+    ``ready_s``: when the replicas can start work (a plan being deployed); requests routed
+    earlier wait for it, and that counts as waiting.
+    """
+    router = router if router is not None else router_for(plan)
+    reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages])
+            for r in plan.replicas}
+    for rep in reps.values():
+        rep.free = [ready_s] * len(rep.free)
+    by_id = {q.id: q for q in reqs}
+    route: dict[int, Route] = {}
+    start: dict[int, float] = {}
+    first: dict[int, float] = {}
+    finish: dict[int, float] = {}
+    heap: list[tuple[float, int, int, int]] = []
+    seq = 0
+
+    def push(t: float, kind: int, x: int) -> None:
+        nonlocal seq
+        heapq.heappush(heap, (t, seq, kind, x))
+        seq += 1
+
+    def dispatch(t: float, q: Request, r: Route) -> None:
+        route[q.id] = r
+        reps[r[0]].prompts.append(q.id)
+        kick(t, reps[r[0]])
+
+    def begin_step(t: float, rep: _Replica, lane: int) -> None:
+        rep.active[lane].extend(rep.joining[lane])
+        rep.joining[lane] = []
+        rep.stepping[lane] = bool(rep.active[lane])
+        if rep.stepping[lane]:
+            rep.lanes_ready.append(lane)
+            kick(t, rep)
+
+    def kick(t: float, rep: _Replica) -> None:
+        """Let waiting work into the first stage while it is free; prompts and decode steps alternate."""
+        while (rep.prompts or rep.lanes_ready) and rep.free[0] <= t:
+            if rep.prompts and (rep.prompt_turn or not rep.lanes_ready):
+                q = by_id[rep.prompts.popleft()]
+                s, e = rep.prefill(t, q.n_in)
+                start[q.id] = s
+                push(e, PREFILLED, q.id)
+                rep.prompt_turn = False
+            else:
+                lane = rep.lanes_ready.popleft()
+                ctx = [by_id[i].n_in + made for i, made in rep.active[lane]]
+                push(rep.step(t, ctx), STEP_DONE, rep.id * LANES + lane)
+                rep.prompt_turn = True
+        if (rep.prompts or rep.lanes_ready) and not rep.wake_pending:
+            rep.wake_pending = True
+            push(rep.free[0], STAGE0_FREE, rep.id)
+
+    def finished(t: float, q: Request) -> None:
+        finish[q.id] = t
+        for nq, r in router.done(q):
+            dispatch(t, nq, r)
+
+    for q in reqs:
+        push(q.arrival, ARRIVE, q.id)
+    events = 0
+    t = 0.0
+    while heap:
+        t, _, kind, x = heapq.heappop(heap)
+        events += 1
+        if events > limits.max_events or t > limits.max_time_s:
+            break
+        if kind == ARRIVE:
+            q = by_id[x]
+            r = router.admit(q)
+            if r is not None:
+                dispatch(t, q, r)
+        elif kind == PREFILLED:
+            q = by_id[x]
+            router.prefilled(q)
+            first[x] = t
+            if q.n_out <= 1:
+                finished(t, q)
+                continue
+            p, d = route[x]
+            hand = 0.0 if p == d else cost.kv_handoff_time(reps[p].refs, reps[d].refs, q.n_in)
+            push(t + hand, KV_READY, x)
+        elif kind == KV_READY:
+            dec = reps[route[x][1]]
+            lane = dec.lane_for()
+            dec.joining[lane].append([x, 1])
+            if not dec.stepping[lane]:
+                begin_step(t, dec, lane)
+        elif kind == STAGE0_FREE:
+            reps[x].wake_pending = False
+            kick(t, reps[x])
+        else:  # STEP_DONE
+            rep, lane = reps[x // LANES], x % LANES
+            still = []
+            for item in rep.active[lane]:
+                item[1] += 1
+                if item[1] >= by_id[item[0]].n_out:
+                    finished(t, by_id[item[0]])
+                else:
+                    still.append(item)
+            rep.active[lane] = still
+            begin_step(t, rep, lane)
+    done = [q for q in reqs if q.id in finish]
+    arr = np.array([q.arrival for q in done])
+    t0 = min((q.arrival for q in reqs), default=0.0)
+    return SimResult(
+        n=len(reqs), completed=len(done),
+        wait=np.array([start[q.id] for q in done]) - arr,
+        ttft=np.array([first[q.id] for q in done]) - arr,
+        e2e=np.array([finish[q.id] for q in done]) - arr,
+        tokens_out=sum(q.n_out for q in done),
+        makespan_s=(max(finish.values()) - t0) if finish else 0.0,
+        events=events, bounded=len(done) < len(reqs),
+        stats={k: float(v) for k, v in vars(router).items() if k in ("borrowed", "kept")},
+    )

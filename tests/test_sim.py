@@ -1,0 +1,146 @@
+"""The simulator against cases with known answers: M/D/1, a fixed pipeline, conservation, determinism."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from meshllm.plan import CostModel, ModelCosts, Workload, plan_mesh
+from meshllm.plan.devices import class_devices
+from meshllm.plan.objective import infeasible_metrics
+from meshllm.plan.plan import Plan, Replica, Role, Stage
+from meshllm.profile import DeviceProfile, Link
+from meshllm.sim import Request, bursty_arrivals, requests, simulate
+from meshllm.sim.routing import SplitwiseRouter
+
+FLOPS_PER_TOKEN = 1e6
+NO_LINK = Link(latency_s=0.0, bandwidth_Bps=1e18)
+
+
+def _model(n_layers: int) -> ModelCosts:
+    """Prefill time of a stage = tokens x layers x 1e6 / device FLOP/s, and nothing else."""
+    return ModelCosts.uniform(n_layers, flops=FLOPS_PER_TOKEN, attn_flops=0, weight_bytes=0, kv_bytes=0, act_bytes=0,
+                              embed_weight_bytes=0, head_flops=0, head_weight_bytes=0, max_seq_len=4096)
+
+
+def _device(name: str, flops: float) -> DeviceProfile:
+    return DeviceProfile(node_id=name, name=name, flops=flops, mem_bandwidth_Bps=1e12, mem_bytes=10**12,
+                         default_link=NO_LINK)
+
+
+def _plan(n_layers: int, stages: list[tuple[str, int, int]], slots: int = 1 << 20) -> Plan:
+    st = tuple(Stage(n, a, b, 0.0, 0.0, 0.0, 1.0) for n, a, b in stages)
+    rep = Replica(0, Role.MIXED, st, slots, 4096, 0.0, 0.0, 1.0, 1.0)
+    return Plan(1, "synthetic", n_layers, "test", Workload.simple(100, 1, 1.0), (rep,), (), infeasible_metrics(1.0))
+
+
+def _stream(arrivals: np.ndarray, n_in: int, n_out: int = 1) -> list[Request]:
+    return [Request(i, float(a), n_in, n_out) for i, a in enumerate(arrivals)]
+
+
+def test_md1_mean_wait_matches_pollaczek_khinchine() -> None:
+    service, rho = 1.0, 0.7  # one stage, 100 tokens at 1e8 FLOP/s = 1 s
+    cost = CostModel(_model(1), [_device("a", 1e8)])
+    rng = np.random.default_rng(3)
+    reqs = _stream(np.cumsum(rng.exponential(service / rho, size=60_000)), 100)
+    res = simulate(_plan(1, [("a", 0, 1)]), cost, reqs)
+    expected = rho * service / (2 * (1 - rho))
+    assert res.completed == len(reqs)
+    assert res.wait.mean() == pytest.approx(expected, rel=0.05)
+    assert np.allclose(res.ttft - res.wait, service)
+
+
+def test_pipeline_latency_is_sum_and_throughput_is_slowest_stage() -> None:
+    # three stages of 0.5, 2.0 and 1.0 s for 100 tokens
+    cost = CostModel(_model(3), [_device("a", 2e8), _device("b", 5e7), _device("c", 1e8)])
+    plan = _plan(3, [("a", 0, 1), ("b", 1, 2), ("c", 2, 3)])
+    alone = simulate(plan, cost, _stream(np.array([0.0]), 100))
+    assert alone.ttft[0] == pytest.approx(3.5)
+    many = simulate(plan, cost, _stream(np.zeros(200), 100))
+    finish = np.sort(many.ttft)
+    assert np.diff(finish) == pytest.approx(np.full(199, 2.0))  # one prompt per 2 s: the slowest stage
+    assert finish[-1] == pytest.approx(3.5 + 199 * 2.0)
+
+
+MODEL = ModelCosts.llama("llama-1.4b-32l", n_layers=32, dim=2048, ffn_dim=5632, n_heads=32, n_kv_heads=4,
+                         vocab_size=32000, max_seq_len=2048)
+DEVICES = class_devices([("rpi5", 2), ("jetson-orin-nano", 1), ("old-laptop", 1), ("mini-pc", 1)])
+
+
+@pytest.fixture(scope="module")
+def plans() -> dict[str, Plan]:
+    w = Workload.preset("conversation", 0.3, 0.25)
+    return {m: plan_mesh(DEVICES, MODEL, w, method=m) for m in ("ga", "splitwise", "exo")}
+
+
+@pytest.mark.parametrize("method", ["ga", "splitwise", "exo"])
+def test_every_request_completes_once_with_ordered_timestamps(plans: dict[str, Plan], method: str) -> None:
+    w = Workload.preset("conversation", 0.2, 0.25)
+    reqs = requests([w], [150], seed=5, bursty=True, max_seq_len=MODEL.max_seq_len)
+    res = simulate(plans[method], CostModel(MODEL, DEVICES), reqs)
+    assert (res.completed, res.bounded) == (len(reqs), False)
+    assert res.tokens_out == sum(q.n_out for q in reqs)
+    assert np.all(res.wait >= 0) and np.all(res.ttft > res.wait) and np.all(res.e2e >= res.ttft)
+
+
+def test_same_seed_same_result_and_different_seed_differs(plans: dict[str, Plan]) -> None:
+    w = Workload.preset("conversation", 0.2, 0.25)
+    cost = CostModel(MODEL, DEVICES)
+    a = simulate(plans["splitwise"], cost, requests([w], [100], seed=1))
+    b = simulate(plans["splitwise"], cost, requests([w], [100], seed=1))
+    c = simulate(plans["splitwise"], cost, requests([w], [100], seed=2))
+    assert a.summary() == b.summary() and np.array_equal(a.e2e, b.e2e)
+    assert a.summary() != c.summary()
+
+
+def test_limits_stop_an_overloaded_run_and_say_so(plans: dict[str, Plan]) -> None:
+    from meshllm.sim import SimLimits
+
+    w = Workload.preset("conversation", 50.0, 0.25)
+    res = simulate(plans["exo"], CostModel(MODEL, DEVICES), requests([w], [300], seed=1),
+                   limits=SimLimits(max_events=2_000))
+    assert res.bounded and res.completed < 300 and res.events <= 2_001
+
+
+def test_bursty_arrivals_keep_the_mean_rate_and_are_overdispersed() -> None:
+    rng = np.random.default_rng(0)
+    t = bursty_arrivals(2.0, 40_000, rng, burst=4.0, on_fraction=0.2, mean_period_s=60.0)
+    assert len(t) / t[-1] == pytest.approx(2.0, rel=0.1)
+    counts = np.histogram(t, bins=np.arange(0, t[-1], 10.0))[0]
+    assert counts.var() / counts.mean() > 2.0  # Poisson would be ~1
+
+
+def test_splitwise_routes_prompts_by_pending_tokens_and_borrows_when_overloaded(plans: dict[str, Plan]) -> None:
+    plan = plans["splitwise"]
+    r = SplitwiseRouter(plan, prompt_cap=300)
+    pre = [x.id for x in plan.replicas if x.role is Role.PREFILL]
+    dec = [x.id for x in plan.replicas if x.role is Role.DECODE]
+    assert pre and dec
+    got = [r.admit(Request(i, 0.0, 200, 10)) for i in range(len(pre))]
+    assert sorted(p for p, _ in got) == sorted(pre)  # one prompt each: fewest pending tokens
+    assert all(d in dec for _, d in got)
+    fresh = SplitwiseRouter(plan, prompt_cap=300)
+    for x in pre:
+        fresh.pending[x] = 1000  # every prompt instance over the cap: an idle token instance runs both phases
+    p, d = fresh.admit(Request(99, 0.0, 200, 10))
+    assert p == d and p in dec and fresh.borrowed == 1
+    assert r.admit(Request(100, 0.0, 200, 10)) is not None  # its token instance is busy: no borrowing
+    assert r.borrowed == 0
+
+
+def test_simulation_is_fast() -> None:
+    w = Workload.preset("conversation", 0.2, 0.25)
+    cost = CostModel(MODEL, DEVICES)
+    plan = plan_mesh(DEVICES, MODEL, w, method="splitwise")
+    t = time.process_time()
+    simulate(plan, cost, requests([w], [1000], seed=1))
+    assert time.process_time() - t < 5.0
+
+
+def test_requests_wait_for_a_plan_that_is_not_deployed_yet() -> None:
+    cost = CostModel(_model(1), [_device("a", 1e8)])
+    res = simulate(_plan(1, [("a", 0, 1)]), cost, _stream(np.array([1.0, 2.0]), 100), ready_s=5.0)
+    assert res.wait == pytest.approx([4.0, 4.0])  # starts at 5 and 6 (1 s service)
+    assert res.ttft == pytest.approx([5.0, 5.0])
