@@ -133,3 +133,29 @@ def test_plans_made_by_the_planner_serve_the_same_greedy_tokens(case: str, model
             p.kill()
     for p, stream in zip(PROMPTS, streams):
         assert tokens_of(stream) == expected(model, p, 16)[0], (case, p, plan["replicas"])
+
+
+def test_bundled_model_over_a_planned_mesh_equals_one_process(broker: str) -> None:
+    """The bundled model on three emulated devices that cannot hold it alone: split, and unchanged."""
+    from tests.mesh_harness import NodeProc, state, wait_until
+    from tests.serving_harness import all_ready
+
+    bundled = Path(__file__).resolve().parent.parent / "models" / "tiny-austen"
+    mesh = f"t-bundled-{secrets.token_hex(3)}"
+    procs = [NodeProc(mesh, f"d{i}", broker=broker, extra=["--model", str(bundled), "--emulate-memory", "10M",
+                                                          "--emulate-compute-scale", str(1 + i)]) for i in range(3)]
+    prompts = ["It is a truth universally acknowledged, that", "She was"]
+    try:
+        for p in procs:
+            p.wait_started()
+        wait_until(lambda: all_ready(mesh, broker), 60, "the plan deployed")
+        plan = state(mesh, broker)["plan"]
+        assert all(len(r["stages"]) >= 2 for r in plan["replicas"]), "10 MB devices cannot hold 16 MB alone"
+        reqs = [{"id": f"b{i}", "prompt": p, "max_tokens": 32, "temperature": 0} for i, p in enumerate(prompts)]
+        streams = asyncio.run(ask_raw(broker, mesh, reqs))
+    finally:
+        for p in procs:
+            p.kill()
+    for p, stream in zip(prompts, streams):
+        ids, text = expected(bundled, p, 32)
+        assert tokens_of(stream) == ids and text_of(stream) == text
