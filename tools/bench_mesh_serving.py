@@ -36,6 +36,14 @@ from tests.serving_harness import ask_raw, replica, serving_mesh, tokens_of  # n
 from tools.bench_generate import ensure_model  # noqa: E402
 
 PROMPT = "Once upon a time there was a little"
+MESH_ARGS = sys.argv[1:]  # extra `meshllm node` options for the three stage processes, e.g. --threads 1
+
+
+def run_loop(coro):  # type: ignore[no-untyped-def]
+    """The event loop nodes use (uvloop where available), so data-plane figures match the mesh."""
+    from meshllm.cli import run_async
+
+    return run_async(coro)
 
 
 def one_process_tps(model: Path, n: int) -> float:
@@ -110,17 +118,17 @@ def main() -> None:
     print(f"model: random TinyStories-110M shape, fp32 ({model})")
     single = one_process_tps(model, n)
 
-    prefill_s, hand_s, nbytes = asyncio.run(handoff(model))
+    prefill_s, hand_s, nbytes = run_loop(handoff(model))
     block = np.random.default_rng(0).standard_normal((4, 1024, 1024), dtype=np.float32)
     mem_bps = codec_in_memory(block)
-    tcp_bps = asyncio.run(tcp_codec(block))
+    tcp_bps = run_loop(tcp_codec(block))
 
     mesh = f"bench-serve-{secrets.token_hex(3)}"
     plan = {"version": 1, "n_layers": 12, "replicas": [
         replica(0, "mixed", [("s1", 0, 4), ("s2", 4, 8), ("s3", 8, 12)], slots=16, context=1024)]}
     conc: dict[int, float] = {}
     with mosquitto() as broker, tempfile.TemporaryDirectory() as tmp, \
-            serving_mesh(mesh, broker, model, ["s1", "s2", "s3"], plan, Path(tmp)):
+            serving_mesh(mesh, broker, model, ["s1", "s2", "s3"], plan, Path(tmp), extra=MESH_ARGS):
         req = {"id": "warm", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         asyncio.run(ask_raw(broker, mesh, [req], timeout=120))
         runs = []

@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 SeqId = Hashable
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False`` makes idle worker threads sleep at once instead of spin-waiting: right when
+    several processes share the cores (pipeline stages on one machine), where a stage that has just
+    finished would otherwise burn the cores the next stage needs."""
     so = ort.SessionOptions()
+    if not spinning:  # spin while a run lasts, sleep as soon as it ends
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -87,6 +92,7 @@ class Segment:
         threads: int | None = None,
         verify: bool = True,
         manifest: Manifest | None = None,
+        spinning: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.manifest = manifest or load_manifest(self.model_dir)
@@ -106,7 +112,7 @@ class Segment:
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         graph_files = [p.files[0] for p in parts]
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
-        so = session_options(threads)
+        so = session_options(threads, spinning)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

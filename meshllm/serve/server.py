@@ -76,6 +76,7 @@ class ServingNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deploy_lock = asyncio.Lock()
         self._verified: set[str] = set()
+        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=10_000)  # backpressure past this
 
     def _load_model_meta(self) -> None:
         """Manifest and tokenizer (fetched from a peer first if this node has no model files yet)."""
@@ -140,6 +141,7 @@ class ServingNode:
         self.planner = PlannerDuty(self)
         self._spawn(self.planner.run())
         self._spawn(self._publish_stats())
+        self._spawn(self._publisher())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -187,9 +189,14 @@ class ServingNode:
         await self.links.send(self._addr(node_id), frame)
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        ok = await self.node.publish(topic, json.dumps(payload), qos=1)
-        if not ok:
-            log.warning("%s: could not publish to %s (no broker session)", self.node_id, topic)
+        """Queues a reply; one task publishes them in order, so decode steps never wait for a PUBACK."""
+        await self._outbox.put((topic, json.dumps(payload)))
+
+    async def _publisher(self) -> None:
+        while True:
+            topic, data = await self._outbox.get()
+            if not await self.node.publish(topic, data, qos=1):
+                log.warning("%s: could not publish to %s (no broker session)", self.node_id, topic)
 
     def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
         return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish)
@@ -309,8 +316,8 @@ class ServingNode:
                 self._verified.update(todo)
                 segment = await loop.run_in_executor(self.executor, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
-                    max_seq_len=context,
-                    threads=self.threads, verify=False, manifest=self.manifest))
+                    max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
+                    spinning=False))
                 self._segment = (key, segment)
             runner = StageRunner(self, layout, replica, index, segment, self.executor,
                                  compute_scale=self.config.emulation.compute_scale)
