@@ -75,7 +75,7 @@ class DeviceProfile:
 # --- measurement ---------------------------------------------------------
 
 
-def _matmul_session(m: int, k: int, n: int, threads: int | None) -> tuple[Any, np.ndarray]:
+def matmul_session(m: int, k: int, n: int, threads: int | None) -> tuple[Any, np.ndarray]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -96,8 +96,9 @@ def _matmul_session(m: int, k: int, n: int, threads: int | None) -> tuple[Any, n
     return sess, np.ones((m, k), np.float32)
 
 
-def _median_seconds(sess: Any, x: np.ndarray, reps: int) -> float:
-    sess.run(None, {"x": x})
+def median_seconds(sess: Any, x: np.ndarray, reps: int) -> float:
+    for _ in range(3):  # warm up (first runs pre-pack and fault in the weights)
+        sess.run(None, {"x": x})
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -108,15 +109,15 @@ def _median_seconds(sess: Any, x: np.ndarray, reps: int) -> float:
 
 def measure_flops(threads: int | None = None, size: int = 512, reps: int = 5) -> float:
     """FLOP/s of a (size x size) @ (size x size) float32 matmul in onnxruntime."""
-    sess, x = _matmul_session(size, size, size, threads)
-    return 2.0 * size**3 / _median_seconds(sess, x, reps)
+    sess, x = matmul_session(size, size, size, threads)
+    return 2.0 * size**3 / median_seconds(sess, x, reps)
 
 
 def measure_bandwidth(threads: int | None = None, n_bytes: int = 64 << 20, reps: int = 7) -> float:
     """Bytes/s read by a float32 matrix-vector product over an ``n_bytes`` weight matrix."""
     k = 1024
-    sess, x = _matmul_session(1, k, n_bytes // 4 // k, threads)
-    return n_bytes / _median_seconds(sess, x, reps)
+    sess, x = matmul_session(1, k, n_bytes // 4 // k, threads)
+    return n_bytes / median_seconds(sess, x, reps)
 
 
 def available_memory() -> int:

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from meshllm.model.export import export  # noqa: E402
 from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c  # noqa: E402
 from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin  # noqa: E402
-from meshllm.runtime.segment import Segment, session_options  # noqa: E402
+from meshllm.profile import matmul_session, median_seconds  # noqa: E402
+from meshllm.runtime.segment import Segment  # noqa: E402
 
 
 def ensure_model(dtype: str) -> Path:
@@ -52,28 +51,10 @@ def ensure_model(dtype: str) -> Path:
 
 
 def matvec_floor_ms(n_bytes: int, k: int, reps: int = 20) -> float:
-    """Median time of x(1,k) @ W(k, n) in onnxruntime with W of ``n_bytes`` float32 bytes."""
-    n = n_bytes // 4 // k
-    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matvec",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        initializer=[numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    del w
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    x = np.ones((1, k), np.float32)
-    for _ in range(3):
-        sess.run(None, {"x": x})
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """Median time of x(1,k) @ W(k, n) in onnxruntime with W of ``n_bytes`` float32 bytes (the same
+    measurement a node makes of its memory bandwidth, over the model's size)."""
+    sess, x = matmul_session(1, k, n_bytes // 4 // k, None)
+    return median_seconds(sess, x, reps) * 1e3
 
 
 def decode_ms(seg: Segment, seq: int, steps: int) -> float:
