@@ -27,7 +27,8 @@ class NodeProc:
     def __init__(self, mesh: str, node_id: str, *, broker: str | None = None, interface: str = LOOPBACK,
                  extra: list[str] | None = None, netns: str | None = None, log_dir: Path | None = None) -> None:
         self.node_id = node_id
-        cmd = [sys.executable, "-m", "meshllm", "node", "--mesh", mesh, "--node-id", node_id,
+        verbose = ["-v"] if os.environ.get("MESHLLM_TEST_VERBOSE") else []
+        cmd = [sys.executable, "-m", "meshllm", *verbose, "node", "--mesh", mesh, "--node-id", node_id,
                "--interface", interface, "--quick-profile", *(extra or [])]
         if broker:
             cmd += ["--broker", broker]

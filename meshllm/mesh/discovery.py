@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,9 @@ class Discovery:
     def __init__(self, node_id: str, mesh: str, port: int, *, interface: str | None, advertise: bool = True) -> None:
         self.node_id, self.mesh, self.port = node_id, mesh, port
         self.advertise = advertise  # False: only browse (``meshllm status``, clients)
+        # mDNS instance name: unique per mesh, at most 63 bytes (an mDNS label)
+        self._name = f"{f'{node_id}-{mesh}'[:63]}.{MESHLLM_SERVICE}"
+        self._server = f"{node_id[:50]}-{secrets.token_hex(3)}.local."  # our A record's host name
         self.interface = interface
         self.address = interface or lan_addresses()[0]
         self.peers: dict[str, PeerAd] = {}
@@ -75,9 +79,9 @@ class Discovery:
         if self._broker:
             props["broker"] = self._broker
         return AsyncServiceInfo(
-            MESHLLM_SERVICE, f"{self.node_id}.{MESHLLM_SERVICE}",
+            MESHLLM_SERVICE, self._name,
             addresses=[socket.inet_aton(self.address)], port=self.port, properties=props,
-            server=f"{self.node_id}.local.",
+            server=self._server,
         )
 
     async def __aenter__(self) -> Discovery:
@@ -85,7 +89,10 @@ class Discovery:
         self._azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         if self.advertise:
             self._info = self._service_info()
-            await self._azc.async_register_service(self._info)
+            # the node id travels in TXT; the instance name only has to be unique on the LAN, so a
+            # clash (a node of another mesh with the same id, a stale record) is resolved by renaming
+            await self._azc.async_register_service(self._info, allow_name_change=True)
+            self._name = self._info.name  # zeroconf renames the info in place on a clash
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [MESHLLM_SERVICE, MQTT_SERVICE],
                                             handlers=[self._on_change])
         return self

@@ -91,7 +91,9 @@ class StageRunner:
         x = frame["x"]
         for i, rid in enumerate(frame["ids"]):
             item = _Item("step", rid, x[i:i + 1])
-            if rid in self._kv_missing:
+            # In a DECODE replica the first step can overtake the prompt's KV (they come from different
+            # nodes): hold it until every layer of this stage has arrived.
+            if rid in self._kv_missing or (self.replica.role == "decode" and rid not in self.active):
                 self._held.setdefault(rid, []).append(item)
             else:
                 self.inbox.put_nowait(item)
@@ -133,21 +135,27 @@ class StageRunner:
 
     async def run(self) -> None:
         while True:
-            item = await self.inbox.get()
-            if item.kind == "prefill":
-                await self._prefill(item)
-                continue
-            batch = [item]
-            deferred: deque[_Item] = deque()
-            while not self.inbox.empty() and len(batch) < self.segment.max_batch:
-                nxt = self.inbox.get_nowait()
-                if nxt.kind == "step" and nxt.rid not in {b.rid for b in batch}:
-                    batch.append(nxt)
-                else:
-                    deferred.append(nxt)
-            for d in deferred:  # keep prompts (and a second step of one request) for later, in order
-                self.inbox.put_nowait(d)
-            await self._decode(batch)
+            try:
+                await self._step()
+            except MeshError as e:  # one request's failure must not stop the stage for the others
+                log.error("stage %s of replica %d: %s", self.index, self.replica.id, e)
+
+    async def _step(self) -> None:
+        item = await self.inbox.get()
+        if item.kind == "prefill":
+            await self._prefill(item)
+            return
+        batch = [item]
+        deferred: deque[_Item] = deque()
+        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
+            nxt = self.inbox.get_nowait()
+            if nxt.kind == "step" and nxt.rid not in {b.rid for b in batch}:
+                batch.append(nxt)
+            else:
+                deferred.append(nxt)
+        for d in deferred:  # keep prompts (and a second step of one request) for later, in order
+            self.inbox.put_nowait(d)
+        await self._decode([b for b in batch if b.rid in self.active])
 
     async def _compute(self, fn: Callable[[], np.ndarray]) -> np.ndarray:
         t = time.perf_counter()
@@ -200,6 +208,8 @@ class StageRunner:
         self.on_release({"id": rid})
 
     async def _decode(self, batch: list[_Item]) -> None:
+        if not batch:  # every request of the batch was released meanwhile (cancelled, failed)
+            return
         ids = [b.rid for b in batch]
         x = np.concatenate([b.x for b in batch], axis=0)
         if self.is_first:
