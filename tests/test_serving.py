@@ -159,3 +159,37 @@ def test_bundled_model_over_a_planned_mesh_equals_one_process(broker: str) -> No
     for p, stream in zip(prompts, streams):
         ids, text = expected(bundled, p, 32)
         assert tokens_of(stream) == ids and text_of(stream) == text
+
+
+def test_a_new_plan_rolls_out_without_dropping_accepted_requests(model: Path, broker: str, tmp_path: Path) -> None:
+    """Requests in flight when the plan changes finish on the old layout (drain); new ones use the new one."""
+    import aiomqtt
+
+    from meshllm.mesh.broker import BrokerURL
+    from tests.mesh_harness import state, wait_until
+    from tests.serving_harness import all_ready
+
+    mesh = f"t-rollout-{secrets.token_hex(3)}"
+    v1 = {"version": 1, "n_layers": 4, "replicas": PLANS["mixed2+2"]}
+    with serving_mesh(mesh, broker, model, ["n1", "n2", "n3"], v1, tmp_path):
+        live = state(mesh, broker)["plan"]
+
+        async def go() -> list[list[dict]]:
+            reqs = [{"id": f"roll{i}", "prompt": PROMPTS[i % 4], "max_tokens": 48, "temperature": 0} for i in range(6)]
+            asking = asyncio.ensure_future(ask_raw(broker, mesh, reqs, timeout=120))
+            await asyncio.sleep(0.3)  # requests are being served on plan v1 ...
+            v2 = {"version": 2, "n_layers": 4, "term": live["term"], "planner": live["planner"], "pinned": True,
+                  "replicas": [replica(0, "prefill", [("n3", 0, 4)]), replica(1, "decode", [("n1", 0, 3), ("n2", 3, 4)])]}
+            async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:  # ... when v2 is published
+                await c.publish(f"meshllm/v1/{mesh}/plan", json.dumps(v2), qos=1, retain=True)
+            return await asking
+
+        streams = asyncio.run(go())
+        wait_until(lambda: all_ready(mesh, broker), 60, "plan v2 deployed")
+        after = asyncio.run(ask_raw(broker, mesh, [{"id": "after", "prompt": PROMPTS[0], "max_tokens": 16,
+                                                     "temperature": 0}]))[0]
+    for i, stream in enumerate(streams):
+        assert tokens_of(stream) == expected(model, PROMPTS[i % 4], 48)[0], i
+    assert any(s[-1]["timings"]["replicas"]["decode"] == 0 for s in streams), "none was in flight on plan v1"
+    assert tokens_of(after) == expected(model, PROMPTS[0], 16)[0]
+    assert after[-1]["timings"]["replicas"] == {"prefill": 0, "decode": 1}  # served by v2's PREFILL/DECODE pair
