@@ -140,8 +140,8 @@ def _hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
 def test_oracle_forward_matches_transformers_llama(tmp_path: Path, shared: bool) -> None:
     """Cross-check the run.c transcription against an independent implementation."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     dim, hidden, L, H, KV, V, S = GQA
     path, config, w = _save(tmp_path, GQA, shared)
     hf_config = transformers.LlamaConfig(
