@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers  # the reference; in the test extra, installed by .ci/run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -21,8 +22,6 @@ from meshllm.model.tokenizer import (
     random_llama2c_vocab,
     write_tokenizer_bin,
 )
-
-import transformers  # the reference; in the test extra, installed by .ci/run
 
 CORPUS = [
     "hello world, this is a small corpus for a tiny tokenizer.",
