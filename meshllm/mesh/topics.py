@@ -75,6 +75,22 @@ class Topics:
     def ready(self, node_id: str) -> str:
         return f"{self.root}/ready/{node_id}"
 
+    def job(self, request_id: str) -> str:
+        """Retained: an accepted request, as the scheduler journaled it (cleared when it ends)."""
+        return f"{self.root}/jobs/{request_id}"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.root}/jobs/+"
+
+    def progress(self, request_id: str) -> str:
+        """Retained: the tokens a request has streamed so far, checkpointed by the node streaming them."""
+        return f"{self.root}/progress/{request_id}"
+
+    @property
+    def all_progress(self) -> str:
+        return f"{self.root}/progress/+"
+
     @property
     def all_stats(self) -> str:
         return f"{self.root}/stats/+"

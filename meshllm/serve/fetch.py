@@ -18,8 +18,8 @@ import numpy as np
 
 from meshllm.dataplane.auth import connect
 from meshllm.dataplane.codec import FrameError, encode_buffers, read_frame
-from meshllm.model.manifest import MANIFEST_NAME, Manifest, sha256_file
 from meshllm.errors import ManifestError
+from meshllm.model.manifest import MANIFEST_NAME, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ planner code as ``meshllm plan`` (:mod:`meshllm.plan`), and publishes the
 plan, stamped with its term, when it is new or clearly better than the
 current one (hysteresis). An operator may pin a plan instead
 (``--plan-file``); the duty then publishes that plan as soon as all its nodes
-are members.
+are members, and plans for the remaining members while one of them is gone.
 """
 
 from __future__ import annotations
@@ -77,20 +77,24 @@ class PlannerDuty:
 
     def make_plan(self, members: dict[str, Any]) -> dict[str, Any] | None:
         """The plan to publish now, or None to keep the current one."""
+        live = self.server.node.plan
         if self.pinned is not None:
             needed = {s["node_id"] for r in self.pinned["replicas"] for s in r["stages"]}
-            if not needed <= set(members):
-                return None
-            if self.server.node.plan and self.server.node.plan.get("pinned"):
-                return None
-            return {**self.pinned, "pinned": True}
+            if needed <= set(members):
+                return None if live and live.get("pinned") else {**self.pinned, "pinned": True}
+            if not live:
+                return None  # still waiting for the pinned plan's nodes
+            if live.get("pinned"):  # one of them left: serve with the members that remain until it is back
+                log.warning("%s: %s of the pinned plan left; planning for the remaining members",
+                            self.server.node_id, ", ".join(sorted(needed - set(members))))
+                live = None
         from meshllm.plan import ModelCosts, Plan, replan
 
         manifest = self.server.manifest
         assert manifest is not None
         costs = ModelCosts.from_manifest(manifest)
         profiles = member_profiles(members)
-        current = Plan.from_json(self.server.node.plan) if self.server.node.plan else None
+        current = Plan.from_json(live) if live else None
         plan, is_new = replan(current, profiles, costs, self.workload(manifest.config.max_seq_len))
         if not plan.replicas:
             log.warning("%s: no feasible plan for %d devices: %s", self.server.node_id, len(profiles),

@@ -25,6 +25,17 @@ class Job:
     n_prompt: int
     prefill_r: int = -1
     decode_r: int = -1
+    attempt: int = 0  # how many times it moved off a replica that lost a node
+
+    @property
+    def resumed(self) -> bool:
+        return self.attempt > 0
+
+    @property
+    def key(self) -> str:
+        """The id its frames carry: a new one per attempt, so that stages never mix two attempts' state
+        (``@`` cannot occur in a request id)."""
+        return self.id if self.attempt == 0 else f"{self.id}@{self.attempt}"
 
 
 @dataclass
@@ -64,11 +75,17 @@ class Scheduler:
     def available(self) -> bool:
         return any(r in self.ready for r in self.layout.replicas)
 
-    def admit(self, job: Job) -> Job | None:
-        """Returns the job routed for dispatch now, or None if it was queued; raises busy/unavailable."""
+    def admit(self, job: Job, *, accepted: bool = False) -> Job | None:
+        """Returns the job routed for dispatch now, or None if it was queued; raises busy/unavailable
+        unless the job was ``accepted`` before (resumed, or taken over from a previous planner)."""
         if job.id in self.jobs or any(q.id == job.id for q in self.queue):
             raise RequestError(api.INVALID_REQUEST, f"request id {job.id!r} is already in progress", job.id,
                                job.reply_to)
+        if accepted:  # never refused, and ahead of new requests
+            if self._dispatch(job):
+                return job
+            self.queue.appendleft(job)
+            return None
         if not self.available():
             raise RequestError(api.UNAVAILABLE, "no replica is ready yet; try again shortly", job.id, job.reply_to)
         if not self.queue and self._dispatch(job):
@@ -89,6 +106,20 @@ class Scheduler:
         self.jobs[job.id] = job
         return True
 
+    def restore(self, job: Job) -> None:
+        """Counts a job that is already running (dispatched by a previous planner) against its replicas."""
+        if job.id not in self.jobs:
+            self.jobs[job.id] = job
+            self.active[job.decode_r] = self.active.get(job.decode_r, 0) + 1
+
+    def forget(self, job_id: str) -> None:
+        """Drops a job wherever it is (queued or running) without dispatching others."""
+        self.cancel_queued(job_id)
+        self.prefilled(job_id)
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            self.active[job.decode_r] = max(0, self.active.get(job.decode_r, 0) - 1)
+
     def prefilled(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is not None and job.n_prompt:
@@ -97,10 +128,7 @@ class Scheduler:
 
     def done(self, job_id: str) -> list[Job]:
         """A request finished; returns queued jobs that can be dispatched now."""
-        self.prefilled(job_id)
-        job = self.jobs.pop(job_id, None)
-        if job is not None:
-            self.active[job.decode_r] = max(0, self.active.get(job.decode_r, 0) - 1)
+        self.forget(job_id)
         return self.drain()
 
     def drain(self) -> list[Job]:

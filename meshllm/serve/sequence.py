@@ -10,15 +10,18 @@ single process's token for token.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from meshllm.model.tokenizer import StreamDecoder, Tokenizer
 from meshllm.runtime.generate import StopStrings
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.serve import api
+from meshllm.serve.journal import PROGRESS_EVERY_S
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+Checkpoint = Callable[["SequenceState"], Awaitable[None]]
 
 
 @dataclass
@@ -32,12 +35,24 @@ class SequenceState:
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     finish_reason: str | None = None
+    checkpoint: Checkpoint | None = None  # records progress in the journal, so that the request can resume
+    _checkpointed: float = 0.0
 
     def __post_init__(self) -> None:
         self.params = SamplingParams(**self.meta["sampling"])
         self.detok = StreamDecoder(self.tokenizer, prev=self.meta["last_prompt_token"])
         self.stops = StopStrings(self.params.stop)
         self.prompt_len = int(self.meta["prompt_len"])
+        # A resumed request: replay what was streamed before, without publishing, so that the
+        # detokenizer and the stop rules are where they were and indices continue.
+        for token in (self.meta.get("resume") or {}).get("tokens", []):
+            self.tokens.append(int(token))
+            self.stops.push(self.detok.push(int(token)))
+
+    @property
+    def request_id(self) -> str:
+        """The app's id (``id`` is the key frames use, which differs once the request resumed)."""
+        return str(self.meta.get("request_id", self.id))
 
     @property
     def reply_to(self) -> str:
@@ -49,7 +64,11 @@ class SequenceState:
             return await self._finish("stop", "")
         self.tokens.append(token)
         text, hit = self.stops.push(self.detok.push(token))
-        await self.publish(self.reply_to, api.token_reply(self.id, len(self.tokens) - 1, text, token))
+        await self.publish(self.reply_to, api.token_reply(self.request_id, len(self.tokens) - 1, text, token))
+        now = time.monotonic()
+        if self.checkpoint is not None and now - self._checkpointed >= PROGRESS_EVERY_S:
+            self._checkpointed = now
+            await self.checkpoint(self)
         if hit:
             return await self._finish("stop", "", flushed=True)
         if self.cancelled:
@@ -74,6 +93,8 @@ class SequenceState:
             "total_s": round(now - m.get("t_received", now), 6),
             "tokens_per_s": round((n - 1) / (now - first), 3) if n > 1 and now > first else 0.0,
             "replicas": {"prefill": m.get("prefill_r"), "decode": m.get("decode_r")},
+            "resumed": int(m.get("attempt", 0)),
         }
-        await self.publish(self.reply_to, api.final_reply(self.id, n, text, reason, self.prompt_len, n, timings))
+        final = api.final_reply(self.request_id, n, text, reason, self.prompt_len, n, timings)
+        await self.publish(self.reply_to, final)
         return False

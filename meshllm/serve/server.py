@@ -10,7 +10,12 @@
 - **Planner duties.** The elected planner computes plans when membership
   changes (:mod:`meshllm.serve.planning`) and runs the
   :class:`~meshllm.serve.scheduler.Scheduler`: it takes requests from the MQTT
-  ``requests`` topic, tokenizes them, routes them, and answers errors itself.
+  ``requests`` topic, tokenizes them, journals them, routes them, and answers
+  errors itself.
+- **No request lost.** Every node follows the journal
+  (:mod:`meshllm.serve.journal`); the planner resumes requests whose replica
+  lost a node on a healthy one, and a new planner takes over the requests its
+  predecessor accepted.
 """
 
 from __future__ import annotations
@@ -25,20 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import numpy as np
 
 from meshllm.dataplane.codec import FrameError
 from meshllm.dataplane.links import PeerLinks, PeerUnreachable
 from meshllm.errors import GenerationError, MeshError
 from meshllm.mesh.node import Node, NodeConfig
 from meshllm.model.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
-from meshllm.model.tokenizer import Tokenizer, load_tokenizer
+from meshllm.model.tokenizer import load_tokenizer
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
-from meshllm.serve import api, protocol
+from meshllm.serve import protocol
+from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
+from meshllm.serve.journal import Journal
 from meshllm.serve.layout import Layout, LayoutError
-from meshllm.serve.scheduler import Job, Scheduler
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import StageRunner
 
@@ -72,11 +77,14 @@ class ServingNode:
         self._segment: tuple[tuple[int, int, int, int], Segment] | None = None
         self.layout: Layout | None = None
         self.ready: dict[str, dict[str, Any]] = {}  # node id -> its readiness record
-        self.scheduler: Scheduler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deploy_lock = asyncio.Lock()
         self._verified: set[str] = set()
-        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=10_000)  # backpressure past this
+        # replies and journal writes, published in order by one task; backpressure past the bound
+        self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(10_000)
+        self.journal = Journal()
+        self._pending_routes: list[tuple[str, Any]] = []
+        self.dispatcher = Dispatcher(self)
 
     def _load_model_meta(self) -> None:
         """Manifest and tokenizer (fetched from a peer first if this node has no model files yet)."""
@@ -109,7 +117,7 @@ class ServingNode:
                                      sha256=entry.sha256 if entry else None, size=entry.size if entry else None,
                                      key=self.node.key)
                     break
-                except (MeshError, OSError, EOFError, asyncio.TimeoutError) as e:
+                except (TimeoutError, MeshError, OSError, EOFError) as e:
                     if attempt == 2:
                         raise MeshError(f"cannot fetch {name} from {peer.node_id}: {e}") from None
                     log.warning("%s: fetching %s failed (%s); retrying", self.node_id, name, e)
@@ -123,8 +131,10 @@ class ServingNode:
             self._route(kind, node_route)
         node.on_plan(self._on_plan)
         node.subscribe(node.topics.readiness, self._on_ready)
-        node.subscribe(node.topics.requests, self._on_request)
-        node.subscribe(node.topics.cancel, self._on_cancel)
+        node.subscribe(node.topics.requests, self.dispatcher.on_request)
+        node.subscribe(node.topics.cancel, self.dispatcher.on_cancel)
+        node.subscribe(node.topics.jobs, self._on_job)
+        node.subscribe(node.topics.all_progress, self._on_progress)
         self._route("fetch", lambda msg, writer: serve_fetch(self.model_dir, self.manifest, msg, writer))
         await self.links.__aenter__()
         await node.__aenter__()
@@ -139,9 +149,10 @@ class ServingNode:
         from meshllm.serve.planning import PlannerDuty
 
         self.planner = PlannerDuty(self)
-        self._spawn(self.planner.run())
-        self._spawn(self._publish_stats())
-        self._spawn(self._publisher())
+        self.spawn(self.planner.run())
+        self.spawn(self._publish_stats())
+        self.spawn(self._publisher())
+        self.spawn(self.dispatcher.tend())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -154,14 +165,10 @@ class ServingNode:
         await self.links.__aexit__(*exc)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    _pending_routes: list[tuple[str, Any]]
-
     def _route(self, kind: str, handler: Any) -> None:
-        if not hasattr(self, "_pending_routes"):
-            self._pending_routes = []
         self._pending_routes.append((kind, handler))
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -190,26 +197,42 @@ class ServingNode:
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Queues a reply; one task publishes them in order, so decode steps never wait for a PUBACK."""
-        await self._outbox.put((topic, json.dumps(payload)))
+        await self._outbox.put((topic, json.dumps(payload), False))
+
+    async def publish_retained(self, topic: str, data: str) -> None:
+        """Queues a retained write ('' clears) behind the replies already queued (journal progress)."""
+        await self._outbox.put((topic, data, True))
 
     async def _publisher(self) -> None:
         while True:
-            topic, data = await self._outbox.get()
-            if not await self.node.publish(topic, data, qos=1):
+            topic, data, retain = await self._outbox.get()
+            if not await self.node.publish(topic, data, qos=1, retain=retain):
                 log.warning("%s: could not publish to %s (no broker session)", self.node_id, topic)
 
     def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
-        return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish)
+        return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish,
+                             checkpoint=self._checkpoint)
 
-    async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None:
-        scheduler = meta.get("scheduler")
-        frame = {"t": "done", "id": request_id, "pr": int(meta["prefill_r"]), "dr": int(meta["decode_r"]),
+    async def _checkpoint(self, seq: SequenceState) -> None:
+        """Journals how far a request got (queued behind its token replies, so never ahead of them)."""
+        progress = {"tokens": seq.tokens, "sampler": None if seq.params.greedy else seq.sampler.state(),
+                    "attempt": int(seq.meta.get("attempt", 0))}
+        await self.publish_retained(self.node.topics.progress(seq.request_id), json.dumps(progress))
+
+    async def finished(self, key: str, meta: dict[str, Any], finish_reason: str) -> None:
+        """A request ended here (its final reply or error is queued): clear its journal, tell the planner."""
+        request_id = str(meta.get("request_id", key))
+        topics = self.node.topics
+        await self.publish_retained(topics.progress(request_id), "")
+        await self.publish_retained(topics.job(request_id), "")
+        frame = {"t": "done", "id": key, "pr": int(meta["prefill_r"]), "dr": int(meta["decode_r"]),
                  "finish": finish_reason}
-        if scheduler:
+        planner = self.node.election.leader
+        if planner:
             try:
-                await self.send(scheduler, frame)
+                await self.send(planner, frame)
             except MeshError as e:
-                log.warning("%s: cannot tell the scheduler that %s is done: %s", self.node_id, request_id, e)
+                log.warning("%s: cannot tell the planner that %s is done: %s", self.node_id, request_id, e)
 
     # --- frames -------------------------------------------------------
 
@@ -225,13 +248,15 @@ class ServingNode:
             raise
         t = frame["t"]
         if t == "done":
-            self._on_done(frame)
+            self.dispatcher.on_done(frame)
             return
         if t == "cancel":
             for runner in self.runners.values():
                 runner.on_cancel(frame["id"])
             return
         runner = self.runners.get((frame["pv"], frame["r"]))
+        if runner is None and t == "release":
+            return  # that stage was already retired: nothing left to free
         if runner is None:
             raise FrameError(f"no stage of plan v{frame['pv']} replica {frame['r']} on {self.node_id}")
         try:
@@ -265,8 +290,8 @@ class ServingNode:
                 r = runners[0]
                 stats.update(replica=r.replica.id, role=r.replica.role, stage=r.index, active=len(r.active),
                              inbox=r.inbox.qsize(), busy_s=round(r.busy_s, 3))
-            if self.node.is_planner and self.scheduler is not None:
-                sc = self.scheduler
+            sc = self.dispatcher.scheduler
+            if self.node.is_planner and sc is not None:
                 stats["scheduler"] = {"queued": len(sc.queue), "in_flight": len(sc.jobs),
                                       "active": {str(k): v for k, v in sc.active.items()},
                                       "ready": sorted(sc.ready)}
@@ -280,15 +305,15 @@ class ServingNode:
         except LayoutError as e:
             log.error("%s: refusing plan v%s: %s", self.node_id, plan.get("version"), e)
             return
-        self._spawn(self._deploy(layout))
+        self.spawn(self._deploy(layout))
 
     async def _deploy(self, layout: Layout) -> None:
         async with self._deploy_lock:
             if self.layout is not None and layout.version <= self.layout.version:
                 return
             self.layout = layout
-            if self.scheduler is not None:
-                self.scheduler.layout = layout
+            if self.dispatcher.scheduler is not None:
+                self.dispatcher.scheduler.layout = layout
                 self._refresh_ready()
             replica = layout.replica_of(self.node_id)
             if replica is None:
@@ -337,7 +362,7 @@ class ServingNode:
         for key in [k for k in self.runners if k[0] < version]:
             runner = self.runners[key]
             if runner.active or runner.sequences or not runner.inbox.empty():
-                self._spawn(self._retire_when_idle(key))
+                self.spawn(self._retire_when_idle(key))
                 continue
             self.runners.pop(key)
             self._runner_tasks.pop(key).cancel()
@@ -375,91 +400,23 @@ class ServingNode:
         return out
 
     def _refresh_ready(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.ready = self.ready_replicas()
-            for job in self.scheduler.drain():
-                self._spawn(self._start(job, self._jobs_meta.pop(job.id)))
+        self.dispatcher.refresh_ready()
 
-    _jobs_meta: dict[str, tuple[list[int], dict[str, Any]]] = {}
+    # --- the journal (every node follows it; the planner acts on it) ------
 
-    async def _on_request(self, msg: aiomqtt.Message) -> None:
-        if not self.node.is_planner:
-            return
-        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-        topics = self.node.topics
+    async def _on_job(self, msg: aiomqtt.Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, bytes) else b""
         try:
-            req = api.parse_request(bytes(payload), topics.replies)
-            prompt = req.prompt if req.prompt is not None else self.tokenizer.apply_chat_template(list(req.messages))
-            ids = self.tokenizer.encode(prompt, bos=req.prompt is not None)
-            if not ids:
-                raise api.RequestError(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
-            sched = self._ensure_scheduler()
-            limit = min((r.context or self.manifest.config.max_seq_len for r in sched.layout.replicas.values()),
-                        default=self.manifest.config.max_seq_len)
-            if len(ids) >= limit:
-                raise api.RequestError(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
-                                       f"of {limit} tokens", req.id, req.reply_to)
-            meta = {"reply_to": req.reply_to, "sampling": req.sampling.to_json(), "prompt_len": len(ids),
-                    "last_prompt_token": ids[-1], "t_received": time.time(), "scheduler": self.node_id}
-            meta["sampling"]["stop"] = list(req.sampling.stop)
-            job = Job(req.id, req.reply_to, len(ids))
-            self._jobs_meta[job.id] = (ids, meta)
-            try:
-                routed = sched.admit(job)
-            except api.RequestError:
-                self._jobs_meta.pop(job.id, None)
-                raise
-            if routed is not None:
-                self._spawn(self._start(routed, self._jobs_meta.pop(job.id)))
-        except api.RequestError as e:
-            topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
-            await self.publish(topic, e.reply())
-        except MeshError as e:  # e.g. a chat request to a model without a chat template
-            rid = locals().get("req")
-            if rid is not None:
-                await self.publish(rid.reply_to, api.error_reply(rid.id, api.INVALID_REQUEST, str(e)))
+            cleared = self.journal.on_job(self.node.topics.leaf(str(msg.topic)), payload)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("%s: ignoring a malformed job record on %s: %s", self.node_id, msg.topic, e)
+            return
+        if cleared is not None:
+            self.dispatcher.on_journal_cleared(cleared)
 
-    def _ensure_scheduler(self) -> Scheduler:
-        if self.layout is None:
-            raise api.RequestError(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
-        if self.scheduler is None:
-            self.scheduler = Scheduler(self.layout)
-        self.scheduler.layout = self.layout
-        self.scheduler.ready = self.ready_replicas()
-        return self.scheduler
-
-    async def _start(self, job: Job, ids_meta: tuple[list[int], dict[str, Any]]) -> None:
-        ids, meta = ids_meta
-        assert self.layout is not None
-        meta.update(prefill_r=job.prefill_r, decode_r=job.decode_r)
-        replica = self.layout.replicas[job.prefill_r]
-        frame = {"t": "prefill", "pv": self.layout.version, "r": replica.id, "id": job.id,
-                 "x": np.asarray(ids, np.int64), "meta": meta}
+    async def _on_progress(self, msg: aiomqtt.Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, bytes) else b""
         try:
-            await self.send(replica.first.node_id, frame)
-        except MeshError as e:
-            await self.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE, f"replica unreachable: {e}"))
-            self._on_done({"id": job.id})
-
-    def _on_done(self, frame: dict[str, Any]) -> None:
-        if self.scheduler is None:
-            return
-        for job in self.scheduler.done(frame["id"]):
-            self._spawn(self._start(job, self._jobs_meta.pop(job.id)))
-
-    async def _on_cancel(self, msg: aiomqtt.Message) -> None:
-        if not self.node.is_planner or self.scheduler is None:
-            return
-        try:
-            rid = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"")["id"]
-        except (ValueError, KeyError, TypeError):
-            return
-        queued = self.scheduler.cancel_queued(str(rid))
-        if queued is not None:
-            self._jobs_meta.pop(queued.id, None)
-            await self.publish(queued.reply_to, api.error_reply(queued.id, api.CANCELLED, "cancelled by the client"))
-            return
-        job = self.scheduler.jobs.get(str(rid))
-        if job is not None and self.layout is not None and job.decode_r in self.layout.replicas:
-            with contextlib.suppress(MeshError):
-                await self.send(self.layout.replicas[job.decode_r].last.node_id, {"t": "cancel", "id": job.id})
+            self.journal.on_progress(self.node.topics.leaf(str(msg.topic)), payload)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("%s: ignoring a malformed progress record on %s: %s", self.node_id, msg.topic, e)

@@ -23,9 +23,10 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -120,7 +121,10 @@ class StageRunner:
         await self._emit(state, frame["token"])
 
     def on_release(self, frame: dict[str, Any]) -> None:
+        """Frees a request's KV; at a last stage it also drops its stream without a word (the request
+        ended, or it moved to another replica after a fault and must not stream from here again)."""
         rid = frame["id"]
+        self.sequences.pop(rid, None)
         self.active.discard(rid)
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
@@ -184,9 +188,10 @@ class StageRunner:
                                     "x": out, "meta": meta})
         else:
             sampling = SamplingParams(**meta["sampling"])
-            sampler = Sampler(sampling)
+            # a resumed request continues its sampler from the checkpoint of the tokens it prefilled again
+            sampler = Sampler.restore(sampling, (meta.get("resume") or {}).get("sampler"))
             token = sampler(out[0])
-            meta["t_first_token"] = time.time()
+            meta.setdefault("t_first_token", time.time())
             decode = self.layout.replicas[meta["decode_r"]]
             begin = {"t": "begin", "pv": self.layout.version, "r": decode.id, "id": rid, "token": token,
                      "sampler": None if sampling.greedy else sampler.state(), "meta": meta}
@@ -259,7 +264,7 @@ class StageRunner:
         await self.fabric.finished(state.id, state.meta, state.finish_reason or "stop")
 
     async def _fail(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
-        await self.fabric.publish(meta["reply_to"], api.error_reply(rid, code, message))
+        await self.fabric.publish(meta["reply_to"], api.error_reply(str(meta.get("request_id", rid)), code, message))
         await self.fabric.finished(rid, meta, "error")
         for s in self.replica.stages:
             frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
