@@ -21,6 +21,7 @@ from meshllm.dataplane.codec import FrameError, encode, read_frame
 
 NONCE_BYTES = 16
 HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKE_FRAME = 1024  # bytes; a peer that has not proven membership cannot make a node buffer more
 
 
 class AuthError(FrameError):
@@ -47,7 +48,7 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     cn = os.urandom(NONCE_BYTES)
     writer.write(encode({"t": "hello", "nonce": cn}))
     await writer.drain()
-    msg = await asyncio.wait_for(read_frame(reader), HANDSHAKE_TIMEOUT)
+    msg = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE_FRAME), HANDSHAKE_TIMEOUT)
     if msg["t"] != "challenge":
         raise AuthError(f"expected a challenge, got {msg['t']!r}")
     sn = _field(msg, "nonce")
@@ -58,7 +59,7 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 
 async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
-    msg = await asyncio.wait_for(read_frame(reader), HANDSHAKE_TIMEOUT)
+    msg = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE_FRAME), HANDSHAKE_TIMEOUT)
     if msg["t"] != "hello":
         raise AuthError(f"frame {msg['t']!r} before the handshake")
     cn = _field(msg, "nonce")
@@ -67,7 +68,7 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     sn = os.urandom(NONCE_BYTES)
     writer.write(encode({"t": "challenge", "nonce": sn, "mac": _mac(key, b"server", cn, sn)}))
     await writer.drain()
-    msg = await asyncio.wait_for(read_frame(reader), HANDSHAKE_TIMEOUT)
+    msg = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE_FRAME), HANDSHAKE_TIMEOUT)
     if msg["t"] != "auth" or not hmac.compare_digest(_field(msg, "mac"), _mac(key, b"client", cn, sn)):
         raise AuthError("the peer does not hold the mesh secret")
 

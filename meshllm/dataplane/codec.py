@@ -57,7 +57,12 @@ def encode_buffers(msg: dict[str, Any]) -> list[bytes | memoryview]:
             return obj.item()
         raise FrameError(f"objects of type {type(obj).__name__} cannot be sent")
 
-    header = msgpack.packb(msg, default=default, use_bin_type=True)
+    try:
+        header = msgpack.packb(msg, default=default, use_bin_type=True)
+    except FrameError:
+        raise
+    except (OverflowError, TypeError, ValueError) as e:  # an integer beyond 64 bits, a non-string key, ...
+        raise FrameError(f"frame cannot be encoded: {type(e).__name__}: {e}") from None
     total = 4 + len(header) + sum(a.nbytes for a in arrays)
     if total > MAX_FRAME:
         raise FrameError(f"frame of {total} bytes exceeds the limit of {MAX_FRAME}")
@@ -113,14 +118,14 @@ def decode_body(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     return msg
 
 
-def frame_length(prefix: bytes) -> int:
+def frame_length(prefix: bytes, limit: int = MAX_FRAME) -> int:
     (n,) = _U32.unpack(prefix)
-    if n > MAX_FRAME:
-        raise FrameError(f"frame of {n} bytes announced, limit is {MAX_FRAME}")
+    if n > limit:
+        raise FrameError(f"frame of {n} bytes announced, limit is {limit}")
     return int(n)
 
 
-async def read_frame(reader: Any) -> dict[str, Any]:
-    """Reads one frame from an asyncio StreamReader (raises IncompleteReadError at EOF)."""
-    n = frame_length(await reader.readexactly(4))
+async def read_frame(reader: Any, limit: int = MAX_FRAME) -> dict[str, Any]:
+    """Reads one frame of at most ``limit`` bytes from an asyncio StreamReader (IncompleteReadError at EOF)."""
+    n = frame_length(await reader.readexactly(4), limit)
     return decode_body(await reader.readexactly(n))

@@ -54,7 +54,7 @@ class PeerLinks:
                 if conn.writer is None or conn.writer.is_closing():
                     try:
                         _, conn.writer = await connect(addr[0], addr[1], self.key, self.connect_timeout)
-                    except (OSError, EOFError, asyncio.TimeoutError, MeshError) as e:
+                    except (TimeoutError, OSError, EOFError, MeshError) as e:
                         conn.writer = None
                         raise PeerUnreachable(f"data plane of {addr[0]}:{addr[1]} unreachable: {e}") from None
                 try:

@@ -3,7 +3,9 @@
 For the mesh it answers probes (round-trip time and bandwidth between peers);
 serving adds its own frame types through :meth:`DataPlane.route`. One
 connection per peer, frames handled in order; a malformed frame closes that
-connection and nothing else.
+connection and nothing else. Connections are limited per peer address and in
+all (a peer keeps one for frames, and briefly opens others for probes and file
+fetches); one beyond a limit is closed at once, with a warning.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
-from typing import Any, Awaitable, Callable
 
 from meshllm.dataplane.auth import connect, server_handshake
 from meshllm.dataplane.codec import FrameError, encode, read_frame
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Reader buffer: large frames (KV blocks) arrive in few wake-ups instead of 64 KiB at a time.
 STREAM_LIMIT = 8 << 20
+MAX_CONNS_PER_PEER = 32  # open connections from one IP address (every node of a loopback test mesh shares one)
+MAX_CONNS = 256  # open connections in all
 
 Handler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[None]]
 
@@ -30,14 +36,18 @@ Handler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[None]]
 class DataPlane:
     """TCP server on ``host:port`` (async context manager)."""
 
-    def __init__(self, host: str, port: int = 0, *, delay_s: float = 0.0, key: bytes | None = None) -> None:
+    def __init__(self, host: str, port: int = 0, *, delay_s: float = 0.0, key: bytes | None = None,
+                 max_conns: int = MAX_CONNS, max_conns_per_peer: int = MAX_CONNS_PER_PEER) -> None:
         self.host, self.port = host, port
         self.key = key  # mesh secret's HMAC key: connections must pass the handshake first
         self.delay_s = delay_s  # emulated one-way link delay, applied to every reply
+        self.max_conns, self.max_conns_per_peer = max_conns, max_conns_per_peer
         self._handlers: dict[str, Handler] = {"ping": self._ping}
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._per_peer: Counter[str] = Counter()  # open connections by peer IP address
+        self.refused = 0  # connections closed at once for being over a limit
 
     def route(self, frame_type: str, handler: Handler) -> None:
         self._handlers[frame_type] = handler
@@ -56,27 +66,42 @@ class DataPlane:
             await asyncio.wait(list(self._conns), timeout=2.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if len(self._writers) >= self.max_conns or self._per_peer[host] >= self.max_conns_per_peer:
+            self.refused += 1
+            log.warning("refusing data-plane connection from %s: %d open from %s and %d in all (limits %d and %d)",
+                        peer, self._per_peer[host], host, len(self._writers), self.max_conns_per_peer, self.max_conns)
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
         self._writers.add(writer)
-        peer = writer.get_extra_info("peername")
+        self._per_peer[host] += 1
+        kind = None
         try:
             if self.key is not None:
                 await server_handshake(reader, writer, self.key)
             while True:
                 msg = await read_frame(reader)
-                handler = self._handlers.get(msg["t"])
+                kind = msg["t"]
+                handler = self._handlers.get(kind)
                 if handler is None:
-                    raise FrameError(f"unknown frame type {msg['t']!r}")
+                    raise FrameError(f"unknown frame type {_short(kind)}")
                 await handler(msg, writer)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         except FrameError as e:
             log.warning("closing data-plane connection from %s: %s", peer, e)
+        except Exception:  # a handler's bug: it costs this connection, never the node
+            log.exception("closing data-plane connection from %s: handling a %s frame failed", peer, _short(kind))
         finally:
             self._conns.discard(task)
             self._writers.discard(writer)
+            self._per_peer[host] -= 1
+            if not self._per_peer[host]:
+                del self._per_peer[host]
             writer.close()
 
     async def _ping(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
@@ -85,6 +110,12 @@ class DataPlane:
         pad = msg.get("pad")
         writer.write(encode({"t": "pong", "n": int(pad.nbytes) if isinstance(pad, np.ndarray) else 0}))
         await writer.drain()
+
+
+def _short(text: object, n: int = 40) -> str:
+    """A peer-chosen string for a log line: quoted and cut, so that a peer cannot flood the log."""
+    r = repr(text)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 async def probe_link(host: str, port: int, *, bulk_bytes: int = 1 << 20, timeout: float = 5.0,

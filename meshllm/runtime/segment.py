@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Hashable, Sequence
 
 import numpy as np
 import onnx
@@ -223,8 +223,7 @@ class Segment:
 
     def prefill(self, seq: SeqId, x: np.ndarray) -> np.ndarray:
         """Appends a chunk of tokens (ids ``(S,)`` or hidden ``(1, S, D)``) to one sequence."""
-        if self.has_embed:
-            x = np.asarray(x, np.int64).reshape(1, -1)
+        x = self._input(x, 1, None)
         n = x.shape[1]
         if n == 0:
             raise GenerationError("empty prompt chunk")
@@ -232,9 +231,27 @@ class Segment:
 
     def decode(self, seqs: Sequence[SeqId], x: np.ndarray) -> np.ndarray:
         """One new token for each of ``seqs`` (ids ``(B,)`` or hidden ``(B, 1, D)``)."""
+        return self._run(list(seqs), self._input(x, len(seqs), 1), 1)
+
+    def _input(self, x: np.ndarray, rows: int, n: int | None) -> np.ndarray:
+        """A step's input, checked (it may come from the network): token ids in ``[0, vocab)`` shaped
+        ``(rows, n)`` for the first segment, float32 hidden states ``(rows, n, dim)`` for the others."""
+        x = np.asarray(x)
         if self.has_embed:
-            x = np.asarray(x, np.int64).reshape(len(seqs), 1)
-        return self._run(list(seqs), x, 1)
+            if x.size and x.dtype.kind not in "iu":
+                raise GenerationError(f"token ids must be integers, got {x.dtype}")
+            ids = x.astype(np.int64, copy=False)
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+                raise GenerationError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                                      f"{int(ids.min())}..{int(ids.max())}")
+            if ids.size != rows * (n if n is not None else ids.size // max(rows, 1)):
+                raise GenerationError(f"{ids.size} token ids do not make {rows} row(s)")
+            return ids.reshape(rows, -1)
+        want = (rows, n if n is not None else -1, self.config.dim)
+        if (x.dtype != np.float32 or x.ndim != 3 or x.shape[0] != rows or x.shape[2] != want[2]
+                or (n is not None and x.shape[1] != n)):
+            raise GenerationError(f"hidden states must be float32 of shape {want}, got {x.dtype} {x.shape}")
+        return x
 
     def _run(self, seqs: list[SeqId], x: np.ndarray, n_new: int) -> np.ndarray:
         if n_new > 1 and len(seqs) != 1:
@@ -265,7 +282,10 @@ class Segment:
                 ptr = cache.ctypes.data + offset
                 io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
                 io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime raises its own, unrelated error types
+            raise GenerationError(f"layers [{self.start}, {self.stop}) failed: {e}") from None
         self._len[lo:lo + b] = total
         out: np.ndarray = io.get_outputs()[0].numpy()
         return out

@@ -36,7 +36,12 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
 MAX_STOP_STRINGS = 8
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # \Z: "$" would also accept a trailing newline
-_TOPIC_BAD = re.compile(r"[#+\x00]")
+MAX_INT = 2**63 - 1  # integer fields travel in msgpack data-plane frames (64 bits); larger ones cannot
+MAX_TOPIC_CHARS = 256
+# Wildcards and what MQTT forbids or brokers refuse in a topic name: NUL, C0 and C1 control characters
+# (Mosquitto disconnects a client that publishes to such a topic, which would cut the serving node off
+# the mesh) and the Unicode noncharacters (U+FDD0-U+FDEF; U+xFFFE and U+xFFFF, checked in _is_topic).
+_TOPIC_BAD = re.compile("[#+\x00-\x1f\x7f-\x9f\ufdd0-\ufdef]")
 
 FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "reply_to",
           "schema"}
@@ -98,9 +103,9 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
                            rid if isinstance(rid, str) and _ID.match(rid or "") else None)
     # null means "the default" for every optional field, as OpenAI-style clients send it
     reply_to = obj.get("reply_to") if obj.get("reply_to") is not None else f"{default_reply}/{rid}"
-    if (not isinstance(reply_to, str) or not reply_to or len(reply_to) > 256 or _TOPIC_BAD.search(reply_to)
-            or not _is_utf8(reply_to)):
-        raise RequestError(INVALID_REQUEST, "'reply_to' must be an MQTT topic without wildcards", rid)
+    if not _is_topic(reply_to):
+        raise RequestError(INVALID_REQUEST, f"'reply_to' must be an MQTT topic of 1-{MAX_TOPIC_CHARS} characters, "
+                           "without wildcards, control characters or a leading '$'", rid)
 
     def fail(msg: str, code: str = INVALID_REQUEST) -> RequestError:
         return RequestError(code, msg, rid, reply_to)
@@ -154,6 +159,8 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
                 num[name] = int(v) if kind is int else float(v)
             except OverflowError:  # an integer too large for a float
                 ok = False
+        if ok and kind is int and num[name] > MAX_INT:
+            raise fail(f"'{name}' must be at most {MAX_INT} (2**63 - 1), got {v!r}")
         if not ok:
             raise fail(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
     try:
@@ -168,6 +175,12 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     except GenerationError as e:
         raise fail(str(e)) from None
     return Request(rid, reply_to, sampling, prompt, tuple(messages or ()))
+
+
+def _is_topic(t: object) -> bool:
+    """Whether ``t`` is a topic an app may have replies published to."""
+    return (isinstance(t, str) and 0 < len(t) <= MAX_TOPIC_CHARS and not t.startswith("$")  # $: the broker's own
+            and not _TOPIC_BAD.search(t) and not any(ord(c) & 0xFFFE == 0xFFFE for c in t) and _is_utf8(t))
 
 
 def _is_utf8(s: str) -> bool:
