@@ -105,8 +105,11 @@ async def _node_main(args: argparse.Namespace) -> int:
             import os
 
             from meshllm.gateway import GatewayConfig, create_app, serve_gateway
+            from meshllm.mesh.access import app_login
 
+            # the gateway is an app: on a mesh with a secret it logs in as one, not as a node
             gw_cfg = GatewayConfig(mesh=args.mesh, broker=args.broker or (lambda: node.broker_url),
+                                   login=app_login(cfg.secret) if cfg.secret else None,
                                    interface=args.interface, ca_file=args.broker_ca,
                                    api_key=os.environ.get("MESHLLM_API_KEY"), model_dir=args.model)
             gateway = asyncio.ensure_future(serve_gateway(create_app(gw_cfg), *args.gateway))
@@ -128,16 +131,44 @@ def _secret(args: argparse.Namespace) -> str | None:
     return os.environ.get("MESHLLM_SECRET") or None
 
 
+LOGIN_ENV = "MESHLLM_BROKER_LOGIN"
+
+
+def add_login_option(p: argparse.ArgumentParser) -> None:
+    """``--login-file``: the broker login of an app (``meshllm ask``, ``status``, ``gateway``)."""
+    p.add_argument("--login-file", help="file holding the broker login USER:PASSWORD, used when the broker URL "
+                   f"names no user (or set {LOGIN_ENV}); a mesh with a secret needs its app login, "
+                   "see `meshllm credentials`")
+
+
+def broker_login(login_file: str | None) -> tuple[str, str] | None:
+    """The app's broker login from ``--login-file`` or ``$MESHLLM_BROKER_LOGIN``, if any."""
+    import os
+
+    from meshllm.mesh.access import parse_login
+
+    text = Path(login_file).read_text() if login_file else os.environ.get(LOGIN_ENV, "")
+    if not text.strip():
+        return None
+    try:
+        return parse_login(text)
+    except ValueError as e:
+        raise MeshError(f"{login_file or LOGIN_ENV}: {e}") from None
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     return int(run_async(_node_main(args)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from meshllm.mesh.access import with_login
     from meshllm.mesh.status import find_broker, read_state, render
+
+    login = broker_login(args.login_file)
 
     async def go() -> dict[str, Any]:
         broker = args.broker or await find_broker(args.mesh, args.interface, args.timeout)
-        return await read_state(args.mesh, broker, ca_file=args.broker_ca)
+        return await read_state(args.mesh, with_login(broker, login), ca_file=args.broker_ca)
 
     state = run_async(go())
     print(json.dumps(state, indent=1) if args.json else render(state))
@@ -152,11 +183,23 @@ def cmd_broker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with EmbeddedBroker(args.host, args.port) as broker:
-            print(json.dumps({"event": "started", "url": broker.url}), flush=True)
+        async with EmbeddedBroker(args.host, args.port, secret=_secret(args)) as broker:
+            print(json.dumps({"event": "started", "url": broker.url, "logins": broker.secret is not None}),
+                  flush=True)
             await stop.wait()
 
     run_async(go())
+    return 0
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from meshllm.mesh.access import app_login, node_login
+
+    secret = _secret(args)
+    if secret is None:
+        raise MeshError("no mesh secret: pass --secret-file FILE or set MESHLLM_SECRET")
+    user, password = (node_login if args.node else app_login)(secret)
+    print(f"{user}:{password}")
     return 0
 
 
@@ -232,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve the OpenAI-compatible HTTP gateway and the mesh page here "
                    "(API key from MESHLLM_API_KEY)")
     n.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): data-plane "
-                   "peers must prove they hold it before any frame is accepted")
+                   "peers must prove they hold it before any frame is accepted, the embedded broker requires "
+                   "the node or app login derived from it, and mDNS records not signed with it are ignored")
     n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
     em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
     em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",
@@ -245,7 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("broker", help="run a standalone embedded MQTT broker (amqtt); Mosquitto works as well")
     br.add_argument("--host", default="127.0.0.1")
     br.add_argument("--port", type=int, default=1883)
+    br.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): accept only the "
+                    "node and app logins derived from it, with the topic rules of docs/security.md")
     br.set_defaults(func=cmd_broker)
+
+    cr = sub.add_parser("credentials", help="print the broker login (USER:PASSWORD) derived from the mesh secret",
+                        description="Print the app login that a mesh with a secret wants from its apps (hand it "
+                        "to them: `meshllm ask --login-file`, `mosquitto_pub -u USER -P PASSWORD`), or with "
+                        "--node the nodes' login (for an external broker's password file).")
+    cr.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET)")
+    cr.add_argument("--node", action="store_true", help="print the nodes' login instead of the apps'")
+    cr.set_defaults(func=cmd_credentials)
 
     d = sub.add_parser("demo", help="run a whole mesh on this machine, offline, on the bundled model")
     d.add_argument("--nodes", type=int, default=4)
@@ -266,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show a mesh: members, broker, planner, plan")
     _mesh_options(st)
+    add_login_option(st)
     st.add_argument("--json", action="store_true")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to look for the broker")
     st.set_defaults(func=cmd_status)

@@ -46,6 +46,7 @@ from starlette.types import Receive, Scope, Send
 from meshllm.errors import MeshError
 from meshllm.gateway import openai_api as oa
 from meshllm.gateway.meshview import MeshView, MeshWatcher, ModelInfo
+from meshllm.mesh.access import with_login
 from meshllm.mesh.broker import BrokerError, BrokerURL
 from meshllm.mesh.status import find_broker
 from meshllm.serve.client import Client, RequestFailed
@@ -74,6 +75,7 @@ class GatewayConfig:
     ca_file: str | None = None
     api_key: str | None = None
     model_dir: str | None = None
+    login: tuple[str, str] | None = None  # (user, password) for a broker URL without one (a mesh with a secret)
     first_token_timeout: float = 120.0
     idle_timeout: float = 30.0
     discovery_timeout: float = 5.0
@@ -125,7 +127,7 @@ class Upstream:
         while True:
             shown = "(no broker found yet)"
             try:
-                url = await self._broker_url()
+                url = with_login(await self._broker_url(), cfg.login)
                 shown = str(BrokerURL.parse(url))  # without the password
                 async with MeshWatcher(self.view, url, cfg.ca_file) as watcher, \
                         Client(cfg.mesh, url, cfg.interface, cfg.ca_file, first_token_timeout=cfg.first_token_timeout,

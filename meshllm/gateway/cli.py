@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from meshllm.cli import add_login_option
 from meshllm.errors import MeshError
 
 API_KEY_ENV = "MESHLLM_API_KEY"
@@ -50,6 +51,7 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
                    "(default: find the mesh's broker on the LAN over mDNS)")
     g.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
+    add_login_option(g)
     g.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for the LAN)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
@@ -70,10 +72,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 async def _gateway(args: argparse.Namespace) -> int:
+    from meshllm.cli import broker_login
     from meshllm.gateway.app import GatewayConfig, serve_gateway
 
     config = GatewayConfig(mesh=args.mesh, broker=args.broker, interface=args.interface, ca_file=args.broker_ca,
-                           api_key=args.api_key, model_dir=args.model, first_token_timeout=args.timeout)
+                           login=broker_login(args.login_file), api_key=args.api_key, model_dir=args.model,
+                           first_token_timeout=args.timeout)
     loop = asyncio.get_running_loop()
     server = asyncio.ensure_future(serve_gateway(
         config, args.host, args.port,

@@ -12,6 +12,11 @@ node reaches the same answer from the same view:
 Two nodes that start brokers at the same moment converge: the one with the
 larger id sees the smaller id's broker, stops its own and moves over. The mesh
 never depends on the embedded broker: any MQTT 3.1.1 broker works.
+
+With a mesh secret the embedded broker refuses anonymous clients, accepts only
+the node and app logins derived from the secret, and enforces the topic rule
+of :mod:`meshllm.mesh.access` (amqtt plugins in :mod:`meshllm.mesh.broker_auth`). Without one it is
+open to anyone who can reach it, as documented in docs/security.md.
 """
 
 from __future__ import annotations
@@ -148,11 +153,15 @@ def _frames(exc: BaseException) -> list[str]:
 
 
 class EmbeddedBroker:
-    """An amqtt broker on ``host:port`` for the lifetime of the context."""
+    """An amqtt broker on ``host:port`` for the lifetime of the context.
 
-    def __init__(self, host: str, port: int = 0, *, users: dict[str, str] | None = None) -> None:
+    With ``secret`` it accepts only the node and app logins derived from it and enforces the
+    topic rule of :mod:`meshllm.mesh.access`; without it, anyone may connect and do anything.
+    """
+
+    def __init__(self, host: str, port: int = 0, *, secret: str | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
-        self.users = users
+        self.secret = secret
         self._broker: Any = None
         self._previous_handler: Any = None
 
@@ -163,6 +172,8 @@ class EmbeddedBroker:
     async def __aenter__(self) -> EmbeddedBroker:
         from amqtt.broker import Broker
 
+        from meshllm.mesh import broker_auth
+
         # amqtt logs every TCP probe of its port as an error; keep only its critical messages
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         logging.getLogger("transitions").setLevel(logging.WARNING)
@@ -170,14 +181,19 @@ class EmbeddedBroker:
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 256}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
+        if self.secret is not None:
+            config["plugins"] = broker_auth.plugins_config(self.secret)
         loop = asyncio.get_running_loop()
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._quiet_amqtt)
         self._broker = Broker(config)
+        if self.secret is not None:
+            broker_auth.guard_sessions(self._broker, self.secret)
         if isinstance(getattr(self._broker, "_subscriptions", None), dict):
             self._broker._subscriptions = _SnapshotDict(self._broker._subscriptions)
         await self._broker.start()
-        log.info("embedded broker listening on %s", self.url)
+        log.info("embedded broker listening on %s (%s)", self.url,
+                 "logins and topic rules enforced" if self.secret is not None else "open to anonymous clients")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

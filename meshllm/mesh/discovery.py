@@ -6,6 +6,12 @@ if any) and browses for peers of the same mesh and for ``_mqtt._tcp.local.``
 brokers. mDNS is bound to one interface address (``--interface``); tests and
 demos bind it to 127.0.0.1 or to addresses inside their own network
 namespaces, so that nothing leaves on a real network.
+
+With a mesh secret (``key``), every record carries a ``sig`` TXT entry, an HMAC
+of its fields and address under the secret (:func:`meshllm.mesh.access.record_signature`),
+and records without a valid one are ignored, as are ``_mqtt._tcp`` brokers
+(they cannot sign): a device without the secret can neither lure the mesh to a
+broker it hosts nor, by posing as a peer with a small id, stall the broker choice.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import asyncio
 import logging
 import secrets
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from meshllm.mesh.access import record_signature, signature_ok
 from meshllm.mesh.broker import BrokerAd
 from meshllm.mesh.topics import PROTOCOL_VERSION
 
@@ -44,6 +52,11 @@ def _txt(props: dict[bytes, bytes | None], key: str) -> str | None:
     return v.decode("utf-8", "replace") if v is not None else None
 
 
+def _signed_fields(props: Mapping[str, str | None], address: str) -> list[str]:
+    return [props.get("id") or "", props.get("mesh") or "", address, props.get("port") or "", props.get("v") or "",
+            props.get("broker") or ""]
+
+
 def lan_addresses() -> list[str]:
     """Non-loopback IPv4 addresses of this machine (used when no --interface is given)."""
     import ifaddr
@@ -56,8 +69,10 @@ def lan_addresses() -> list[str]:
 class Discovery:
     """Advertises this node and keeps the set of peers and brokers seen (async context manager)."""
 
-    def __init__(self, node_id: str, mesh: str, port: int, *, interface: str | None, advertise: bool = True) -> None:
+    def __init__(self, node_id: str, mesh: str, port: int, *, interface: str | None, advertise: bool = True,
+                 key: bytes | None = None) -> None:
         self.node_id, self.mesh, self.port = node_id, mesh, port
+        self.key = key  # the mesh secret's key: sign our record, ignore unsigned ones
         self.advertise = advertise  # False: only browse (``meshllm status``, clients)
         # mDNS instance name: unique per mesh, at most 63 bytes (an mDNS label)
         self._name = f"{f'{node_id}-{mesh}'[:63]}.{MESHLLM_SERVICE}"
@@ -78,6 +93,8 @@ class Discovery:
         props = {"id": self.node_id, "mesh": self.mesh, "port": str(self.port), "v": str(PROTOCOL_VERSION)}
         if self._broker:
             props["broker"] = self._broker
+        if self.key is not None:
+            props["sig"] = record_signature(self.key, _signed_fields(props, self.address))
         return AsyncServiceInfo(
             MESHLLM_SERVICE, self._name,
             addresses=[socket.inet_aton(self.address)], port=self.port, properties=props,
@@ -158,6 +175,9 @@ class Discovery:
         if not addrs or info.port is None:
             return
         if service_type == MQTT_SERVICE:
+            if self.key is not None:
+                log.debug("ignoring unsigned MQTT broker %s (this mesh has a secret)", name)
+                return
             self.external_brokers[name] = f"mqtt://{addrs[0]}:{info.port}"
             self.changed.set()
             return
@@ -171,6 +191,12 @@ class Discovery:
         except ValueError:
             log.warning("ignoring malformed mDNS record %s", name)
             return
+        if self.key is not None:
+            fields = _signed_fields({k: _txt(props, k) for k in ("id", "mesh", "port", "v", "broker")}, addrs[0])
+            if not signature_ok(self.key, fields, _txt(props, "sig")):
+                log.warning("ignoring the mDNS record of %s at %s%s: not signed with this mesh's secret", node_id,
+                            addrs[0], f" (hosting {_txt(props, 'broker')})" if _txt(props, "broker") else "")
+                return
         if version != PROTOCOL_VERSION:
             log.warning("peer %s speaks protocol v%d, this node v%d: ignored", node_id, version, PROTOCOL_VERSION)
             return

@@ -31,6 +31,7 @@ import aiomqtt
 from meshllm.errors import MeshError
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import DataPlane, probe_link
+from meshllm.mesh.access import node_login
 from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
 from meshllm.mesh.discovery import Discovery
 from meshllm.mesh.election import Election
@@ -113,7 +114,7 @@ class Node:
             self.dataplane = await self._stack.enter_async_context(
                 DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key))
             self.discovery = await self._stack.enter_async_context(
-                Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface))
+                Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface, key=self.key))
             self._main = asyncio.get_running_loop().create_task(self._run(), name=f"node-{self.node_id}")
         except BaseException:
             await self._stack.aclose()
@@ -218,7 +219,7 @@ class Node:
 
     async def _host_broker(self) -> str:
         if self._hosted is None:
-            broker = EmbeddedBroker(self.discovery.address)
+            broker = EmbeddedBroker(self.discovery.address, secret=self.config.secret)
             await broker.__aenter__()
             self._hosted = broker
             await self.discovery.set_broker(broker.url)
@@ -260,7 +261,10 @@ class Node:
     async def _session(self, url: str) -> None:
         b = BrokerURL.parse(url)
         will = aiomqtt.Will(self.topics.member(self.node_id), b"", qos=1, retain=True)
-        async with aiomqtt.Client(**b.client_kwargs(self.config.broker_ca), identifier=self.node_id, will=will,
+        kwargs = b.client_kwargs(self.config.broker_ca)
+        if self.config.secret and not b.username:  # the mesh's own broker wants the node login (docs/security.md)
+            kwargs["username"], kwargs["password"] = node_login(self.config.secret)
+        async with aiomqtt.Client(**kwargs, identifier=self.node_id, will=will,
                                   keepalive=2, clean_session=True, timeout=5) as client:
             self._client = client
             self.broker_url = str(b)

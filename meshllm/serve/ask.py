@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from meshllm.cli import add_login_option
+
 
 def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Registers ``meshllm ask`` on the CLI's subparsers (``build_parser``'s ``sub``)."""
@@ -21,6 +23,7 @@ def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
                    "(default: find the mesh's broker on the LAN over mDNS)")
     a.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
+    add_login_option(a)
     a.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
     a.add_argument("--max-tokens", type=int, help="most tokens to generate (mesh default: 128)")
     a.add_argument("--temperature", type=float, help="0 = greedy (mesh default: 0.8)")
@@ -43,12 +46,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 async def _ask(args: argparse.Namespace) -> int:
+    from meshllm.cli import broker_login
     from meshllm.serve.client import Client
 
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                               "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     async with Client(args.mesh, args.broker, args.interface, args.broker_ca,
-                      first_token_timeout=args.timeout) as client:
+                      first_token_timeout=args.timeout, login=broker_login(args.login_file)) as client:
         if args.json:
             result = await client.complete(args.prompt, **params)
             print(json.dumps(result.to_json(), ensure_ascii=False))

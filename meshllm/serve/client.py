@@ -35,6 +35,7 @@ from typing import Any, TypeGuard
 import aiomqtt
 
 from meshllm.errors import MeshError
+from meshllm.mesh.access import with_login
 from meshllm.mesh.broker import BrokerError, BrokerURL
 from meshllm.mesh.status import find_broker
 from meshllm.mesh.topics import Topics
@@ -256,6 +257,8 @@ class Client:
 
     ``broker`` is a URL (``mqtt://[user:pass@]host:port`` or ``mqtts://...`` with
     ``ca_file``); None finds the mesh's broker over mDNS like ``meshllm status``.
+    ``login`` (user, password) is presented when the URL names no user: a mesh
+    with a secret wants its app login (``meshllm credentials``).
     Time-outs, in seconds: ``first_token_timeout`` from sending a request to its
     first reply (it includes queueing on a busy mesh and the prefill),
     ``idle_timeout`` between replies, ``gap_timeout`` for a missing index while
@@ -266,7 +269,8 @@ class Client:
 
     def __init__(self, mesh: str = "meshllm", broker: str | None = None, interface: str | None = None,
                  ca_file: str | None = None, *, first_token_timeout: float = 120.0, idle_timeout: float = 30.0,
-                 gap_timeout: float = 2.0, queue_size: int = 1024, discovery_timeout: float = 5.0) -> None:
+                 gap_timeout: float = 2.0, queue_size: int = 1024, discovery_timeout: float = 5.0,
+                 login: tuple[str, str] | None = None) -> None:
         try:
             self.topics = Topics(mesh)
         except ValueError as e:
@@ -274,6 +278,7 @@ class Client:
         self.mesh, self.broker, self.interface, self.ca_file = mesh, broker, interface, ca_file
         self.first_token_timeout, self.idle_timeout, self.gap_timeout = first_token_timeout, idle_timeout, gap_timeout
         self.queue_size, self.discovery_timeout = queue_size, discovery_timeout
+        self.login = login
         self.broker_display = "(not connected)"
         self._mqtt: aiomqtt.Client | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -288,7 +293,7 @@ class Client:
 
     async def __aenter__(self) -> Client:
         url = self.broker or await find_broker(self.mesh, self.interface, self.discovery_timeout)
-        b = BrokerURL.parse(url)
+        b = BrokerURL.parse(with_login(url, self.login))
         self.broker_display = str(b)  # without the password
         try:
             mqtt = aiomqtt.Client(**b.client_kwargs(self.ca_file), keepalive=15, timeout=10,
