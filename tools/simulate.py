@@ -14,7 +14,12 @@ rate and kept for the whole rate sweep.
 Only the text between the GENERATED markers of docs/evaluation.md is
 rewritten; the hand-written parts stay.
 
-Usage: python tools/simulate.py [--requests 500] [--quick] [--no-plots]
+The headline comparison (E2LLM vs Splitwise, mixed workload, Poisson, loads 0.4 ... 1.0) is
+repeated with ``--seeds`` request streams (seeds ``--seed``, ``--seed`` + 1, ...; the load levels
+stay those of the first seed) and reported as mean +/- a 95% confidence interval (Student's t
+over the seeds) of the mean-wait reduction.
+
+Usage: python tools/simulate.py [--requests 500] [--seeds 5] [--quick] [--no-plots]
 Needs matplotlib for the plots (pip install matplotlib, or --no-plots).
 """
 
@@ -56,6 +61,8 @@ MIXES = {  # name -> (workload phases); lengths are Splitwise-shaped, scaled for
     "shift": ["in=768,in_std=384,out=16,out_std=8", "in=64,in_std=32,out=256,out_std=128"],
 }
 LOADS = (0.2, 0.4, 0.6, 0.8, 1.0)
+HEADLINE = ("splitwise", "ga")  # the systems of the headline comparison, run with every seed
+HEADLINE_LOADS = (0.4, 0.6, 0.8, 1.0)
 REPLAN = "ga-replan"  # our improvement over E2LLM, run on the shift workload only
 REPLAN_LABEL = "meshllm: E2LLM + re-plan at the shift"
 LOAD_BPS = 100e6  # bytes/s a node reads weights from local storage when a new plan moves layers (assumed)
@@ -154,6 +161,7 @@ def main() -> int:
     ap.add_argument("--high", type=float, default=0.8,
                     help="high load, as a fraction of Splitwise's simulated capacity")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=5, help="request streams per headline comparison (for the CIs)")
     ap.add_argument("--quick", action="store_true", help="one setting, fewer requests (a smoke run)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args()
@@ -172,6 +180,7 @@ def main() -> int:
     n = 150 if args.quick else args.requests
     settings = dict(list(SETTINGS.items())[:1]) if args.quick else SETTINGS
     runs: list[Run] = []
+    seed_runs: list[tuple[int, Run]] = []  # (seed, run): the headline repeated with the other seeds
     plans: dict[tuple[str, str], Plan] = {}
     refs: dict[tuple[str, str], float] = {}
     for sname, spec in settings.items():
@@ -203,10 +212,17 @@ def main() -> int:
                         reqs = stream(mix, load * ref, n, False, args.seed)
                         runs.append(Run(sname, mix, "poisson", system, load * ref, simulate(plan, cost, reqs),
                                         reqs[0].arrival, reqs[-1].arrival))
+                if mix == "mixed" and system in HEADLINE:  # the headline with the other seeds
+                    for seed in range(args.seed + 1, args.seed + args.seeds):
+                        for load in HEADLINE_LOADS:
+                            reqs = stream(mix, load * ref, n, False, seed)
+                            seed_runs.append((seed, Run(sname, mix, "poisson", system, load * ref,
+                                                        simulate(plan, cost, reqs), reqs[0].arrival,
+                                                        reqs[-1].arrival)))
             print(f"{sname:9s} {mix:18s} Splitwise sustains {ref:.3f} req/s  ({time.monotonic() - t_start:.0f} s)",
                   flush=True)
     elapsed = time.monotonic() - t_start
-    text = report(runs, plans, refs, args, n, elapsed)
+    text = report(runs, seed_runs, plans, refs, args, n, elapsed)
     if plt is not None:
         plots(plt, runs, refs, settings)
     write_doc(text)
@@ -222,16 +238,56 @@ def _get(runs: list[Run], **kw: Any) -> Run | None:
     return None
 
 
-def report(runs: list[Run], plans: dict[tuple[str, str], Plan], refs: dict[tuple[str, str], float],
-           args: argparse.Namespace, n: int, elapsed: float) -> str:
+def reductions(runs: list[Run], seed_runs: list[tuple[int, Run]], setting: str, rate: float, seed0: int
+               ) -> tuple[list[float], int]:
+    """Per seed: 1 - E2LLM's mean wait / Splitwise's at ``rate``; and how many of those runs saturated."""
+    by_seed: dict[int, dict[str, Run]] = {}
+    for system in HEADLINE:
+        r = _get(runs, setting=setting, mix="mixed", arrivals="poisson", system=system, rate=rate)
+        if r is not None:
+            by_seed.setdefault(seed0, {})[system] = r
+    for seed, r in seed_runs:
+        if r.setting == setting and r.system in HEADLINE and math.isclose(r.rate, rate):
+            by_seed.setdefault(seed, {})[r.system] = r
+    out, saturated = [], 0
+    for pair in by_seed.values():
+        if len(pair) == 2 and pair["splitwise"].res.wait.mean() > 0:
+            out.append(1.0 - pair["ga"].res.wait.mean() / pair["splitwise"].res.wait.mean())
+            saturated += pair["ga"].saturated or pair["splitwise"].saturated
+    return out, saturated
+
+
+# Student's t, 97.5% quantile, by degrees of freedom (1 ... 10; 1.96 beyond 30)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t; nan for one value)."""
+    if len(xs) < 2:
+        return (xs[0] if xs else math.nan), math.nan
+    df = len(xs) - 1
+    t = T975[df - 1] if df <= len(T975) else (2.09 if df < 20 else 2.04 if df <= 30 else 1.96)
+    return float(np.mean(xs)), t * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
+
+
+def pct_ci(xs: list[float]) -> str:
+    m, h = mean_ci(xs)
+    return f"{100 * m:.0f}%" + ("" if not math.isfinite(h) else f" ± {100 * h:.0f}")
+
+
+def report(runs: list[Run], seed_runs: list[tuple[int, Run]], plans: dict[tuple[str, str], Plan],
+           refs: dict[tuple[str, str], float], args: argparse.Namespace, n: int, elapsed: float) -> str:
+    total = len(runs) + len(seed_runs)
     out = [f"Generated by `python tools/simulate.py{' --quick' if args.quick else ''}` "
            f"({n} requests per run, seed {args.seed}, high load = {args.high:g} × Splitwise's simulated capacity; "
-           f"{len(runs)} runs in {elapsed:.0f} s on this machine). Times in seconds; `*` = the system did not keep up "
+           f"{total} runs in {elapsed:.0f} s on this machine). Times in seconds; `*` = the system did not keep up "
            "(the backlog left when arrivals stop takes more than a quarter of the arrival span to drain: "
            "the figure grows with the run's length).", ""]
     out += ["### Headline: mean waiting time, E2LLM vs Splitwise (mixed workload, Poisson)", "",
             "Reduction = 1 − E2LLM's mean wait / Splitwise's, at each load (fraction of Splitwise's simulated "
-            "capacity); the 0.8 column is the high-load figure.", "",
+            f"capacity); the 0.8 column is the high-load figure. Waits and p95 are seed {args.seed}'s; the "
+            f"reductions are the mean ± the half-width of the 95% confidence interval over {args.seeds} seeds "
+            "(request streams; Student's t), with how many of the seeds' runs did not keep up in brackets.", "",
             "| setting | load 0.8: rate (req/s) | Splitwise wait | E2LLM wait | Splitwise p95 | E2LLM p95 | "
             "reduction at 0.4 / 0.6 / 0.8 / 1.0 |",
             "|---|---|---|---|---|---|---|"]
@@ -243,12 +299,9 @@ def report(runs: list[Run], plans: dict[tuple[str, str], Plan], refs: dict[tuple
         if a is None or b is None:
             continue
         reds = []
-        for load in LOADS[1:]:
-            x = _get(runs, setting=s, mix="mixed", arrivals="poisson", system="splitwise", rate=load * refs[s, "mixed"])
-            y = _get(runs, setting=s, mix="mixed", arrivals="poisson", system="ga", rate=load * refs[s, "mixed"])
-            wx = x.res.wait.mean() if x else math.nan
-            wy = y.res.wait.mean() if y else math.nan
-            reds.append(f"{100 * (1 - wy / wx):.0f}%" if wx > 0 else "–")
+        for load in HEADLINE_LOADS:
+            xs, sat = reductions(runs, seed_runs, s, load * refs[s, "mixed"], args.seed)
+            reds.append(pct_ci(xs) + (f" [{sat}*]" if sat else "") if xs else "–")
         sa, sb = a.res.summary(), b.res.summary()
         out.append(f"| {s} | {hi:.3f} | {fmt(sa['wait_mean'], a.saturated)} | {fmt(sb['wait_mean'], b.saturated)} | "
                    f"{fmt(sa['wait_p95'], a.saturated)} | {fmt(sb['wait_p95'], b.saturated)} | {' / '.join(reds)} |")

@@ -19,6 +19,9 @@ What is modelled (every time comes from :class:`~meshllm.plan.cost.CostModel`):
   pipeline stays full (a token per sequence per round trip, the stages'
   queues interleave the lanes). Sequences whose KV arrives during a lane's
   step join at its end; finished ones leave at its end.
+  With ``batching="serving"`` decode batches as meshllm's stages batch
+  instead: each sequence starts as its own micro-batch and micro-batches
+  that wait together at the first stage merge (see :func:`simulate`).
 - A MIXED replica time-shares its stages: work enters the first stage only
   when that stage is free; when prompts and decode steps both wait, they
   take turns (one prompt, one lane step). Strict decode-first (the
@@ -53,7 +56,8 @@ from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
 ARRIVE, PREFILLED, KV_READY, STEP_DONE, STAGE0_FREE = range(5)
-LANES = 1 << 16  # STEP_DONE payload: replica id * LANES + lane
+LANES = 1 << 32  # STEP_DONE payload: replica id * LANES + lane
+BATCHING = ("lanes", "serving")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class _Replica:
         self.stages = tuple(stages)  # (device index, start, stop)
         self.refs = [StageRef(d, a, b) for d, a, b in stages]
         self.free = [0.0] * len(stages)  # when each stage's queue empties
+        self.busy = [0.0] * len(stages)  # seconds each stage computed and sent
         k = len(stages)
         self.active: list[list[list[int]]] = [[] for _ in range(k)]  # per lane: [request id, tokens made]
         self.joining: list[list[list[int]]] = [[] for _ in range(k)]  # KV arrived during the lane's step
@@ -83,6 +88,16 @@ class _Replica:
         sizes = [len(a) + len(j) for a, j in zip(self.active, self.joining, strict=True)]
         return sizes.index(min(sizes))
 
+    def new_lane(self) -> int:
+        """An idle lane (a micro-batch slot of the "serving" batching), made if none is idle."""
+        for i, (a, j, s) in enumerate(zip(self.active, self.joining, self.stepping, strict=True)):
+            if not a and not j and not s:
+                return i
+        self.active.append([])
+        self.joining.append([])
+        self.stepping.append(False)
+        return len(self.active) - 1
+
     def _pass(self, t: float, times: Sequence[float]) -> tuple[float, float]:
         """One item through the stages from time ``t``: (start at the first stage, done at the last)."""
         start = ready = t
@@ -91,6 +106,7 @@ class _Replica:
             if j == 0:
                 start = s
             ready = self.free[j] = s + dt
+            self.busy[j] += dt
         return start, ready
 
     def _send(self, j: int, tokens: float) -> float:
@@ -125,6 +141,7 @@ class SimResult:
     events: int
     bounded: bool  # a limit stopped the run before every request finished
     stats: dict[str, float] = field(default_factory=dict)
+    busy_s: dict[str, float] = field(default_factory=dict)  # per node: seconds its stage computed and sent
 
     @property
     def throughput_rps(self) -> float:
@@ -151,12 +168,22 @@ class SimResult:
 
 
 def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Router | None = None,
-             limits: SimLimits = SimLimits(), ready_s: float = 0.0) -> SimResult:
+             limits: SimLimits = SimLimits(), ready_s: float = 0.0, batching: str = "lanes") -> SimResult:
     """Serve ``reqs`` with ``plan``'s replicas; ``cost`` must be the cost model the plan was made with.
 
     ``ready_s``: when the replicas can start work (a plan being deployed); requests routed
     earlier wait for it, and that counts as waiting.
+
+    ``batching``: how decode sequences form micro-batches. ``"lanes"`` (the default, the
+    evaluation's idealised continuous batching): one lane per stage, a sequence joins the
+    lane with the fewest. ``"serving"``: what meshllm's stages do (``StageRunner._step``):
+    a sequence starts as its own micro-batch, and micro-batches waiting together to enter the
+    first stage merge into one and stay merged; a k-stage pipeline then carries as many
+    micro-batches as happen not to meet (merges at later stages are not modelled).
     """
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+    serving = batching == "serving"
     router = router if router is not None else router_for(plan)
     reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages])
             for r in plan.replicas}
@@ -199,6 +226,11 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
                 rep.prompt_turn = False
             else:
                 lane = rep.lanes_ready.popleft()
+                while serving and rep.lanes_ready:  # micro-batches waiting together go as one
+                    other = rep.lanes_ready.popleft()
+                    rep.active[lane].extend(rep.active[other])
+                    rep.active[other] = []
+                    rep.stepping[other] = False
                 ctx = [by_id[i].n_in + made for i, made in rep.active[lane]]
                 push(rep.step(t, ctx), STEP_DONE, rep.id * LANES + lane)
                 rep.prompt_turn = True
@@ -237,6 +269,13 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             push(t + hand, KV_READY, x)
         elif kind == KV_READY:
             dec = reps[route[x][1]]
+            if serving:  # its own micro-batch, ready to enter the first stage now
+                lane = dec.new_lane()
+                dec.active[lane].append([x, 1])
+                dec.stepping[lane] = True
+                dec.lanes_ready.append(lane)
+                kick(t, dec)
+                continue
             lane = dec.lane_for()
             dec.joining[lane].append([x, 1])
             if not dec.stepping[lane]:
@@ -267,4 +306,5 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         makespan_s=(max(finish.values()) - t0) if finish else 0.0,
         events=events, bounded=len(done) < len(reqs),
         stats={k: float(v) for k, v in vars(router).items() if k in ("borrowed", "kept")},
+        busy_s={s.node_id: rep.busy[j] for r in plan.replicas for rep in [reps[r.id]] for j, s in enumerate(r.stages)},
     )
