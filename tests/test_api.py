@@ -127,6 +127,13 @@ def test_reply_to_must_be_a_publishable_topic(topic: Any) -> None:
     assert e.request_id == "r" and e.reply_to is None  # answered on the default topic
 
 
+@pytest.mark.parametrize("topic", ["meshllm/v1/m/members/x", "meshllm/v1/m/plan", "meshllm/v1/m/jobs/r",
+                                   "meshllm/v1/other/replies/r", "meshllm/v1/m/replies"])
+def test_reply_to_cannot_point_nodes_at_mesh_state(topic: str) -> None:
+    e = refused(json.dumps({"id": "r", "prompt": "x", "reply_to": topic}), match="'reply_to' under meshllm/")
+    assert e.request_id == "r" and e.reply_to is None
+
+
 def test_topics_with_other_unicode_are_accepted() -> None:
     assert ok({"id": "r", "prompt": "x", "reply_to": "app/é/🙂/\u202e/\U0010fffd"}).reply_to.startswith("app/")
 

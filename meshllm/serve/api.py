@@ -106,6 +106,9 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     if not _is_topic(reply_to):
         raise RequestError(INVALID_REQUEST, f"'reply_to' must be an MQTT topic of 1-{MAX_TOPIC_CHARS} characters, "
                            "without wildcards, control characters or a leading '$'", rid)
+    if reply_to.split("/", 1)[0] == "meshllm" and not reply_to.startswith(f"{default_reply}/"):
+        # nodes publish replies with their own broker login: never onto the mesh's state (members, plan...)
+        raise RequestError(INVALID_REQUEST, f"'reply_to' under meshllm/ must be under {default_reply}/", rid)
 
     def fail(msg: str, code: str = INVALID_REQUEST) -> RequestError:
         return RequestError(code, msg, rid, reply_to)

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from meshllm.dataplane.codec import FrameError
+from meshllm.errors import GenerationError
+from meshllm.runtime.sampling import SamplingParams
 
 _SPEC: dict[str, dict[str, type | tuple[type, ...]]] = {
     "prefill": {"pv": int, "r": int, "id": str, "x": np.ndarray, "meta": dict},
@@ -60,8 +62,30 @@ def check(frame: dict[str, Any]) -> dict[str, Any]:
             raise FrameError(f"step frame: x has batch {frame['x'].shape[0]} for {len(ids)} ids")
     if t in ("prefill", "step") and frame["x"].dtype not in (np.int64, np.float32):
         raise FrameError(f"{t} frame: x must be int64 ids or float32 hidden states, got {frame['x'].dtype}")
+    if t in ("prefill", "begin"):
+        _check_meta(t, frame["meta"])
     if t == "kv":
         k, v = frame["k"], frame["vv"]
         if k.shape != v.shape or k.ndim != 3 or k.dtype != np.float32 or v.dtype != np.float32:
             raise FrameError("kv frame: k and vv must be float32 arrays of one shape (kv_heads, n, head_dim)")
     return frame
+
+
+# What every stage may read in a request's ``meta`` (more keys are timings and bookkeeping).
+_META: dict[str, type | tuple[type, ...]] = {"reply_to": str, "sampling": dict, "prompt_len": int,
+                                             "last_prompt_token": int, "prefill_r": int, "decode_r": int}
+
+
+def _check_meta(t: str, meta: dict[str, Any]) -> None:
+    for name, kind in _META.items():
+        v = meta.get(name)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise FrameError(f"{t} frame: meta.{name} must be {kind}, got {type(v).__name__}")
+    try:
+        SamplingParams(**{**meta["sampling"], "stop": tuple(meta["sampling"].get("stop") or ())})
+    except (TypeError, GenerationError) as e:
+        raise FrameError(f"{t} frame: meta.sampling: {e}") from None
+    resume = meta.get("resume")
+    if resume is not None and (not isinstance(resume, dict) or not isinstance(resume.get("tokens"), list)
+                               or not all(isinstance(i, int) and not isinstance(i, bool) for i in resume["tokens"])):
+        raise FrameError(f"{t} frame: meta.resume must hold a list of token ids")

@@ -30,7 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from meshllm.errors import MeshError
+from meshllm.dataplane.codec import FrameError
+from meshllm.errors import GenerationError, MeshError
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
@@ -38,6 +39,13 @@ from meshllm.serve.layout import Layout, ReplicaLayout
 from meshllm.serve.sequence import SequenceState
 
 log = logging.getLogger(__name__)
+
+MAX_INBOX = 4096  # work items queued at a stage; the scheduler keeps far fewer in flight
+MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
+
+
+# Emulation by the cost model: (kind "prefill" | "decode", tokens or batch, context) -> seconds
+Pace = Callable[[str, int, float], float]
 
 
 class Fabric(Protocol):
@@ -64,14 +72,15 @@ class _Item:
 
 class StageRunner:
     def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
-                 executor: Executor, *, compute_scale: float = 1.0) -> None:
+                 executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
         self.executor = executor
         self.compute_scale = compute_scale
+        self.pace = pace
         self.is_first = index == 0
         self.is_last = index == len(replica.stages) - 1
-        self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.inbox: asyncio.Queue[_Item] = asyncio.Queue(MAX_INBOX)
         self.active: set[str] = set()  # requests with KV on this stage
         self._kv_missing: dict[str, int] = {}  # DECODE: layers of a handed-off prompt not yet received
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
@@ -85,8 +94,14 @@ class StageRunner:
 
     # --- frames in ----------------------------------------------------
 
+    def _put(self, item: _Item) -> None:
+        try:
+            self.inbox.put_nowait(item)
+        except asyncio.QueueFull:
+            raise FrameError(f"stage inbox full ({self.inbox.maxsize} items): refusing more work") from None
+
     def on_prefill(self, frame: dict[str, Any]) -> None:
-        self.inbox.put_nowait(_Item("prefill", frame["id"], frame["x"], frame["meta"]))
+        self._put(_Item("prefill", frame["id"], frame["x"], frame["meta"]))
 
     def on_step(self, frame: dict[str, Any]) -> None:
         x = frame["x"]
@@ -95,22 +110,33 @@ class StageRunner:
             # In a DECODE replica the first step can overtake the prompt's KV (they come from different
             # nodes): hold it until every layer of this stage has arrived.
             if rid in self._kv_missing or (self.replica.role == "decode" and rid not in self.active):
-                self._held.setdefault(rid, []).append(item)
+                held = self._held.setdefault(rid, [])
+                if len(held) >= MAX_HELD_PER_ID or len(self._held) > self.segment.max_batch * 4:
+                    raise FrameError(f"step for {rid!r} that has no KV here: too many such steps held")
+                held.append(item)
             else:
-                self.inbox.put_nowait(item)
+                self._put(item)
 
     def on_kv(self, frame: dict[str, Any]) -> None:
-        rid = frame["id"]
-        if rid not in self.active:
+        rid, layer = frame["id"], frame["layer"]
+        if layer not in self.segment.layers:
+            raise GenerationError(f"kv frame for layer {layer}; this stage holds layers {self.segment.layers}")
+        opened = rid not in self.active
+        if opened:
             self.segment.open(rid)
             self.active.add(rid)
             self._kv_missing[rid] = len(self.segment.layers)
-        self.segment.import_kv(rid, frame["layer"], frame["k"], frame["vv"])
+        try:
+            self.segment.import_kv(rid, layer, frame["k"], frame["vv"])
+        except MeshError:
+            if opened:  # a bad first block must not keep a cache slot
+                self.on_release({"id": rid})
+            raise
         self._kv_missing[rid] -= 1
         if self._kv_missing[rid] == 0:
             del self._kv_missing[rid]
             for item in self._held.pop(rid, []):
-                self.inbox.put_nowait(item)
+                self._put(item)
 
     async def on_begin(self, frame: dict[str, Any]) -> None:
         """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
@@ -143,6 +169,8 @@ class StageRunner:
                 await self._step()
             except MeshError as e:  # one request's failure must not stop the stage for the others
                 log.error("stage %s of replica %d: %s", self.index, self.replica.id, e)
+            except Exception:  # nor may a bug: log it and go on with the next item
+                log.exception("stage %s of replica %d: a work item failed", self.index, self.replica.id)
 
     async def _step(self) -> None:
         item = await self.inbox.get()
@@ -161,11 +189,15 @@ class StageRunner:
             self.inbox.put_nowait(d)
         await self._decode([b for b in batch if b.rid in self.active])
 
-    async def _compute(self, fn: Callable[[], np.ndarray]) -> np.ndarray:
+    async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, context: float) -> np.ndarray:
+        """Runs ``fn`` on the segment's thread; emulating a slower device, stretches the run to its time there
+        (``n`` tokens of a prompt, or a decode batch of ``n``, after ``context`` tokens)."""
         t = time.perf_counter()
         out = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         took = time.perf_counter() - t
-        if self.compute_scale > 1.0:  # emulation: behave like a slower device
+        if self.pace is not None:
+            await asyncio.sleep(max(0.0, self.pace(kind, n, context) - took))
+        elif self.compute_scale > 1.0:
             await asyncio.sleep(took * (self.compute_scale - 1.0))
         self.busy_s += time.perf_counter() - t
         return out
@@ -174,11 +206,13 @@ class StageRunner:
         rid, meta = item.rid, item.meta
         if self.is_first:
             meta["t_prefill_start"] = time.time()
-        if rid not in self.active:
-            self.segment.open(rid)
-            self.active.add(rid)
         try:
-            out = await self._compute(lambda: self.segment.prefill(rid, item.x))
+            if rid not in self.active:
+                self.segment.open(rid)
+                self.active.add(rid)
+            n = int(item.x.shape[1] if item.x.ndim >= 2 else item.x.size)  # (S,) ids or (1, S, dim) hidden
+            out = await self._compute(lambda: self.segment.prefill(rid, item.x), "prefill", n,
+                                      self.segment.length(rid))
         except MeshError as e:
             await self._fail(rid, meta, api.CONTEXT_LENGTH if "context" in str(e) else api.INTERNAL, str(e))
             return
@@ -219,7 +253,8 @@ class StageRunner:
         x = np.concatenate([b.x for b in batch], axis=0)
         if self.is_first:
             x = x.reshape(len(ids))
-        out = await self._compute(lambda: self.segment.decode(ids, x))
+        context = sum(self.segment.length(i) for i in ids) / len(ids)
+        out = await self._compute(lambda: self.segment.decode(ids, x), "decode", len(ids), context)
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                    {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids, "x": out})
