@@ -91,7 +91,8 @@ async def _node_main(args: argparse.Namespace) -> int:
         mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
         plan_file=args.plan_file, secret=_secret(args), workload=args.workload,
-        emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3),
+        emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3,
+                            args.emulate_timing),
         quick_profile=args.quick_profile,
     )
     stop = asyncio.Event()
@@ -281,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
     em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",
                     help="behave X times slower in compute and memory bandwidth")
+    em.add_argument("--emulate-timing", choices=("scale", "model"), default="scale",
+                    help="scale: each stage run is followed by a sleep of (X-1) times its measured time; model: "
+                    "each run lasts what the planner's cost model predicts for the emulated profile, so that "
+                    "host noise is not magnified (sim-to-real comparisons)")
     em.add_argument("--emulate-memory", type=_size, metavar="SIZE", help="cap usable memory, e.g. 512M")
     em.add_argument("--emulate-link-delay-ms", type=float, default=0.0, metavar="MS",
                     help="add one-way delay to this node's data-plane replies")

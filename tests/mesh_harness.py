@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from meshllm.mesh.broker import free_port
 from meshllm.mesh.status import read_state
@@ -112,9 +113,32 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
 def mosquitto(*, users: dict[str, str] | None = None, tls: bool = False) -> Iterator[str]:
     """A Mosquitto broker on a free loopback port; with ``users`` it requires a password, with ``tls``
     it speaks TLS with a throw-away CA (its file is left beside as ``ca.pem`` for the URL's clients)."""
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        raise AssertionError("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
+    with mosquitto_proc(users=users, tls=tls) as m:
+        yield m.url
+
+
+class Mosquitto:
+    """A Mosquitto process that can be stopped and started again on the same port (broker restarts)."""
+
+    def __init__(self, conf: Path, port: int, url: str) -> None:
+        self.conf, self.port, self.url = conf, port, url
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+        if exe is None:
+            raise AssertionError("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: _port_open(self.port), 10, "mosquitto to listen")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def mosquitto_proc(*, users: dict[str, str] | None = None, tls: bool = False) -> Iterator[Mosquitto]:
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
         # user root: keep access to our temp files; max_queued_messages 0: never drop QoS 1 replies to a slow
@@ -131,15 +155,14 @@ def mosquitto(*, users: dict[str, str] | None = None, tls: bool = False) -> Iter
             make_test_ca(Path(d))
             conf += [f"cafile {d}/ca.pem", f"certfile {d}/server.pem", f"keyfile {d}/server.key"]
         (Path(d) / "mosquitto.conf").write_text("\n".join(conf) + "\n")
-        proc = subprocess.Popen([exe, "-c", f"{d}/mosquitto.conf"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        user = f"{next(iter(users))}:{next(iter(users.values()))}@" if users else ""
+        url = f"{'mqtts' if tls else 'mqtt'}://{user}127.0.0.1:{port}" + (f"#{d}/ca.pem" if tls else "")
+        m = Mosquitto(Path(d) / "mosquitto.conf", port, url)
+        m.start()
         try:
-            wait_until(lambda: _port_open(port), 10, "mosquitto to listen")
-            user = f"{next(iter(users))}:{next(iter(users.values()))}@" if users else ""
-            yield f"{'mqtts' if tls else 'mqtt'}://{user}127.0.0.1:{port}" + (f"#{d}/ca.pem" if tls else "")
+            yield m
         finally:
-            proc.terminate()
-            proc.wait(10)
+            m.stop()
 
 
 def make_test_ca(d: Path) -> None:

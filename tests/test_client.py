@@ -389,7 +389,7 @@ async def test_lost_broker_connection_fails_the_stream_with_broker_error(broker,
     proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = proxy.sockets[0].getsockname()[1]
     try:
-        async with Client(mesh[0], f"mqtt://127.0.0.1:{port}") as c:
+        async with Client(mesh[0], f"mqtt://127.0.0.1:{port}", reconnect_timeout=0) as c:  # no second chance
             with pytest.raises(BrokerError, match="lost the connection"):
                 async for ch in c.stream("slow"):
                     if ch.index == 1:

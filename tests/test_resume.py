@@ -19,7 +19,7 @@ from meshllm.runtime.generate import LocalModel
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.client import Client
 from meshllm.serve.journal import Journal
-from tests.mesh_harness import mosquitto, state
+from tests.mesh_harness import mosquitto, mosquitto_proc, state
 from tests.serving_harness import random_model, read_retained, replica, serving_mesh
 
 PROMPTS = ["Once upon a time", "the cat sat", "Héllo 🙂 wörld", "a b c d e f g"]
@@ -88,6 +88,26 @@ def test_any_single_node_dies_and_all_twenty_requests_complete_unchanged(
         assert list(res.token_ids) == expected[PROMPTS[i % 4]], f"q{i} after losing {target}"
         assert res.usage.completion_tokens == len(res.token_ids)
     assert journal_left == {}, f"finished requests left in the journal: {sorted(journal_left)}"
+
+
+def test_a_broker_restart_mid_stream_loses_no_token(model: Path, expected: dict[str, list[int]],
+                                                      tmp_path: Path) -> None:
+    """Mosquitto is killed while 20 requests stream and started again (empty: no persistence) a second
+    later. Nodes hold their replies, reconnect, restate the plan, readiness and journal; the client
+    reconnects and asks for what it missed (replay); every request completes unchanged."""
+    with mosquitto_proc() as m:
+        mesh = f"t-brokerloss-{secrets.token_hex(3)}"
+        with serving_mesh(mesh, m.url, model, ["n1", "n2", "n3", "n4"], PLAN, tmp_path, extra=EXTRA):
+            def restart() -> None:
+                m.stop(kill=True)
+                time.sleep(1.0)
+                m.start()
+            results, info = asyncio.run(run_with_fault(mesh, m.url, restart))
+            after = asyncio.run(read_retained(m.url, f"meshllm/v1/{mesh}/jobs/+"))
+    assert info[0]["in_flight_at_kill"] > 0, "the restart hit no request"
+    for i, res in enumerate(results):
+        assert list(res.token_ids) == expected[PROMPTS[i % 4]], f"q{i} after the broker restart"
+    assert after == {}, f"finished requests left in the journal: {sorted(after)}"
 
 
 def test_journal_resume_bookkeeping() -> None:

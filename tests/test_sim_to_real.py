@@ -1,8 +1,9 @@
 """Sim-to-real, small: a real 2-node mesh (real Mosquitto, real node processes, emulated devices)
-serves a seeded Poisson stream, and the simulator replays the same stream on the same plan with
-the cost model calibrated on the same runtime. The full comparison is ``python tools/sim_to_real.py``
-(docs/evaluation.md); this test pins that the pipeline works end to end and that, at low load,
-the simulator's service times are those of the mesh."""
+serves a seeded Poisson stream near its capacity, and the simulator replays the same stream on the
+same plan. The nodes emulate their devices with ``--emulate-timing model`` (each stage run lasts
+what the cost model predicts for the node's advertised profile), so what is compared is the
+simulator's model of the serving system: queues, decode batching, the KV hand-off, routing. The
+full comparison is ``python tools/sim_to_real.py --timing model`` (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ SMALL = Setting(scales={"p": 20.0, "d": 20.0},
                 replicas=(("prefill", 2, (("p", 0, 6),)), ("decode", 4, (("d", 0, 6),))))
 
 
-def test_real_mesh_and_simulator_agree_on_a_low_load_stream() -> None:
-    out = run(SMALL, n_requests=8, load=0.3, seed=3, max_wall=60.0, n_calibration=0, log=lambda *_: None)
-    assert out.real.completed == 8, out.notes  # every request streamed to its end
+def test_real_mesh_and_simulator_agree_near_capacity() -> None:
+    out = run(SMALL, n_requests=40, load=0.85, seed=3, max_wall=90.0, log=lambda *_: None, timing="model")
+    assert out.real.completed == 40, out.notes  # every request streamed to its end
     assert not out.notes, out.notes  # and with exactly the planned prompt and output lengths
-    sim = out.sims["segment-calibrated"]
-    assert sim.completed == 8
-    # At low load a request's latency is its service: prefill on "p", KV hand-off, one decode step
-    # per token on "d". The calibrated simulation must find it, not the raw profile's guess.
-    assert 0.6 < sim.e2e_mean / out.real.e2e_mean < 1.6, (sim, out.real)
-    assert 0.6 < sim.ttft_mean / out.real.ttft_mean < 1.6, (sim, out.real)
-    assert 0.75 < sim.throughput_rps / out.real.throughput_rps < 1.33, (sim, out.real)
-    for node in SMALL.node_ids:  # each stage computed about as long in both
-        assert 0.6 < out.busy_sim[node] / out.busy_real[node] < 1.6, (node, out.busy_sim, out.busy_real)
+    sim = out.sims["raw profile"]
+    assert sim.completed == 40
+    # docs/evaluation.md measures these within 20% on the 4-node setting; the bounds here leave room for
+    # a busy CI machine (the mesh's Python and MQTT overheads are the part the simulator does not model)
+    assert 0.6 < sim.e2e_mean / out.real.e2e_mean < 1.4, (sim, out.real)
+    assert 0.6 < sim.ttft_mean / out.real.ttft_mean < 1.3, (sim, out.real)  # measured 0.78: intake not modelled
+    assert 0.85 < sim.throughput_rps / out.real.throughput_rps < 1.15, (sim, out.real)
+    for node in SMALL.node_ids:  # each stage was busy about as long in both
+        assert 0.7 < out.busy_sim[node] / out.busy_real[node] < 1.3, (node, out.busy_sim, out.busy_real)

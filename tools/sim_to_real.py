@@ -195,7 +195,7 @@ def calibration_samples(setting: Setting, model_dir: Path, reps: int = 4) -> lis
 
 @contextlib.contextmanager
 def real_mesh(setting: Setting, model_dir: Path, plan: Plan, broker: str, tmp: Path, mesh: str,
-              ready_timeout: float = 90.0) -> Iterator[dict[str, Any]]:
+              ready_timeout: float = 90.0, timing: str = "scale") -> Iterator[dict[str, Any]]:
     """The nodes of ``setting`` serving ``plan``; yields the mesh state once every stage is loaded."""
     from tests.mesh_harness import NodeProc, state, wait_until
     from tests.serving_harness import all_ready
@@ -203,7 +203,7 @@ def real_mesh(setting: Setting, model_dir: Path, plan: Plan, broker: str, tmp: P
     (tmp / "plan.json").write_text(json.dumps(plan.to_json()))
     procs = [NodeProc(mesh, n, broker=broker, log_dir=tmp,
                       extra=["--model", str(model_dir), "--plan-file", str(tmp / "plan.json"), "--threads", "1",
-                             "--emulate-compute-scale", f"{setting.scales[n]:g}"])
+                             "--emulate-compute-scale", f"{setting.scales[n]:g}", "--emulate-timing", timing])
              for n in setting.node_ids]
     try:
         for p in procs:
@@ -440,11 +440,17 @@ def _capacity(plan: Plan, cost: CostModel, workload_spec: str, seed: int, max_se
 
 def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: float, model_dir: Path = MODEL,
         workload_spec: str = WORKLOAD, rate: float | None = None, n_calibration: int | None = None,
-        log: Any = print) -> Outcome:
+        log: Any = print, timing: str = "scale") -> Outcome:
     """The whole comparison (see the module docstring); ``rate`` overrides ``load``.
 
     ``n_calibration`` requests (default: a third of ``n_requests``, at least 20; 0 skips it) are
     served first with another seed, to calibrate on the mesh (the stage busy times).
+
+    ``timing="model"`` makes every node's stage runs last what the cost model predicts for its
+    advertised (emulated) profile (``--emulate-timing model``): the devices then *are* the cost model,
+    no calibration is needed, and the comparison isolates the simulator's model of the serving system
+    (queues, batching, hand-offs, routing) from its model of device speed (checked on its own by
+    ``tools/calibrate_cost_model.py``).
     """
     from tests.mesh_harness import mosquitto
 
@@ -452,20 +458,21 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
     manifest = load_manifest(model_dir)
     msl = manifest.config.max_seq_len
     costs = ModelCosts.from_manifest(manifest)
-    samples = calibration_samples(setting, model_dir)
+    paced = timing == "model"
+    samples = [] if paced else calibration_samples(setting, model_dir)
     log(f"calibration: {len(samples)} segment timings ({time.monotonic() - t_start:.0f} s)")
     plan = pinned_plan(setting, manifest, Workload.parse(f"{workload_spec},rate=1"))
     mesh = f"s2r-{secrets.token_hex(3)}"
     notes: list[str] = []
-    n_cal = max(20, n_requests // 3) if n_calibration is None else n_calibration
+    n_cal = 0 if paced else max(20, n_requests // 3) if n_calibration is None else n_calibration
     with mosquitto() as broker, tempfile.TemporaryDirectory() as d, \
-            real_mesh(setting, model_dir, plan, broker, Path(d), mesh) as st:
+            real_mesh(setting, model_dir, plan, broker, Path(d), mesh, timing=timing) as st:
         log(f"mesh ready: {len(setting.node_ids)} nodes ({time.monotonic() - t_start:.0f} s)")
         devices = advertised_profiles(st, setting)
         for p in devices:
             log(f"  {p.node_id:6s} advertises {p.flops / 1e9:7.2f} GFLOP/s, {p.mem_bandwidth_Bps / 1e9:6.3f} GB/s"
                 f"{' (emulated)' if p.emulated else ''}")
-        seg_factors = fit_factors(costs, devices, samples)
+        seg_factors = fit_factors(costs, devices, samples) if samples else {}
         for n, f in seg_factors.items():
             log(f"  {n:6s} segment-calibrated: flops x{f.flops_eff:.3g}, bandwidth x{f.bw_eff:.3g}, "
                 f"{f.run_overhead_s * 1e3:.2f} ms/run, {f.layer_overhead_s * 1e3:.2f} ms/layer")
@@ -524,15 +531,19 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-wall", type=float, default=240.0, help="seconds the stream may take at most")
     ap.add_argument("--json", help="write the figures and per-request records here")
+    ap.add_argument("--timing", choices=("scale", "model"), default="scale",
+                    help="how the nodes emulate slower devices (meshllm node --emulate-timing); with 'model' the "
+                    "devices run at the cost model's speed and the raw-profile simulation is the one to compare")
     args = ap.parse_args()
     t0 = time.monotonic()
-    out = run(SETTING, args.requests, args.load, args.seed, args.max_wall, rate=args.rate)
-    best = "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated"
+    out = run(SETTING, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
+    best = ("raw profile" if args.timing == "model" else
+            "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated")
     print()
     print(table(out.real, out.sims, out.planner))
     print()
     print(f"{out.real.completed} of {len(out.records)} requests completed at {out.rate:.2f} req/s offered; "
-          f"largest error of the mesh-calibrated simulation: "
+          f"largest error of the {best} simulation: "
           f"{100 * out.max_error(best):.0f}%")
     print("\nstage busy time over the run (s): " + ", ".join(
         f"{n} real {out.busy_real.get(n, math.nan):.1f} / sim {out.busy_sim.get(n, math.nan):.1f}"

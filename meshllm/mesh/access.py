@@ -7,7 +7,7 @@ The mesh secret (``--secret-file`` / ``MESHLLM_SECRET``) is turned into:
   Each password is an HMAC of the secret under its own label, so an app's
   password reveals neither the secret nor the node password;
 - **the topic rule** the embedded broker enforces (:func:`permitted`): nodes
-  may do anything; apps may publish only ``requests`` and ``cancel``, and
+  may do anything; apps may publish only ``requests``, ``cancel`` and ``replay``, and
   subscribe only to ``replies/#`` and to the read-only mesh state (``members``,
   ``planner``, ``plan``, ``ready``, ``stats``);
 - **a signature on mDNS records** (:func:`record_signature`), so that nodes
@@ -34,7 +34,7 @@ Role = Literal["node", "app"]
 Action = Literal["publish", "subscribe", "receive"]
 
 _ROOT = f"meshllm/v{PROTOCOL_VERSION}/+"  # any mesh: a broker serves the meshes whose nodes share one secret
-_APP_PUBLISH = (f"{_ROOT}/requests", f"{_ROOT}/cancel")
+_APP_PUBLISH = (f"{_ROOT}/requests", f"{_ROOT}/cancel", f"{_ROOT}/replay")
 _APP_READ = (f"{_ROOT}/replies/#", f"{_ROOT}/members/+", f"{_ROOT}/planner", f"{_ROOT}/plan", f"{_ROOT}/ready/+",
              f"{_ROOT}/stats/+")
 

@@ -38,6 +38,12 @@ class Membership:
         if m is not None:
             m.last_seen = now
 
+    def grace(self, now: float, extra: float) -> None:
+        """A new broker session: every member gets ``timeout + extra`` from now to be heard again (the silence
+        was ours, not theirs, and they are reconnecting too)."""
+        for m in self.members.values():
+            m.last_seen = max(m.last_seen, now + extra)
+
     def expire(self, now: float) -> list[str]:
         """Drops members silent for longer than the timeout (never ourselves); returns their ids."""
         gone = [i for i, m in self.members.items() if i != self.self_id and now - m.last_seen > self.timeout]

@@ -49,6 +49,9 @@ class Emulation:
     compute_scale: float = 1.0  # compute and memory bandwidth divided by this, and segment run time multiplied
     memory_cap: int | None = None  # bytes
     link_delay_s: float = 0.0  # added one-way delay on this node's data-plane replies
+    # "scale": a stage sleeps (compute_scale - 1) x each run it measured, so host noise is scaled too;
+    # "model": each run lasts what the cost model predicts for the emulated profile (quiet, repeatable)
+    timing: str = "scale"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class Node:
         self._plan_listeners: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
         self._subscriptions: list[tuple[str, Callable[[aiomqtt.Message], Awaitable[None]]]] = []
         self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
+        self._session_listeners: list[Callable[[], Awaitable[None]]] = []
         self._started = time.monotonic()
         self._leaving = False
         self.record_extra: dict[str, Any] = {}
@@ -137,6 +141,10 @@ class Node:
 
     def on_plan(self, listener: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         self._plan_listeners.append(listener)
+
+    def on_session(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Runs ``listener`` at the start of every broker session (a new broker holds no retained state)."""
+        self._session_listeners.append(listener)
 
     def subscribe(self, topic_filter: str, handler: Callable[[aiomqtt.Message], Awaitable[None]]) -> None:
         """Adds a subscription (made on every broker session) whose messages go to ``handler``."""
@@ -271,9 +279,12 @@ class Node:
             for t in (self.topics.members, self.topics.heartbeats, self.topics.planner, self.topics.plan,
                       *(f for f, _ in self._subscriptions)):
                 await client.subscribe(t, qos=1)
+            self.membership.grace(time.monotonic(), self.config.failure_timeout_s)
             await self._publish_record()
-            if self.is_planner:  # a new broker has no retained claim: restate ours
+            if self.is_planner:  # a new (or restarted) broker has no retained claim or plan: restate ours
                 await self._publish_claim(self.election.term)
+                if self.plan is not None:
+                    await client.publish(self.topics.plan, json.dumps(self.plan), qos=1, retain=True)
             self.connected.set()
             self.changed.set()
             log.info("%s: joined mesh %r via %s", self.node_id, self.config.mesh, b)
@@ -282,6 +293,8 @@ class Node:
                 tg.create_task(self._heartbeat(client))
                 tg.create_task(self._watch_broker(url))
                 tg.create_task(self._measure_links())
+                for listener in self._session_listeners:
+                    tg.create_task(listener())
 
     async def republish_record(self) -> None:
         await self._publish_record()

@@ -68,6 +68,12 @@ class Topics:
         return f"{self.root}/cancel"
 
     @property
+    def replay(self) -> str:
+        """Apps publish ``{"id": ..., "from": index}`` here after a broker outage to have the replies of a
+        request from that index published again (docs/api.md)."""
+        return f"{self.root}/replay"
+
+    @property
     def readiness(self) -> str:
         """Retained per node: which plan version and stage it has loaded (``ready/<node_id>``)."""
         return f"{self.root}/ready/+"

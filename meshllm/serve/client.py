@@ -237,6 +237,7 @@ class _Pending:
         self.id, self.topic = request_id, topic
         self.queue: asyncio.Queue[tuple[float, object]] = asyncio.Queue(queue_size)
         self.failure: MeshError | None = None
+        self.order: _Reorder | None = None  # set once the request is sent: the replay starts at its next index
 
     def deliver(self, arrival: float, obj: object) -> None:
         try:
@@ -263,14 +264,21 @@ class Client:
     first reply (it includes queueing on a busy mesh and the prefill),
     ``idle_timeout`` between replies, ``gap_timeout`` for a missing index while
     later ones arrive. ``queue_size`` bounds the replies buffered per request
-    for a slow consumer. If the broker connection drops, requests in flight
-    fail with :class:`BrokerError` and the client must be re-entered.
+    for a slow consumer.
+
+    If the broker connection drops (a restart, or the mesh moving to another
+    broker), the client reconnects for up to ``reconnect_timeout`` seconds (to
+    the same URL, or to the broker mDNS finds now), subscribes again and asks
+    the mesh to publish again the replies of each request in flight from the
+    first index it lacks (``replay``); indices it has are dropped, so the
+    stream goes on as if nothing happened. Past that time requests in flight
+    fail with :class:`BrokerError`.
     """
 
     def __init__(self, mesh: str = "meshllm", broker: str | None = None, interface: str | None = None,
                  ca_file: str | None = None, *, first_token_timeout: float = 120.0, idle_timeout: float = 30.0,
                  gap_timeout: float = 2.0, queue_size: int = 1024, discovery_timeout: float = 5.0,
-                 login: tuple[str, str] | None = None) -> None:
+                 login: tuple[str, str] | None = None, reconnect_timeout: float = 30.0) -> None:
         try:
             self.topics = Topics(mesh)
         except ValueError as e:
@@ -279,6 +287,8 @@ class Client:
         self.first_token_timeout, self.idle_timeout, self.gap_timeout = first_token_timeout, idle_timeout, gap_timeout
         self.queue_size, self.discovery_timeout = queue_size, discovery_timeout
         self.login = login
+        self.reconnect_timeout = reconnect_timeout
+        self._connected = asyncio.Event()
         self.broker_display = "(not connected)"
         self._mqtt: aiomqtt.Client | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -291,17 +301,22 @@ class Client:
 
     # --- lifecycle ---------------------------------------------------------
 
-    async def __aenter__(self) -> Client:
+    async def _connect(self) -> aiomqtt.Client:
         url = self.broker or await find_broker(self.mesh, self.interface, self.discovery_timeout)
         b = BrokerURL.parse(with_login(url, self.login))
         self.broker_display = str(b)  # without the password
         try:
-            mqtt = aiomqtt.Client(**b.client_kwargs(self.ca_file), keepalive=15, timeout=10,
+            mqtt = aiomqtt.Client(**b.client_kwargs(self.ca_file), keepalive=5, timeout=10,
                                   identifier=f"meshllm-client-{secrets.token_hex(4)}")
             mqtt.pending_calls_threshold = 1024  # many concurrent requests are the point, not a warning sign
             await mqtt.__aenter__()
         except (aiomqtt.MqttError, OSError) as e:
             raise BrokerError(f"cannot connect to the broker at {b}: {e}") from None
+        return mqtt
+
+    async def __aenter__(self) -> Client:
+        mqtt = await self._connect()
+        self._connected.set()
         self._mqtt, self._lost, self._open = mqtt, None, True
         self._inflight.clear()
         self._topic_users.clear()
@@ -309,7 +324,7 @@ class Client:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._reader = self._tg.create_task(self._read(), name="meshllm-client-reader")
-        log.debug("client connected to %s for mesh %r", b, self.mesh)
+        log.debug("client connected to %s for mesh %r", self.broker_display, self.mesh)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
@@ -329,17 +344,50 @@ class Client:
                 await self._mqtt.__aexit__(None, None, None)
 
     async def _read(self) -> None:
-        """Owns the connection's incoming messages: hands each to its request's queue."""
-        assert self._mqtt is not None
-        try:
-            async for msg in self._mqtt.messages:
-                payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-                self._dispatch(str(msg.topic), bytes(payload), time.monotonic())
-        except aiomqtt.MqttError as e:
-            self._lost = BrokerError(f"lost the connection to the broker at {self.broker_display}: {e}")
-            log.warning("%s", self._lost)
-            for p in self._inflight.values():
-                p.fail(self._lost)
+        """Owns the connection's incoming messages: hands each to its request's queue; reconnects."""
+        mqtt = self._mqtt
+        while mqtt is not None:
+            try:
+                async for msg in mqtt.messages:
+                    payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+                    self._dispatch(str(msg.topic), bytes(payload), time.monotonic())
+                return
+            except aiomqtt.MqttError as e:
+                log.warning("lost the connection to the broker at %s: %s; reconnecting", self.broker_display, e)
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    await mqtt.__aexit__(None, None, None)
+                mqtt = await self._reconnect(str(e))
+
+    async def _reconnect(self, why: str) -> aiomqtt.Client | None:
+        """A new connection with the old subscriptions, and a replay of what each request missed; None (and
+        every request in flight failed) if none can be made within ``reconnect_timeout``."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        while time.monotonic() < deadline:
+            try:
+                mqtt = await self._connect()
+                for topic in sorted(self._subscribed):
+                    await mqtt.subscribe(topic, qos=1)
+                for p in list(self._inflight.values()):
+                    if p.order is not None:
+                        await mqtt.publish(self.topics.replay, json.dumps({"id": p.id, "from": p.order.next_index}),
+                                           qos=1)
+            except (MeshError, aiomqtt.MqttError, OSError) as e:
+                log.debug("reconnecting: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            self._mqtt = mqtt
+            self._connected.set()
+            log.warning("reconnected to the broker at %s; asked for the replies of %d request(s) again",
+                        self.broker_display, sum(1 for p in self._inflight.values() if p.order is not None))
+            return mqtt
+        self._lost = BrokerError(f"lost the connection to the broker at {self.broker_display} ({why}) and "
+                                 f"found none again within {self.reconnect_timeout:g} s")
+        log.warning("%s", self._lost)
+        self._connected.set()  # wake whoever waits for the connection: they now see _lost
+        for p in self._inflight.values():
+            p.fail(self._lost)
+        return None
 
     def _dispatch(self, topic: str, payload: bytes, arrival: float) -> None:
         users = self._topic_users.get(topic)
@@ -430,9 +478,9 @@ class Client:
         try:
             await self._subscribe(pending.topic)
             t0 = time.monotonic()
-            await self._call(self._mqtt_client().publish(self.topics.requests, payload, qos=1))
+            await self._call(lambda m: m.publish(self.topics.requests, payload, qos=1))
             log.debug("request %s sent, replies on %s", req.id, pending.topic)
-            order = _Reorder(req.id, req.sampling.max_tokens)
+            order = pending.order = _Reorder(req.id, req.sampling.max_tokens)
             last_arrival: float | None = None
             while True:
                 for chunk in order.pop_ready(time.monotonic()):
@@ -501,7 +549,7 @@ class Client:
     async def _subscribe(self, topic: str) -> None:
         if topic not in self._subscribed:
             self._subscribed.add(topic)
-            await self._call(self._mqtt_client().subscribe(topic, qos=1))
+            await self._call(lambda m: m.subscribe(topic, qos=1))
 
     def _release(self, p: _Pending, *, cancel: bool) -> None:
         """Forgets a request; the cancel and unsubscribe go out from a task the client owns, so
@@ -537,8 +585,22 @@ class Client:
             raise RuntimeError("use the client inside 'async with Client(...)'")
         return self._mqtt
 
-    async def _call(self, op: Any) -> Any:
-        try:
-            return await op
-        except aiomqtt.MqttError as e:
-            raise self._lost or BrokerError(f"the broker at {self.broker_display} failed a request: {e}") from None
+    async def _call(self, op: Any, attempts: int = 3) -> Any:
+        """``op(connection)``; while the client reconnects it waits, then tries again on the new connection (a
+        request sent twice is recognised by the mesh as the same one)."""
+        for attempt in range(attempts):
+            try:
+                async with asyncio.timeout(self.reconnect_timeout + self.discovery_timeout):
+                    await self._connected.wait()
+            except TimeoutError:
+                pass
+            if self._lost is not None:
+                raise self._lost
+            try:
+                return await op(self._mqtt_client())
+            except aiomqtt.MqttError as e:
+                if self._lost is not None:
+                    raise self._lost from None
+                if attempt == attempts - 1:
+                    raise BrokerError(f"the broker at {self.broker_display} failed a request: {e}") from None
+                await asyncio.sleep(0.2)  # the reader notices a lost connection and reconnects meanwhile

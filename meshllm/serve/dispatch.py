@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -67,6 +68,14 @@ class Dispatcher:
         req: api.Request | None = None
         try:
             req = api.parse_request(bytes(payload), topics.replies)
+            digest = hashlib.sha256(bytes(payload)).hexdigest()[:32]
+            known = self.journal.jobs.get(req.id)
+            if known is not None:
+                if known.meta.get("digest") == digest:  # the same request again (a client that reconnected)
+                    log.info("%s: request %s arrived twice; serving it once", self.node.node_id, req.id)
+                    return
+                raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
+                                       req.reply_to)
             tok = server.tokenizer
             prompt = req.prompt if req.prompt is not None else tok.apply_chat_template(list(req.messages))
             ids = tok.encode(prompt, bos=req.prompt is not None)
@@ -82,11 +91,8 @@ class Dispatcher:
             if not req.sampling.greedy and sampling["seed"] is None:
                 sampling["seed"] = secrets.randbits(63)  # fixed now, so that a resumed request draws the same
             meta = {"reply_to": req.reply_to, "sampling": sampling, "prompt_len": len(ids),
-                    "last_prompt_token": ids[-1], "t_received": time.time(), "request_id": req.id}
+                    "last_prompt_token": ids[-1], "t_received": time.time(), "request_id": req.id, "digest": digest}
             job = Job(req.id, req.reply_to, len(ids))
-            if req.id in self.journal.jobs:
-                raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
-                                       req.reply_to)
             self._jobs_meta[job.id] = (ids, meta)
             try:
                 routed = sched.admit(job)
@@ -166,10 +172,15 @@ class Dispatcher:
         if self.scheduler is None:
             return
         key = str(frame["id"])
-        job = self.scheduler.jobs.get(key.split("@", 1)[0])
+        rid = key.split("@", 1)[0]
+        job = self.scheduler.jobs.get(rid)
         if job is not None and job.key != key:
             return
-        self._dispatch_all(self.scheduler.done(key.split("@", 1)[0]))
+        rec = self.journal.jobs.get(rid)
+        if rec is not None and frame_key(rid, rec.attempt) == key and frame.get("t") == "done":
+            self.journal.jobs.pop(rid)  # before its clear arrives: never restated to a new broker
+            self.journal.progress.pop(rid, None)
+        self._dispatch_all(self.scheduler.done(rid))
 
     def on_journal_cleared(self, rec: JobRecord) -> None:
         """The journal dropped a finished request: also a 'done' for a planner that missed the frame."""
@@ -194,6 +205,17 @@ class Dispatcher:
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
                 await server.send(rec.route.decode_nodes[-1], {"t": "cancel", "id": frame_key(rid, rec.attempt)})
+
+    async def restate_journal(self) -> None:
+        """On a new broker session the planner writes back the journal it follows: a broker that was
+        restarted or replaced holds none of it."""
+        if not self.node.is_planner:
+            return
+        for rec in list(self.journal.jobs.values()):
+            await self._write(rec)
+            progress = self.journal.progress.get(rec.id)
+            if progress is not None:
+                await self.node.publish(self.node.topics.progress(rec.id), progress.to_json(), retain=True)
 
     # --- faults -----------------------------------------------------------
 

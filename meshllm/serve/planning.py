@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiomqtt
+
 from meshllm.profile import DeviceProfile, Link
 
 if TYPE_CHECKING:
@@ -71,7 +73,12 @@ class PlannerDuty:
             if plan is not None:
                 self.version = max(self.version, int((node.plan or {}).get("version", 0))) + 1
                 plan["version"] = self.version  # versions only grow, whoever planned before
-                await node.publish_plan(plan)
+                try:
+                    await node.publish_plan(plan)
+                except (RuntimeError, aiomqtt.MqttError) as e:  # lost the broker or the role: plan again later
+                    log.warning("%s: plan v%d not published: %s", node.node_id, self.version, e)
+                    seen = None
+                    continue
                 log.info("%s: published plan v%d (%d replicas)", node.node_id, self.version,
                          len(plan.get("replicas", [])))
 

@@ -36,6 +36,7 @@ class SequenceState:
     cancelled: bool = False
     finish_reason: str | None = None
     checkpoint: Checkpoint | None = None  # records progress in the journal, so that the request can resume
+    sent: list[dict[str, Any]] = field(default_factory=list)  # every reply by index, for a client's replay
     _checkpointed: float = 0.0
 
     def __post_init__(self) -> None:
@@ -47,7 +48,8 @@ class SequenceState:
         # detokenizer and the stop rules are where they were and indices continue.
         for token in (self.meta.get("resume") or {}).get("tokens", []):
             self.tokens.append(int(token))
-            self.stops.push(self.detok.push(int(token)))
+            text, _ = self.stops.push(self.detok.push(int(token)))
+            self.sent.append(api.token_reply(self.request_id, len(self.tokens) - 1, text, int(token)))
 
     @property
     def request_id(self) -> str:
@@ -58,13 +60,24 @@ class SequenceState:
     def reply_to(self) -> str:
         return str(self.meta["reply_to"])
 
+    async def _send(self, reply: dict[str, Any]) -> None:
+        self.sent.append(reply)
+        await self.publish(self.reply_to, reply)
+
+    async def replay(self, start: int) -> int:
+        """Publishes again the replies from index ``start`` on (a client that lost its broker asks for them;
+        it drops an index it has); returns how many."""
+        for reply in self.sent[start:]:
+            await self.publish(self.reply_to, reply)
+        return max(0, len(self.sent) - start)
+
     async def push(self, token: int, context: int) -> bool:
         """Handles a sampled token; returns whether the request goes on."""
         if token in self.stop_ids:
             return await self._finish("stop", "")
         self.tokens.append(token)
         text, hit = self.stops.push(self.detok.push(token))
-        await self.publish(self.reply_to, api.token_reply(self.request_id, len(self.tokens) - 1, text, token))
+        await self._send(api.token_reply(self.request_id, len(self.tokens) - 1, text, token))
         now = time.monotonic()
         if self.checkpoint is not None and now - self._checkpointed >= PROGRESS_EVERY_S:
             self._checkpointed = now
@@ -95,6 +108,5 @@ class SequenceState:
             "replicas": {"prefill": m.get("prefill_r"), "decode": m.get("decode_r")},
             "resumed": int(m.get("attempt", 0)),
         }
-        final = api.final_reply(self.request_id, n, text, reason, self.prompt_len, n, timings)
-        await self.publish(self.reply_to, final)
+        await self._send(api.final_reply(self.request_id, n, text, reason, self.prompt_len, n, timings))
         return False

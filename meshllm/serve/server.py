@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,11 @@ from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
 from meshllm.serve.journal import Journal
 from meshllm.serve.layout import Layout, LayoutError
 from meshllm.serve.sequence import SequenceState
-from meshllm.serve.stage import StageRunner
+from meshllm.serve.stage import Pace, StageRunner
 
 log = logging.getLogger(__name__)
+
+REPLAY_KEEP, REPLAY_KEEP_S = 256, 120.0  # ended streams kept for replays, and for how long
 
 
 class ServingNode:
@@ -85,6 +88,9 @@ class ServingNode:
         self.journal = Journal()
         self._pending_routes: list[tuple[str, Any]] = []
         self.dispatcher = Dispatcher(self)
+        # streams that ended here lately, for a client's replay after a broker outage (bounded)
+        self._ended: OrderedDict[str, tuple[float, SequenceState]] = OrderedDict()
+        self._ready_record: dict[str, Any] | None = None
 
     def _load_model_meta(self) -> None:
         """Manifest and tokenizer (fetched from a peer first if this node has no model files yet)."""
@@ -135,6 +141,9 @@ class ServingNode:
         node.subscribe(node.topics.cancel, self.dispatcher.on_cancel)
         node.subscribe(node.topics.jobs, self._on_job)
         node.subscribe(node.topics.all_progress, self._on_progress)
+        node.on_session(self.dispatcher.restate_journal)
+        node.on_session(self._announce)
+        node.subscribe(node.topics.replay, self._on_replay)
         self._route("fetch", lambda msg, writer: serve_fetch(self.model_dir, self.manifest, msg, writer))
         await self.links.__aenter__()
         await node.__aenter__()
@@ -203,11 +212,21 @@ class ServingNode:
         """Queues a retained write ('' clears) behind the replies already queued (journal progress)."""
         await self._outbox.put((topic, data, True))
 
-    async def _publisher(self) -> None:
+    async def _publisher(self, hold_s: float = 30.0) -> None:
+        """Publishes the outbox in order; while the broker is away (a restart, a move to another broker) it
+        holds the queue up to ``hold_s`` rather than drop replies."""
         while True:
             topic, data, retain = await self._outbox.get()
-            if not await self.node.publish(topic, data, qos=1, retain=retain):
-                log.warning("%s: could not publish to %s (no broker session)", self.node_id, topic)
+            deadline = time.monotonic() + hold_s
+            while not await self.node.publish(topic, data, qos=1, retain=retain):
+                if time.monotonic() > deadline:
+                    log.warning("%s: dropped a message to %s: no broker session for %g s", self.node_id, topic,
+                                hold_s)
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        await self.node.connected.wait()
+                await asyncio.sleep(0.05)
 
     def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
         return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish,
@@ -218,6 +237,29 @@ class ServingNode:
         progress = {"tokens": seq.tokens, "sampler": None if seq.params.greedy else seq.sampler.state(),
                     "attempt": int(seq.meta.get("attempt", 0))}
         await self.publish_retained(self.node.topics.progress(seq.request_id), json.dumps(progress))
+
+    def stream_ended(self, seq: SequenceState) -> None:
+        """Keeps an ended stream a while (``REPLAY_KEEP_S``, at most ``REPLAY_KEEP``) for replays."""
+        now = time.monotonic()
+        self._ended[seq.request_id] = (now, seq)
+        self._ended.move_to_end(seq.request_id)
+        while self._ended and (len(self._ended) > REPLAY_KEEP
+                               or next(iter(self._ended.values()))[0] < now - REPLAY_KEEP_S):
+            self._ended.popitem(last=False)
+
+    async def _on_replay(self, msg: aiomqtt.Message) -> None:
+        """``{"id", "from"}``: the node streaming (or lately done with) that request publishes its replies again."""
+        try:
+            req = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"")
+            rid, start = str(req["id"]), int(req["from"])
+        except (ValueError, KeyError, TypeError):
+            return
+        seqs = [s for r in self.runners.values() for s in r.sequences.values() if s.request_id == rid]
+        if not seqs and rid in self._ended:
+            seqs = [self._ended[rid][1]]
+        for seq in seqs:
+            n = await seq.replay(max(0, start))
+            log.info("%s: replayed %d replies of %s from index %d", self.node_id, n, rid, start)
 
     async def finished(self, key: str, meta: dict[str, Any], finish_reason: str) -> None:
         """A request ended here (its final reply or error is queued): clear its journal, tell the planner."""
@@ -317,8 +359,7 @@ class ServingNode:
                 self._refresh_ready()
             replica = layout.replica_of(self.node_id)
             if replica is None:
-                await self.node.publish(self.node.topics.ready(self.node_id), json.dumps(
-                    {"pv": layout.version, "r": None, "idle": True}), retain=True)
+                await self._announce({"pv": layout.version, "r": None, "idle": True})
                 self._retire_old(layout.version)
                 return
             index = replica.stage_index(self.node_id)
@@ -345,14 +386,36 @@ class ServingNode:
                     spinning=False))
                 self._segment = (key, segment)
             runner = StageRunner(self, layout, replica, index, segment, self.executor,
-                                 compute_scale=self.config.emulation.compute_scale)
+                                 compute_scale=self.config.emulation.compute_scale,
+                                 pace=self._pace(st.start, st.stop))
             self.runners[runner.key] = runner
             self._runner_tasks[runner.key] = asyncio.get_running_loop().create_task(runner.run())
             self._retire_old(layout.version)
-            await self.node.publish(self.node.topics.ready(self.node_id), json.dumps(
-                {"pv": layout.version, "r": replica.id, "stage": index, "role": replica.role}), retain=True)
+            await self._announce({"pv": layout.version, "r": replica.id, "stage": index, "role": replica.role})
             log.info("%s: serving plan v%d as stage %d of %s replica %d (layers %d-%d)", self.node_id,
                      layout.version, index, replica.role, replica.id, st.start, st.stop - 1)
+
+    async def _announce(self, ready: dict[str, Any] | None = None) -> None:
+        """Publishes (or, without ``ready``, restates to a new broker) this node's retained readiness."""
+        if ready is not None:
+            self._ready_record = ready
+        if self._ready_record is not None:
+            await self.node.publish(self.node.topics.ready(self.node_id), json.dumps(self._ready_record), retain=True)
+
+    def _pace(self, start: int, stop: int) -> Pace | None:
+        """With ``--emulate-timing model``: how long a run of layers [start, stop) takes on the emulated device,
+        as the planner's cost model (and the simulator) predict it from this node's advertised profile."""
+        if self.config.emulation.timing != "model" or self.manifest is None or self.node.profile is None:
+            return None
+        from meshllm.plan import CostModel, ModelCosts
+
+        cost = CostModel(ModelCosts.from_manifest(self.manifest), [self.node.profile])
+
+        def pace(kind: str, n: int, context: float) -> float:
+            if kind == "prefill":
+                return cost.prefill_time(0, start, stop, n, context)
+            return cost.decode_time(0, start, stop, context, n)
+        return pace
 
     def _segment_in_use(self) -> bool:
         return any(r.active or r.sequences for r in self.runners.values())

@@ -61,6 +61,8 @@ class Fabric(Protocol):
 
     async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None: ...
 
+    def stream_ended(self, seq: SequenceState) -> None: ...
+
 
 @dataclass
 class _Item:
@@ -290,6 +292,7 @@ class StageRunner:
 
     async def _finish(self, state: SequenceState) -> None:
         self.sequences.pop(state.id, None)
+        self.fabric.stream_ended(state)
         for s in self.replica.stages:
             frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": state.id}
             if s.node_id == self.fabric.node_id:
