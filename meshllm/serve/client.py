@@ -238,6 +238,7 @@ class _Pending:
         self.queue: asyncio.Queue[tuple[float, object]] = asyncio.Queue(queue_size)
         self.failure: MeshError | None = None
         self.order: _Reorder | None = None  # set once the request is sent: the replay starts at its next index
+        self.payload = b""  # the request as sent, to send again until it is answered
 
     def deliver(self, arrival: float, obj: object) -> None:
         try:
@@ -272,13 +273,16 @@ class Client:
     the mesh to publish again the replies of each request in flight from the
     first index it lacks (``replay``); indices it has are dropped, so the
     stream goes on as if nothing happened. Past that time requests in flight
-    fail with :class:`BrokerError`.
+    fail with :class:`BrokerError`. Until a request's first reply arrives it is
+    sent again every ``resend_s`` seconds (the mesh serves it once), so that
+    one sent while the mesh changed planner or broker is not lost.
     """
 
     def __init__(self, mesh: str = "meshllm", broker: str | None = None, interface: str | None = None,
                  ca_file: str | None = None, *, first_token_timeout: float = 120.0, idle_timeout: float = 30.0,
                  gap_timeout: float = 2.0, queue_size: int = 1024, discovery_timeout: float = 5.0,
-                 login: tuple[str, str] | None = None, reconnect_timeout: float = 30.0) -> None:
+                 login: tuple[str, str] | None = None, reconnect_timeout: float = 30.0,
+                 resend_s: float = 3.0) -> None:
         try:
             self.topics = Topics(mesh)
         except ValueError as e:
@@ -287,7 +291,7 @@ class Client:
         self.first_token_timeout, self.idle_timeout, self.gap_timeout = first_token_timeout, idle_timeout, gap_timeout
         self.queue_size, self.discovery_timeout = queue_size, discovery_timeout
         self.login = login
-        self.reconnect_timeout = reconnect_timeout
+        self.reconnect_timeout, self.resend_s = reconnect_timeout, resend_s
         self._connected = asyncio.Event()
         self.broker_display = "(not connected)"
         self._mqtt: aiomqtt.Client | None = None
@@ -481,6 +485,7 @@ class Client:
             await self._call(lambda m: m.publish(self.topics.requests, payload, qos=1))
             log.debug("request %s sent, replies on %s", req.id, pending.topic)
             order = pending.order = _Reorder(req.id, req.sampling.max_tokens)
+            pending.payload = payload
             last_arrival: float | None = None
             while True:
                 for chunk in order.pop_ready(time.monotonic()):
@@ -517,13 +522,22 @@ class Client:
                 deadline = last_arrival + idle_timeout
                 late = RequestTimeout(f"the mesh stopped replying to request {rid!r} after index "
                                       f"{order.next_index - 1} for {idle_timeout:g} s (idle_timeout)", rid)
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
-                # arrives together with a reply (CPython gh-86296), and the consumer would keep streaming
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    arrival, obj = await p.queue.get()
-            except TimeoutError:
-                raise late from None
+            while True:
+                # Until the first reply the request is sent again every resend_s: one sent while no node was
+                # planner (a hand-over) or while the nodes were away from the broker is then not lost; the
+                # mesh serves a request it already holds once.
+                until = deadline if last_arrival is not None else min(deadline, time.monotonic() + self.resend_s)
+                try:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+                    # arrives together with a reply (CPython gh-86296), and the consumer would keep streaming
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                        arrival, obj = await p.queue.get()
+                    break
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise late from None
+                    log.debug("request %s: no reply yet; sending it again", rid)
+                    await self._call(lambda m: m.publish(self.topics.requests, p.payload, qos=1))
         else:  # what has arrived counts, even when the consumer was slower than the deadline
             arrival, obj = p.queue.get_nowait()
         if obj is _WAKE:

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +88,9 @@ class Dispatcher:
                                        f"of {limit} tokens", req.id, req.reply_to)
             sampling = req.sampling.to_json()
             if not req.sampling.greedy and sampling["seed"] is None:
-                sampling["seed"] = secrets.randbits(63)  # fixed now, so that a resumed request draws the same
+                # fixed now, so that a resumed request draws the same; from the request itself, so that a
+                # second planner handling the same request (during a hand-over) draws the same too
+                sampling["seed"] = int(digest[:15], 16)
             meta = {"reply_to": req.reply_to, "sampling": sampling, "prompt_len": len(ids),
                     "last_prompt_token": ids[-1], "t_received": time.time(), "request_id": req.id, "digest": digest}
             job = Job(req.id, req.reply_to, len(ids))

@@ -86,6 +86,7 @@ class StageRunner:
         self.active: set[str] = set()  # requests with KV on this stage
         self._kv_missing: dict[str, int] = {}  # DECODE: layers of a handed-off prompt not yet received
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
+        self._prefilling: set[str] = set()  # prompts queued here
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
         self.busy_s = 0.0
         self.tokens_out = 0
@@ -103,7 +104,11 @@ class StageRunner:
             raise FrameError(f"stage inbox full ({self.inbox.maxsize} items): refusing more work") from None
 
     def on_prefill(self, frame: dict[str, Any]) -> None:
-        self._put(_Item("prefill", frame["id"], frame["x"], frame["meta"]))
+        rid = frame["id"]
+        if rid in self.active or rid in self._prefilling:  # the same request dispatched twice must not run twice
+            raise GenerationError(f"prefill for {rid!r}, which is already here (sent twice?)")
+        self._put(_Item("prefill", rid, frame["x"], frame["meta"]))
+        self._prefilling.add(rid)
 
     def on_step(self, frame: dict[str, Any]) -> None:
         x = frame["x"]
@@ -123,6 +128,8 @@ class StageRunner:
         rid, layer = frame["id"], frame["layer"]
         if layer not in self.segment.layers:
             raise GenerationError(f"kv frame for layer {layer}; this stage holds layers {self.segment.layers}")
+        if rid in self.active and rid not in self._kv_missing:
+            raise GenerationError(f"kv frame for {rid!r}, whose KV is complete here (sent twice?)")
         opened = rid not in self.active
         if opened:
             self.segment.open(rid)
@@ -143,6 +150,8 @@ class StageRunner:
     async def on_begin(self, frame: dict[str, Any]) -> None:
         """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
         meta = frame["meta"]
+        if frame["id"] in self.sequences:
+            raise GenerationError(f"begin for {frame['id']!r}, which already streams here (sent twice?)")
         sampling = SamplingParams(**meta["sampling"])
         state = self.fabric.make_sequence(frame["id"], meta, Sampler.restore(sampling, frame["sampler"]))
         self.sequences[frame["id"]] = state
@@ -206,6 +215,7 @@ class StageRunner:
 
     async def _prefill(self, item: _Item) -> None:
         rid, meta = item.rid, item.meta
+        self._prefilling.discard(rid)
         if self.is_first:
             meta["t_prefill_start"] = time.time()
         try:
