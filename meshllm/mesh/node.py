@@ -338,6 +338,10 @@ class Node:
                     claim = json.loads(payload)
                     if self.election.on_claim(str(claim["node"]), int(claim["term"])):
                         self.changed.set()
+                    elif self.is_planner and int(claim["term"]) < self.election.term:
+                        # a stale claim (a node that restarted, or came back from a partition) overwrote
+                        # the retained one: put ours back so that nodes joining now learn the real term
+                        await self._publish_claim(self.election.term)
                 elif topic == self.topics.plan and payload:
                     plan = json.loads(payload)
                     if self.election.accepts_plan(int(plan["term"]), str(plan["planner"])):
@@ -356,6 +360,9 @@ class Node:
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         beat = 0
+        # no claim before the session has had time to deliver the retained claim and the peers' records and
+        # heartbeats: a node that just (re)connected knows nobody yet and would claim against a live planner
+        may_claim_at = time.monotonic() + 2 * self.config.heartbeat_s
         while True:
             await client.publish(self.topics.heartbeat(self.node_id), str(beat), qos=0)
             beat += 1
@@ -364,7 +371,7 @@ class Node:
                 self.changed.set()
                 for node_id in gone:  # declare them gone mesh-wide (idempotent; a stalled node republishes)
                     await client.publish(self.topics.member(node_id), b"", qos=1, retain=True)
-            term = self.election.should_claim(self.membership.ids)
+            term = self.election.should_claim(self.membership.ids) if time.monotonic() >= may_claim_at else None
             if term is not None:
                 self.election.on_claim(self.node_id, term)
                 await self._publish_claim(term)
