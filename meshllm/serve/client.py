@@ -303,6 +303,11 @@ class Client:
         self._topic_users: dict[str, set[str]] = {}  # reply topic -> ids of requests in flight on it
         self._subscribed: set[str] = set()
 
+    @property
+    def lost(self) -> bool:
+        """Whether the broker connection is gone for good (reconnecting failed): re-enter the client."""
+        return self._lost is not None
+
     # --- lifecycle ---------------------------------------------------------
 
     async def _connect(self) -> aiomqtt.Client:
@@ -610,11 +615,18 @@ class Client:
                 pass
             if self._lost is not None:
                 raise self._lost
+            mqtt = self._mqtt_client()
             try:
-                return await op(self._mqtt_client())
+                return await op(mqtt)
             except aiomqtt.MqttError as e:
                 if self._lost is not None:
                     raise self._lost from None
                 if attempt == attempts - 1:
                     raise BrokerError(f"the broker at {self.broker_display} failed a request: {e}") from None
-                await asyncio.sleep(0.2)  # the reader notices a lost connection and reconnects meanwhile
+                # the reader notices a lost connection and makes a new one: try again on that
+                now = time.monotonic()
+                deadline, noticed_by = now + self.reconnect_timeout + self.discovery_timeout, now + 2.0
+                while self._mqtt is mqtt and self._lost is None and time.monotonic() < deadline:
+                    if self._connected.is_set() and time.monotonic() > noticed_by:  # the connection is fine:
+                        raise BrokerError(f"the broker at {self.broker_display} refused a request: {e}") from None
+                    await asyncio.sleep(0.05)

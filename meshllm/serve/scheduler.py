@@ -86,8 +86,10 @@ class Scheduler:
                 return job
             self.queue.appendleft(job)
             return None
-        if not self.available():
-            raise RequestError(api.UNAVAILABLE, "no replica is ready yet; try again shortly", job.id, job.reply_to)
+        if not self.layout.replicas:
+            raise RequestError(api.UNAVAILABLE, "the plan has no replica; try again shortly", job.id, job.reply_to)
+        # With no replica ready (a plan being deployed, or re-made after a node left) the request waits in
+        # the queue like one waiting for a slot: the mesh is recovering, and the queue is bounded.
         if not self.queue and self._dispatch(job):
             return job
         if len(self.queue) >= self.max_queue:
