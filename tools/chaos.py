@@ -392,7 +392,7 @@ class Load:
             o.status, o.code, o.message = "failed", "broker_lost", str(e)
             if client.lost:  # the client reconnects by itself; reopen it only once it has given up
                 self._broken.set()
-        except MeshError as e:
+        except (MeshError, RuntimeError) as e:  # RuntimeError: the client was closed (reopened) meanwhile
             o.status, o.code, o.message = "failed", "client_error", str(e)
         o.t_end = time.monotonic()
 
@@ -437,8 +437,7 @@ class Load:
                 if down_since is None:
                     down_since = time.monotonic()
                     self.say("wire: lost the broker connection")
-                self._broken.set()  # the app's client shares the broker: let its owner reopen it
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # (the app's Client reconnects by itself)
 
     def _record(self, topic: str, payload: bytes) -> None:
         try:
