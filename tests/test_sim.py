@@ -144,3 +144,26 @@ def test_requests_wait_for_a_plan_that_is_not_deployed_yet() -> None:
     res = simulate(_plan(1, [("a", 0, 1)]), cost, _stream(np.array([1.0, 2.0]), 100), ready_s=5.0)
     assert res.wait == pytest.approx([4.0, 4.0])  # starts at 5 and 6 (1 s service)
     assert res.ttft == pytest.approx([5.0, 5.0])
+
+
+def test_serving_batching_merges_decode_batches_at_every_stage() -> None:
+    """A PREFILL replica (instant) and a two-stage DECODE replica whose runs take 0.5 s on stage 0 and 2 s on
+    stage 1 whatever the batch (memory-bound). Requests of one decode step arrive at 0, 0.6 and 1.2 s: each
+    passes stage 0 alone, B and C then both wait for stage 1, which runs them as one batch when A leaves it
+    (StageRunner batches what waits in its inbox, at every stage). By hand: A ends at 2.5 s, B and C at 4.5 s
+    (4.5 and 6.5 s if they could only merge at the first stage); stage 1 computed 4 s."""
+    model = ModelCosts.uniform(2, flops=0, attn_flops=0, weight_bytes=1e9, kv_bytes=0, act_bytes=0,
+                               embed_weight_bytes=0, head_flops=0, head_weight_bytes=0, max_seq_len=4096)
+
+    def device(name: str, bw: float) -> DeviceProfile:
+        return DeviceProfile(node_id=name, name=name, flops=1e18, mem_bandwidth_Bps=bw, mem_bytes=10**12,
+                             default_link=NO_LINK)
+    cost = CostModel(model, [device("p", 1e18), device("a", 2e9), device("b", 5e8)])
+    pre = Replica(0, Role.PREFILL, (Stage("p", 0, 2, 0.0, 0.0, 0.0, 1.0),), 8, 4096, 0.0, 0.0, 1.0, 1.0)
+    dec = Replica(1, Role.DECODE, (Stage("a", 0, 1, 0.0, 0.0, 0.0, 1.0), Stage("b", 1, 2, 0.0, 0.0, 0.0, 1.0)), 8,
+                  4096, 0.0, 0.0, 1.0, 1.0)
+    plan = Plan(1, "synthetic", 2, "test", Workload.simple(100, 2, 1.0), (pre, dec), (), infeasible_metrics(1.0))
+    res = simulate(plan, cost, _stream(np.array([0.0, 0.6, 1.2]), 10, n_out=2), batching="serving")
+    assert res.completed == 3
+    assert list(res.e2e + np.array([0.0, 0.6, 1.2])) == pytest.approx([2.5, 4.5, 4.5], abs=1e-6)
+    assert res.busy_s["a"] == pytest.approx(1.5) and res.busy_s["b"] == pytest.approx(4.0)

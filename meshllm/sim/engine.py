@@ -20,8 +20,11 @@ What is modelled (every time comes from :class:`~meshllm.plan.cost.CostModel`):
   queues interleave the lanes). Sequences whose KV arrives during a lane's
   step join at its end; finished ones leave at its end.
   With ``batching="serving"`` decode batches as meshllm's stages batch
-  instead: each sequence starts as its own micro-batch and micro-batches
-  that wait together at the first stage merge (see :func:`simulate`).
+  instead (see :func:`simulate`): each sequence starts as its own
+  micro-batch; in a DECODE replica every stage runs all the micro-batches
+  waiting for it as one (``StageRunner._step``), at every stage, and the
+  last stage feeds the batch's tokens back as one step; in a MIXED replica
+  micro-batches that wait together at the first stage merge.
 - A MIXED replica time-shares its stages: work enters the first stage only
   when that stage is free; when prompts and decode steps both wait, they
   take turns (one prompt, one lane step). Strict decode-first (the
@@ -55,7 +58,7 @@ from meshllm.plan.plan import Plan
 from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
-ARRIVE, PREFILLED, KV_READY, STEP_DONE, STAGE0_FREE = range(5)
+ARRIVE, PREFILLED, KV_READY, STEP_DONE, STAGE0_FREE, STAGE_DONE, FED = range(7)
 LANES = 1 << 32  # STEP_DONE payload: replica id * LANES + lane
 BATCHING = ("lanes", "serving")
 
@@ -83,6 +86,10 @@ class _Replica:
         self.prompt_turn = True  # when both wait, the first stage alternates a prompt and a decode step
         first, last = stages[0][0], stages[-1][0]
         self.token_back = cost.transfer_time(last, first, TOKEN_ID_BYTES) if len(stages) > 1 else 0.0
+        # "serving" batching in a DECODE replica: each stage's waiting sequences, and what it runs now
+        self.per_stage = False
+        self.waiting: list[list[list[int]]] = [[] for _ in range(k)]
+        self.running: list[list[list[int]] | None] = [None] * k
 
     def lane_for(self) -> int:
         sizes = [len(a) + len(j) for a, j in zip(self.active, self.joining, strict=True)]
@@ -177,9 +184,10 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     ``batching``: how decode sequences form micro-batches. ``"lanes"`` (the default, the
     evaluation's idealised continuous batching): one lane per stage, a sequence joins the
     lane with the fewest. ``"serving"``: what meshllm's stages do (``StageRunner._step``):
-    a sequence starts as its own micro-batch, and micro-batches waiting together to enter the
-    first stage merge into one and stay merged; a k-stage pipeline then carries as many
-    micro-batches as happen not to meet (merges at later stages are not modelled).
+    a sequence starts as its own micro-batch; in a DECODE replica each stage, when free, runs
+    every sequence waiting for it as one batch and passes it on, and the last stage feeds the
+    tokens back to the first as one step (so batches merge wherever they meet); in a MIXED
+    replica micro-batches waiting together to enter the first stage merge and stay merged.
     """
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
@@ -187,8 +195,10 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     router = router if router is not None else router_for(plan)
     reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages])
             for r in plan.replicas}
-    for rep in reps.values():
-        rep.free = [ready_s] * len(rep.free)
+    for r in plan.replicas:
+        reps[r.id].free = [ready_s] * len(reps[r.id].free)
+        reps[r.id].per_stage = serving and r.role == "decode"
+    feeding: dict[int, list[list[int]]] = {}  # FED payload -> the sequences whose tokens go back
     by_id = {q.id: q for q in reqs}
     route: dict[int, Route] = {}
     start: dict[int, float] = {}
@@ -238,6 +248,41 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             rep.wake_pending = True
             push(rep.free[0], STAGE0_FREE, rep.id)
 
+    def run_stage(t: float, rep: _Replica, j: int) -> None:
+        """A DECODE stage that is free runs every sequence waiting for it as one batch."""
+        if rep.running[j] is not None or not rep.waiting[j]:
+            return
+        batch, rep.waiting[j] = rep.waiting[j], []
+        d, a, b = rep.stages[j]
+        ctx = float(np.mean([by_id[i].n_in + made for i, made in batch]))
+        dt = cost.decode_time(d, a, b, ctx, len(batch)) + rep._send(j, len(batch))
+        s = max(t, rep.free[j])
+        rep.free[j] = s + dt
+        rep.busy[j] += dt
+        rep.running[j] = batch
+        push(s + dt, STAGE_DONE, rep.id * LANES + j)
+
+    def stage_done(t: float, rep: _Replica, j: int) -> None:
+        batch = rep.running[j]
+        assert batch is not None
+        rep.running[j] = None
+        if j + 1 < len(rep.stages):
+            rep.waiting[j + 1].extend(batch)
+            run_stage(t, rep, j + 1)
+        else:
+            still = []
+            for item in batch:
+                item[1] += 1
+                if item[1] >= by_id[item[0]].n_out:
+                    finished(t, by_id[item[0]])
+                else:
+                    still.append(item)
+            if still:
+                nonlocal seq
+                feeding[seq] = still
+                push(t + rep.token_back, FED, rep.id * LANES + seq)  # push() takes seq as the key below
+        run_stage(t, rep, j)
+
     def finished(t: float, q: Request) -> None:
         finish[q.id] = t
         for nq, r in router.done(q):
@@ -269,6 +314,10 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             push(t + hand, KV_READY, x)
         elif kind == KV_READY:
             dec = reps[route[x][1]]
+            if dec.per_stage:
+                dec.waiting[0].append([x, 1])
+                run_stage(t, dec, 0)
+                continue
             if serving:  # its own micro-batch, ready to enter the first stage now
                 lane = dec.new_lane()
                 dec.active[lane].append([x, 1])
@@ -283,6 +332,12 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         elif kind == STAGE0_FREE:
             reps[x].wake_pending = False
             kick(t, reps[x])
+        elif kind == STAGE_DONE:
+            stage_done(t, reps[x // LANES], x % LANES)
+        elif kind == FED:
+            rep = reps[x // LANES]
+            rep.waiting[0].extend(feeding.pop(x % LANES))
+            run_stage(t, rep, 0)
         else:  # STEP_DONE
             rep, lane = reps[x // LANES], x % LANES
             still = []
