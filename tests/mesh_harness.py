@@ -180,11 +180,12 @@ def make_test_ca(d: Path) -> None:
 
 
 @contextlib.contextmanager
-def amqtt_broker() -> Iterator[str]:
-    """The embedded broker as a standalone process (``meshllm broker``)."""
+def amqtt_broker(secret_file: Path | None = None) -> Iterator[str]:
+    """The embedded broker as a standalone process (``meshllm broker [--secret-file]``)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "meshllm", "broker", "--host", LOOPBACK, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    secret = ["--secret-file", str(secret_file)] if secret_file else []
+    proc = subprocess.Popen([sys.executable, "-m", "meshllm", "broker", "--host", LOOPBACK, "--port", str(port),
+                             *secret], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: _port_open(port), 20, "amqtt broker to listen")
         yield f"mqtt://127.0.0.1:{port}"

@@ -11,8 +11,6 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import aiomqtt
@@ -20,10 +18,10 @@ import pytest
 
 from meshllm.dataplane.auth import secret_key
 from meshllm.mesh.access import APP_USER, NODE_USER, app_login, node_login, permitted, with_login
-from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, free_port
+from meshllm.mesh.broker import BrokerURL, EmbeddedBroker
 from meshllm.mesh.discovery import Discovery
 from meshllm.mesh.status import read_state
-from tests.mesh_harness import LOOPBACK, NodeProc, _port_open, wait_until
+from tests.mesh_harness import LOOPBACK, NodeProc, amqtt_broker, wait_until
 from tests.serving_harness import all_ready, random_model, replica
 
 SECRET = "correct horse battery staple"
@@ -142,20 +140,6 @@ async def test_without_a_secret_the_embedded_broker_is_open_as_before() -> None:
 # --- real nodes ---------------------------------------------------------------------------
 
 
-@contextmanager
-def _broker_proc(secret_file: Path) -> Iterator[str]:
-    """``meshllm broker --secret-file`` in a subprocess."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "meshllm", "broker", "--host", LOOPBACK, "--port", str(port),
-                             "--secret-file", str(secret_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _port_open(port), 20, "meshllm broker to listen")
-        yield f"mqtt://{LOOPBACK}:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def _signed_broker(mesh: str, timeout: float = 20.0) -> str:
     """The mesh's broker as a node with the secret sees it over mDNS (signed records only)."""
     async def go() -> str:
@@ -219,7 +203,7 @@ def test_app_with_the_app_login_is_served_and_one_without_it_cannot_submit(tmp_p
     mesh = f"t-auth-{secrets.token_hex(3)}"
     plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "mixed", [("n1", 0, 4)])]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    with _broker_proc(tmp_path / "secret") as broker:
+    with amqtt_broker(tmp_path / "secret") as broker:
         node = NodeProc(mesh, "n1", broker=broker, log_dir=tmp_path, extra=[
             "--model", str(model), "--plan-file", str(tmp_path / "plan.json"),
             "--secret-file", str(tmp_path / "secret")])
