@@ -100,6 +100,7 @@ class Node:
         self._subscriptions: list[tuple[str, Callable[[aiomqtt.Message], Awaitable[None]]]] = []
         self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
         self._session_listeners: list[Callable[[], Awaitable[None]]] = []
+        self._echo = 0.0  # when our own last heartbeat came back through the broker
         self._started = time.monotonic()
         self._leaving = False
         self.record_extra: dict[str, Any] = {}
@@ -162,6 +163,12 @@ class Node:
         return True
 
     # --- the view -----------------------------------------------------
+
+    @property
+    def in_touch(self) -> bool:
+        """Whether this node hears the mesh: connected, and its own heartbeat came back lately. A node that
+        is not must not act on its view of the others (expire them, resume their requests, re-plan)."""
+        return self.connected.is_set() and time.monotonic() - self._echo < self.config.failure_timeout_s
 
     @property
     def is_planner(self) -> bool:
@@ -323,7 +330,10 @@ class Node:
             payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
             try:
                 if msg.topic.matches(self.topics.heartbeats):
-                    self.membership.on_heartbeat(self.topics.leaf(topic), now())
+                    sender = self.topics.leaf(topic)
+                    self.membership.on_heartbeat(sender, now())
+                    if sender == self.node_id:
+                        self._echo = now()
                 elif msg.topic.matches(self.topics.members):
                     info = json.loads(payload) if payload else None
                     if info is not None and not isinstance(info, dict):
@@ -366,12 +376,15 @@ class Node:
         while True:
             await client.publish(self.topics.heartbeat(self.node_id), str(beat), qos=0)
             beat += 1
-            gone = self.membership.expire(time.monotonic())
+            # silence is only news when our own heartbeats still come back: a node cut off from the broker
+            # (its link down, the session not yet timed out) must not declare everyone else gone
+            gone = self.membership.expire(time.monotonic()) if self.in_touch else []
             if gone:
                 self.changed.set()
                 for node_id in gone:  # declare them gone mesh-wide (idempotent; a stalled node republishes)
                     await client.publish(self.topics.member(node_id), b"", qos=1, retain=True)
-            term = self.election.should_claim(self.membership.ids) if time.monotonic() >= may_claim_at else None
+            term = (self.election.should_claim(self.membership.ids)
+                    if time.monotonic() >= may_claim_at and self.in_touch else None)
             if term is not None:
                 self.election.on_claim(self.node_id, term)
                 await self._publish_claim(term)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEND_S = 0.2
+RETRY_S, MAX_DISPATCH_TRIES = 0.5, 40  # a prompt that cannot be sent is routed again, for about 20 s
 
 
 def frame_key(request_id: str, attempt: int) -> str:
@@ -154,13 +155,26 @@ class Dispatcher:
         try:
             await server.send(prefill.first.node_id, frame)
         except MeshError as e:
-            if not job.resumed:
+            # the replica is going away (a node lost, a plan rolling out): route the request again shortly
+            tries = int(meta.get("dispatch_tries", 0)) + 1
+            log.warning("%s: could not send %s to %s (%s); try %d", self.node.node_id, job.id,
+                        prefill.first.node_id, e, tries)
+            if self.scheduler is not None:
+                self.scheduler.forget(job.id)
+            if tries > MAX_DISPATCH_TRIES:
                 await server.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE,
                                                                    f"replica unreachable: {e}"))
                 await server.publish_retained(self.node.topics.job(job.id), "")
                 self.journal.jobs.pop(job.id, None)
-                self.on_done({"id": job.key})
-            # a resumed job stays journaled on the lost route: tending resumes it again
+                return
+            await asyncio.sleep(RETRY_S)
+            meta["dispatch_tries"] = tries
+            if self.node.is_planner and self.scheduler is not None and job.id not in self._jobs_meta:
+                self._jobs_meta[job.id] = (ids, meta)
+                routed = self.scheduler.admit(Job(job.id, job.reply_to, len(ids), attempt=job.attempt),
+                                              accepted=True)
+                if routed is not None:
+                    await self._start(routed)
 
     async def _write(self, rec: JobRecord) -> bool:
         """Journals a record and waits until the broker has it (retained, QoS 1)."""
@@ -228,7 +242,7 @@ class Dispatcher:
                 self.scheduler, self._adopted = None, False  # the journal is the truth for the next planner
                 self._jobs_meta.clear()
                 continue
-            if self.server.layout is None or not self.node.connected.is_set():
+            if self.server.layout is None or not self.node.in_touch:
                 continue
             try:
                 await self._tend_once()

@@ -53,7 +53,7 @@ class PlannerDuty:
         seen: tuple[Any, ...] | None = None
         while True:
             await asyncio.sleep(SETTLE_S)
-            if not node.is_planner or not node.connected.is_set():
+            if not node.is_planner or not node.in_touch:
                 seen = None
                 continue
             members = {m.node_id: m.info for m in node.membership.members.values()}
