@@ -288,10 +288,6 @@ class Node:
                 await client.subscribe(t, qos=1)
             self.membership.grace(time.monotonic(), self.config.failure_timeout_s)
             await self._publish_record()
-            if self.is_planner:  # a new (or restarted) broker has no retained claim or plan: restate ours
-                await self._publish_claim(self.election.term)
-                if self.plan is not None:
-                    await client.publish(self.topics.plan, json.dumps(self.plan), qos=1, retain=True)
             self.connected.set()
             self.changed.set()
             log.info("%s: joined mesh %r via %s", self.node_id, self.config.mesh, b)
@@ -351,7 +347,7 @@ class Node:
                     elif self.is_planner and int(claim["term"]) < self.election.term:
                         # a stale claim (a node that restarted, or came back from a partition) overwrote
                         # the retained one: put ours back so that nodes joining now learn the real term
-                        await self._publish_claim(self.election.term)
+                        await self._restate(client)
                 elif topic == self.topics.plan and payload:
                     plan = json.loads(payload)
                     if self.election.accepts_plan(int(plan["term"]), str(plan["planner"])):
@@ -361,6 +357,8 @@ class Node:
                             await listener(plan)
                     else:
                         log.info("%s: ignoring plan of stale term %s", self.node_id, plan.get("term"))
+                        if self.is_planner and self.plan is not None:  # it overwrote ours: put ours back
+                            await self._restate(client)
                 else:
                     for topic_filter, handler in self._subscriptions:
                         if msg.topic.matches(topic_filter):
@@ -368,8 +366,16 @@ class Node:
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("%s: ignoring malformed message on %s: %s", self.node_id, topic, e)
 
+    async def _restate(self, client: aiomqtt.Client) -> None:
+        """The planner puts its claim and plan back as the retained ones (a fresh broker has none; a node
+        that came back from a partition may have overwritten them with stale ones)."""
+        await self._publish_claim(self.election.term)
+        if self.plan is not None and self.plan.get("planner") == self.node_id:
+            await client.publish(self.topics.plan, json.dumps(self.plan), qos=1, retain=True)
+
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         beat = 0
+        restated = False
         # no claim before the session has had time to deliver the retained claim and the peers' records and
         # heartbeats: a node that just (re)connected knows nobody yet and would claim against a live planner
         may_claim_at = time.monotonic() + 2 * self.config.heartbeat_s
@@ -383,8 +389,14 @@ class Node:
                 self.changed.set()
                 for node_id in gone:  # declare them gone mesh-wide (idempotent; a stalled node republishes)
                     await client.publish(self.topics.member(node_id), b"", qos=1, retain=True)
-            term = (self.election.should_claim(self.membership.ids)
-                    if time.monotonic() >= may_claim_at and self.in_touch else None)
+            settled = time.monotonic() >= may_claim_at and self.in_touch
+            if settled and not restated:
+                # still planner once the session delivered the retained claim (a higher term would have
+                # demoted us): a fresh or restarted broker lacks our claim and plan
+                restated = True
+                if self.is_planner:
+                    await self._restate(client)
+            term = self.election.should_claim(self.membership.ids) if settled else None
             if term is not None:
                 self.election.on_claim(self.node_id, term)
                 await self._publish_claim(term)
