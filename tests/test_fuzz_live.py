@@ -215,7 +215,9 @@ VALID_REQUEST_ERRORS = {api.CONTEXT_LENGTH, api.INVALID_REQUEST, api.BUSY}
 
 async def publish_and_collect(live: Live, batch: list[Expect], timeout: float) -> dict[str, list[dict[str, Any]]]:
     """Publishes a batch; returns every message on the expected topics once each has its terminal messages."""
-    want = Counter(e.topic for e in batch)
+    # a valid request sent again with the same bytes while the first copy is in flight is served once
+    want = Counter(e.topic for e in {(e.topic, e.payload) if e.code is None else (e.topic, i): e
+                                     for i, e in enumerate(batch)}.values())
     got: dict[str, list[dict[str, Any]]] = {t: [] for t in want}
     ends: Counter[str] = Counter()
     async with aiomqtt.Client(**BrokerURL.parse(live.broker).client_kwargs()) as c:
@@ -257,11 +259,13 @@ def check_answers(batch: list[Expect], got: dict[str, list[dict[str, Any]]]) -> 
         predicted = Counter(e.code for e in es if e.code is not None)
         seen = Counter(err["code"] for err in errors)
         n_valid = sum(1 for e in es if e.code is None)
+        n_distinct = len({e.payload for e in es if e.code is None})  # identical copies may be served once
         assert predicted <= seen, (topic, predicted, seen, [e.payload[:200] for e in es])
         extra = seen - predicted
         assert set(extra) <= VALID_REQUEST_ERRORS and sum(extra.values()) <= n_valid, (topic, extra, es)
         finals = [m for m in msgs if m.get("done")]
-        assert len(finals) + sum(extra.values()) == n_valid, (topic, msgs[-3:], [e.payload[:200] for e in es])
+        answered = len(finals) + sum(extra.values())
+        assert n_distinct <= answered <= n_valid, (topic, msgs[-3:], [e.payload[:200] for e in es])
         if len(es) == 1 and finals:  # one stream alone on its topic: consecutive indices, ending in done
             assert [m["index"] for m in msgs] == list(range(len(msgs))), msgs
             assert msgs[-1]["usage"]["completion_tokens"] == len(msgs) - 1

@@ -103,9 +103,9 @@ class Dispatcher:
                 raise
             # Not awaited here: this handler runs in the node's MQTT receive loop. Journal writes go out in
             # the order they are made (one MQTT session), so a queued record never overtakes its route.
+            rec = JobRecord(job.id, ids, meta)
+            self.journal.jobs[job.id] = rec  # at once: the same request sent again is recognised from now on
             if routed is None:  # queued: journal it now, so that a new planner would queue it again
-                rec = JobRecord(job.id, ids, meta)
-                self.journal.jobs[job.id] = rec
                 server.spawn(self._write(rec))
             else:
                 server.spawn(self._start(routed))
@@ -197,6 +197,16 @@ class Dispatcher:
             self.journal.progress.pop(rid, None)
         self._dispatch_all(self.scheduler.done(rid))
 
+    async def on_bounce(self, frame: dict[str, Any]) -> None:
+        """A node got a prompt or begin for a stage it does not hold: move the request (its current attempt)."""
+        key = str(frame["id"])
+        rid = key.split("@", 1)[0]
+        rec = self.journal.jobs.get(rid)
+        if (not self.node.is_planner or self.scheduler is None or rec is None or rec.route is None
+                or frame_key(rid, rec.attempt) != key):
+            return
+        await self._resume(rec, set(self.node.membership.ids), why=str(frame["why"]))
+
     def on_journal_cleared(self, rec: JobRecord) -> None:
         """The journal dropped a finished request: also a 'done' for a planner that missed the frame."""
         self.on_done({"id": frame_key(rec.id, rec.attempt)})
@@ -266,7 +276,7 @@ class Dispatcher:
         for rec in self.journal.stranded(alive):
             await self._resume(rec, alive)
 
-    async def _resume(self, rec: JobRecord, alive: set[str]) -> None:
+    async def _resume(self, rec: JobRecord, alive: set[str], why: str | None = None) -> None:
         assert rec.route is not None and self.scheduler is not None
         server, route = self.server, rec.route
         self.scheduler.forget(rec.id)
@@ -277,8 +287,8 @@ class Dispatcher:
                     await server.send(n, {"t": "release", "pv": route.pv, "r": r, "id": old_key})
         progress = self.journal.progress_of(rec)
         max_tokens = int(rec.meta["sampling"]["max_tokens"])
-        log.warning("%s: resuming %s after losing %s, from token %d", self.node.node_id, rec.id,
-                    ", ".join(sorted(route.nodes - alive)), len(progress.tokens))
+        log.warning("%s: resuming %s (%s), from token %d", self.node.node_id, rec.id,
+                    why or f"lost {', '.join(sorted(route.nodes - alive))}", len(progress.tokens))
         if len(progress.tokens) >= max_tokens:  # it had streamed everything: only the final reply may be missing
             n = len(progress.tokens)
             await server.publish(str(rec.meta["reply_to"]), api.final_reply(

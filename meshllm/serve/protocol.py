@@ -14,6 +14,8 @@ begin       pv r id token sampler meta                          DECODE replica's
 release     pv r id                                             every stage of a replica
 cancel      id                                                  the request's last stage
 done        id pr dr finish                                     the scheduler
+bounce      id why                                              the scheduler: a prompt or begin
+                                                                reached a node without that stage
 ==========  ==================================================  =======================
 
 ``x`` is token ids (int64) for a replica's first stage and hidden states
@@ -40,6 +42,7 @@ _SPEC: dict[str, dict[str, type | tuple[type, ...]]] = {
     "release": {"pv": int, "r": int, "id": str},
     "cancel": {"id": str},
     "done": {"id": str, "pr": int, "dr": int, "finish": str},
+    "bounce": {"id": str, "why": str},
 }
 MAX_BATCH_IDS = 1024
 

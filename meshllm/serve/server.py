@@ -132,7 +132,7 @@ class ServingNode:
 
     async def __aenter__(self) -> ServingNode:
         node = self.node
-        for kind in ("prefill", "step", "kv", "begin", "release", "cancel", "done"):
+        for kind in ("prefill", "step", "kv", "begin", "release", "cancel", "done", "bounce"):
             node_route = self._frame_handler(kind)
             self._route(kind, node_route)
         node.on_plan(self._on_plan)
@@ -292,15 +292,26 @@ class ServingNode:
         if t == "done":
             self.dispatcher.on_done(frame)
             return
+        if t == "bounce":
+            await self.dispatcher.on_bounce(frame)
+            return
         if t == "cancel":
             for runner in self.runners.values():
                 runner.on_cancel(frame["id"])
             return
         runner = self.runners.get((frame["pv"], frame["r"]))
-        if runner is None and t == "release":
-            return  # that stage was already retired: nothing left to free
         if runner is None:
-            raise FrameError(f"no stage of plan v{frame['pv']} replica {frame['r']} on {self.node_id}")
+            # A frame for a stage this node does not hold (any more): a plan changed under it. Never close
+            # the connection for it (it carries other requests' frames); a prompt or a begin goes back to
+            # the planner, which moves the request; a step or KV block belongs to a request being moved.
+            why = f"no stage of plan v{frame['pv']} replica {frame['r']} on {self.node_id}"
+            if t in ("prefill", "begin") and self.node.election.leader:
+                log.warning("%s: %s frame for %s bounced: %s", self.node_id, t, frame["id"], why)
+                with contextlib.suppress(MeshError):
+                    await self.send(self.node.election.leader, {"t": "bounce", "id": frame["id"], "why": why})
+            elif t not in ("release",):
+                log.info("%s: dropped a %s frame: %s", self.node_id, t, why)
+            return
         try:
             if t == "prefill":
                 runner.on_prefill(frame)
