@@ -33,6 +33,8 @@ from meshllm.errors import MeshError
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_S = 5.0
+
 
 class BrokerError(MeshError):
     """The broker cannot be reached, or its URL is malformed."""
@@ -114,7 +116,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 async def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     w.close()
     try:
@@ -199,7 +201,11 @@ class EmbeddedBroker:
     async def __aexit__(self, *exc: object) -> None:
         if self._broker is not None:
             try:
-                await self._broker.shutdown()
+                # bounded: amqtt's shutdown can wait on a client connection that never finishes closing
+                async with asyncio.timeout(SHUTDOWN_S):
+                    await self._broker.shutdown()
+            except TimeoutError:
+                log.warning("embedded broker: shutdown took over %g s; leaving it", SHUTDOWN_S)
             except Exception as e:  # amqtt raises plain exceptions from its state machine
                 log.debug("embedded broker shutdown: %s", e)
             self._broker = None

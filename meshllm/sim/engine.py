@@ -277,7 +277,9 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
                     finished(t, by_id[item[0]])
                 else:
                     still.append(item)
-            if still:
+            if still and len(rep.stages) == 1:  # a one-stage replica feeds its own inbox at once
+                rep.waiting[0].extend(still)
+            elif still:
                 nonlocal seq
                 feeding[seq] = still
                 push(t + rep.token_back, FED, rep.id * LANES + seq)  # push() takes seq as the key below
