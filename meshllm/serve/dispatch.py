@@ -32,7 +32,7 @@ import numpy as np
 
 from meshllm.errors import MeshError
 from meshllm.serve import api
-from meshllm.serve.journal import JobRecord, Route
+from meshllm.serve.journal import JobRecord, Route, request_of
 from meshllm.serve.scheduler import Job, Scheduler
 
 if TYPE_CHECKING:
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 
 TEND_S = 0.2
 RETRY_S, MAX_DISPATCH_TRIES = 0.5, 40  # a prompt that cannot be sent is routed again, for about 20 s
-
-
-def frame_key(request_id: str, attempt: int) -> str:
-    return Job(request_id, "", 0, attempt=attempt).key
 
 
 class Dispatcher:
@@ -187,12 +183,12 @@ class Dispatcher:
         if self.scheduler is None:
             return
         key = str(frame["id"])
-        rid = key.split("@", 1)[0]
+        rid = request_of(key)
         job = self.scheduler.jobs.get(rid)
         if job is not None and job.key != key:
             return
         rec = self.journal.jobs.get(rid)
-        if rec is not None and frame_key(rid, rec.attempt) == key and frame.get("t") == "done":
+        if rec is not None and rec.key == key and frame.get("t") == "done":
             self.journal.jobs.pop(rid)  # before its clear arrives: never restated to a new broker
             self.journal.progress.pop(rid, None)
         self._dispatch_all(self.scheduler.done(rid))
@@ -200,16 +196,16 @@ class Dispatcher:
     async def on_bounce(self, frame: dict[str, Any]) -> None:
         """A node got a prompt or begin for a stage it does not hold: move the request (its current attempt)."""
         key = str(frame["id"])
-        rid = key.split("@", 1)[0]
+        rid = request_of(key)
         rec = self.journal.jobs.get(rid)
         if (not self.node.is_planner or self.scheduler is None or rec is None or rec.route is None
-                or frame_key(rid, rec.attempt) != key):
+                or rec.key != key):
             return
         await self._resume(rec, set(self.node.membership.ids), why=str(frame["why"]))
 
     def on_journal_cleared(self, rec: JobRecord) -> None:
         """The journal dropped a finished request: also a 'done' for a planner that missed the frame."""
-        self.on_done({"id": frame_key(rec.id, rec.attempt)})
+        self.on_done({"id": rec.key})
 
     async def on_cancel(self, msg: aiomqtt.Message) -> None:
         if not self.node.is_planner or self.scheduler is None:
@@ -229,7 +225,7 @@ class Dispatcher:
         rec = self.journal.jobs.get(rid)
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
-                await server.send(rec.route.decode_nodes[-1], {"t": "cancel", "id": frame_key(rid, rec.attempt)})
+                await server.send(rec.route.decode_nodes[-1], {"t": "cancel", "id": rec.key})
 
     async def restate_journal(self) -> None:
         """On a new broker session the planner writes back the journal it follows: a broker that was
@@ -280,7 +276,7 @@ class Dispatcher:
         assert rec.route is not None and self.scheduler is not None
         server, route = self.server, rec.route
         self.scheduler.forget(rec.id)
-        old_key = frame_key(rec.id, rec.attempt)
+        old_key = rec.key
         for nodes, r in ((route.prefill_nodes, route.prefill_r), (route.decode_nodes, route.decode_r)):
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):

@@ -33,6 +33,17 @@ PROGRESS_EVERY_S = 0.25
 MAX_RECORD_BYTES = 4 << 20
 
 
+def frame_key(request_id: str, attempt: int) -> str:
+    """The id a request's frames carry: a new one per attempt, so that stages never mix two attempts'
+    state (``@`` cannot occur in a request id)."""
+    return request_id if attempt == 0 else f"{request_id}@{attempt}"
+
+
+def request_of(key: str) -> str:
+    """The request id of a frame key."""
+    return key.split("@", 1)[0]
+
+
 @dataclass
 class Route:
     pv: int  # plan version
@@ -62,6 +73,10 @@ class JobRecord:
     meta: dict[str, Any]  # what stages carry: reply topic, sampling (seeded), prompt length, arrival time
     route: Route | None = None  # None: accepted, waiting in the scheduler's queue
     attempt: int = 0  # how many times it was resumed
+
+    @property
+    def key(self) -> str:
+        return frame_key(self.id, self.attempt)
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "prompt": self.prompt, "meta": self.meta, "attempt": self.attempt,

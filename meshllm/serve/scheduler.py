@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from meshllm.serve import api
 from meshllm.serve.api import RequestError
+from meshllm.serve.journal import frame_key
 from meshllm.serve.layout import Layout
 
 
@@ -33,9 +34,8 @@ class Job:
 
     @property
     def key(self) -> str:
-        """The id its frames carry: a new one per attempt, so that stages never mix two attempts' state
-        (``@`` cannot occur in a request id)."""
-        return self.id if self.attempt == 0 else f"{self.id}@{self.attempt}"
+        """The id its frames carry (:func:`meshllm.serve.journal.frame_key`)."""
+        return frame_key(self.id, self.attempt)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from meshllm.runtime.segment import Segment
 from meshllm.serve import protocol
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
-from meshllm.serve.journal import Journal
+from meshllm.serve.journal import Journal, Progress
 from meshllm.serve.layout import Layout, LayoutError
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import Pace, StageRunner
@@ -234,9 +234,9 @@ class ServingNode:
 
     async def _checkpoint(self, seq: SequenceState) -> None:
         """Journals how far a request got (queued behind its token replies, so never ahead of them)."""
-        progress = {"tokens": seq.tokens, "sampler": None if seq.params.greedy else seq.sampler.state(),
-                    "attempt": int(seq.meta.get("attempt", 0))}
-        await self.publish_retained(self.node.topics.progress(seq.request_id), json.dumps(progress))
+        progress = Progress(seq.tokens, None if seq.params.greedy else seq.sampler.state(),
+                            int(seq.meta.get("attempt", 0)))
+        await self.publish_retained(self.node.topics.progress(seq.request_id), progress.to_json())
 
     def stream_ended(self, seq: SequenceState) -> None:
         """Keeps an ended stream a while (``REPLAY_KEEP_S``, at most ``REPLAY_KEEP``) for replays."""

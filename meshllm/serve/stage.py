@@ -200,14 +200,17 @@ class StageRunner:
             self.inbox.put_nowait(d)
         await self._decode([b for b in batch if b.rid in self.active])
 
-    async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, context: float) -> np.ndarray:
+    async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, seqs: list[str]) -> np.ndarray:
         """Runs ``fn`` on the segment's thread; emulating a slower device, stretches the run to its time there
-        (``n`` tokens of a prompt, or a decode batch of ``n``, after ``context`` tokens)."""
+        (``n`` tokens of a prompt, or a decode batch of ``n``, for ``seqs`` at their current lengths)."""
+        pace = self.pace
+        # the context only matters to pacing: not computed on the ordinary path
+        context = sum(self.segment.length(s) for s in seqs) / len(seqs) if pace is not None else 0.0
         t = time.perf_counter()
         out = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         took = time.perf_counter() - t
-        if self.pace is not None:
-            await asyncio.sleep(max(0.0, self.pace(kind, n, context) - took))
+        if pace is not None:
+            await asyncio.sleep(max(0.0, pace(kind, n, context) - took))
         elif self.compute_scale > 1.0:
             await asyncio.sleep(took * (self.compute_scale - 1.0))
         self.busy_s += time.perf_counter() - t
@@ -223,8 +226,7 @@ class StageRunner:
                 self.segment.open(rid)
                 self.active.add(rid)
             n = int(item.x.shape[1] if item.x.ndim >= 2 else item.x.size)  # (S,) ids or (1, S, dim) hidden
-            out = await self._compute(lambda: self.segment.prefill(rid, item.x), "prefill", n,
-                                      self.segment.length(rid))
+            out = await self._compute(lambda: self.segment.prefill(rid, item.x), "prefill", n, [rid])
         except MeshError as e:
             await self._fail(rid, meta, api.CONTEXT_LENGTH if "context" in str(e) else api.INTERNAL, str(e))
             return
@@ -265,8 +267,7 @@ class StageRunner:
         x = np.concatenate([b.x for b in batch], axis=0)
         if self.is_first:
             x = x.reshape(len(ids))
-        context = sum(self.segment.length(i) for i in ids) / len(ids)
-        out = await self._compute(lambda: self.segment.decode(ids, x), "decode", len(ids), context)
+        out = await self._compute(lambda: self.segment.decode(ids, x), "decode", len(ids), ids)
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                    {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids, "x": out})
