@@ -87,14 +87,23 @@ async def _node_main(args: argparse.Namespace) -> int:
     from meshllm.mesh.node import Emulation, Node, NodeConfig
     from meshllm.serve.server import ServingNode
 
+    secret = node_secret(args)  # first: --join may name the mesh
     cfg = NodeConfig(
         mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
-        plan_file=args.plan_file, secret=_secret(args), workload=args.workload,
+        plan_file=args.plan_file, secret=secret, open_mesh=args.open, workload=args.workload,
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3,
                             args.emulate_timing),
         quick_profile=args.quick_profile,
     )
+    if args.gateway:
+        import os
+
+        from meshllm.gateway.cli import check_exposure
+
+        check_exposure(args.gateway[0], os.environ.get("MESHLLM_API_KEY"), args.open)
+    if cfg.secret is None:
+        logging.getLogger("meshllm").warning(OPEN_WARNING.format(mesh=cfg.mesh))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,12 +133,67 @@ async def _node_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _secret(args: argparse.Namespace) -> str | None:
+OPEN_WARNING = ("mesh {mesh!r} is OPEN (--open): anyone who can reach this LAN can read every prompt and reply, "
+                "submit requests, publish plans and fetch the model files. To close it, start it without --open "
+                "(a secret is created) or with --join TOKEN / --secret-file FILE.")
+
+
+def _secret_given(args: argparse.Namespace) -> str | None:
+    """The secret from ``--secret-file`` or ``$MESHLLM_SECRET``, checked; None if neither is given."""
     import os
 
-    if args.secret_file:
-        return Path(args.secret_file).read_text().strip() or None
-    return os.environ.get("MESHLLM_SECRET") or None
+    from meshllm.secret import SECRET_ENV, check_secret, read_secret_file
+
+    if getattr(args, "secret_file", None):
+        return read_secret_file(args.secret_file)
+    if SECRET_ENV in os.environ:
+        return check_secret(os.environ[SECRET_ENV], f"${SECRET_ENV}")
+    return None
+
+
+def _known_secret(args: argparse.Namespace) -> str | None:
+    """A given secret, else the one this device stored for ``--mesh`` (it created or joined it)."""
+    from meshllm.secret import load_stored_secret
+
+    given = _secret_given(args)
+    return given if given is not None else load_stored_secret(getattr(args, "mesh", None) or "meshllm")
+
+
+def node_secret(args: argparse.Namespace) -> str | None:
+    """The secret a node runs with (None only for a mesh its owner opened with ``--open``).
+
+    In order: ``--join TOKEN`` (stored for next time), ``--secret-file``/``$MESHLLM_SECRET``, the secret
+    stored for the mesh on this device; else this is a new mesh: a secret is created, stored, and the
+    invite that lets other devices join is printed.
+    """
+    import os
+
+    from meshllm.errors import SecretError
+    from meshllm.secret import SECRET_ENV, generate_secret, invite_token, parse_invite, store_secret
+
+    if args.open:
+        if args.join or args.secret_file or SECRET_ENV in os.environ:
+            raise SecretError("--open runs a mesh without a secret; drop --join, --secret-file and $MESHLLM_SECRET")
+        return None
+    if args.join:
+        mesh, secret = parse_invite(args.join)
+        if args.mesh not in (mesh, "meshllm"):
+            raise SecretError(f"the invite is for mesh {mesh!r}, not --mesh {args.mesh!r}")
+        args.mesh = mesh
+        path = store_secret(mesh, secret)
+        print(f"meshllm: joined mesh {mesh!r}; its secret is stored in {path} (next time `meshllm node --mesh "
+              f"{mesh}` is enough)", file=sys.stderr, flush=True)
+        return secret
+    known = _known_secret(args)
+    if known is not None:
+        return known
+    secret = generate_secret()
+    path = store_secret(args.mesh, secret)
+    print(f"meshllm: created a new closed mesh {args.mesh!r}; its secret is in {path}\n"
+          f"meshllm: to add a device, run there:  meshllm node --join {invite_token(args.mesh, secret)}\n"
+          f"meshllm: apps on other devices need the login printed by:  meshllm credentials --mesh {args.mesh}",
+          file=sys.stderr, flush=True)
+    return secret
 
 
 LOGIN_ENV = "MESHLLM_BROKER_LOGIN"
@@ -142,15 +206,21 @@ def add_login_option(p: argparse.ArgumentParser) -> None:
                    "see `meshllm credentials`")
 
 
-def broker_login(login_file: str | None) -> tuple[str, str] | None:
-    """The app's broker login from ``--login-file`` or ``$MESHLLM_BROKER_LOGIN``, if any."""
+def broker_login(login_file: str | None, mesh: str | None = None) -> tuple[str, str] | None:
+    """The app's broker login from ``--login-file`` or ``$MESHLLM_BROKER_LOGIN``; else, on a device that
+    belongs to ``mesh`` (it stores the mesh's secret), the app login derived from that secret."""
     import os
 
-    from meshllm.mesh.access import parse_login
+    from meshllm.mesh.access import app_login, parse_login
+    from meshllm.secret import load_stored_secret
 
-    text = Path(login_file).read_text() if login_file else os.environ.get(LOGIN_ENV, "")
+    try:
+        text = Path(login_file).read_text() if login_file else os.environ.get(LOGIN_ENV, "")
+    except OSError as e:
+        raise MeshError(f"cannot read the login file: {e}") from None
     if not text.strip():
-        return None
+        stored = load_stored_secret(mesh) if mesh else None
+        return app_login(stored) if stored else None
     try:
         return parse_login(text)
     except ValueError as e:
@@ -165,11 +235,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from meshllm.mesh.access import with_login
     from meshllm.mesh.status import find_broker, read_state, render
 
-    login = broker_login(args.login_file)
+    login = broker_login(args.login_file, args.mesh)
 
     async def go() -> dict[str, Any]:
+        import aiomqtt
+
         broker = args.broker or await find_broker(args.mesh, args.interface, args.timeout)
-        return await read_state(args.mesh, with_login(broker, login), ca_file=args.broker_ca)
+        try:
+            return await read_state(args.mesh, with_login(broker, login), ca_file=args.broker_ca)
+        except aiomqtt.MqttError as e:
+            hint = "; a closed mesh wants its app login (--login-file, see `meshllm credentials`)" \
+                if "authorized" in str(e) else ""
+            raise MeshError(f"cannot read mesh {args.mesh!r} from its broker: {e}{hint}") from None
 
     state = run_async(go())
     print(json.dumps(state, indent=1) if args.json else render(state))
@@ -177,14 +254,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    from meshllm.errors import SecretError
     from meshllm.mesh.broker import EmbeddedBroker
+
+    secret = _secret_given(args)
+    if secret is None and not args.open:
+        raise SecretError("a broker is closed by default: pass --secret-file FILE (the mesh's secret, see "
+                          "`meshllm invite`) or $MESHLLM_SECRET, or --open for a broker anyone may use")
+    if secret is not None and args.open:
+        raise SecretError("--open runs a broker without logins; drop --secret-file and $MESHLLM_SECRET")
 
     async def go() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with EmbeddedBroker(args.host, args.port, secret=_secret(args)) as broker:
+        if secret is None:
+            logging.getLogger("meshllm").warning(
+                "this broker is OPEN (--open): anyone who can reach %s:%s can read and publish every topic of "
+                "every mesh on it. To close it: meshllm broker --secret-file FILE", args.host, args.port)
+        async with EmbeddedBroker(args.host, args.port, secret=secret) as broker:
             print(json.dumps({"event": "started", "url": broker.url, "logins": broker.secret is not None}),
                   flush=True)
             await stop.wait()
@@ -196,11 +285,23 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_credentials(args: argparse.Namespace) -> int:
     from meshllm.mesh.access import app_login, node_login
 
-    secret = _secret(args)
+    secret = _known_secret(args)
     if secret is None:
-        raise MeshError("no mesh secret: pass --secret-file FILE or set MESHLLM_SECRET")
+        raise MeshError(f"no secret for mesh {args.mesh!r} on this device: pass --secret-file FILE, set "
+                        "MESHLLM_SECRET, or run this where the mesh's first node runs")
     user, password = (node_login if args.node else app_login)(secret)
     print(f"{user}:{password}")
+    return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    from meshllm.secret import invite_token
+
+    secret = _known_secret(args)
+    if secret is None:
+        raise MeshError(f"this device holds no secret for mesh {args.mesh!r}: start `meshllm node --mesh "
+                        f"{args.mesh}` here first (it creates one), or pass --secret-file")
+    print(f"meshllm node --join {invite_token(args.mesh, secret)}")
     return 0
 
 
@@ -275,9 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--gateway", type=parse_host_port, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible HTTP gateway and the mesh page here "
                    "(API key from MESHLLM_API_KEY)")
+    n.add_argument("--join", metavar="TOKEN", help="join a closed mesh with the invite token that `meshllm invite` "
+                   "prints on one of its devices (stored, so later starts need nothing)")
     n.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): data-plane "
                    "peers must prove they hold it before any frame is accepted, the embedded broker requires "
-                   "the node or app login derived from it, and mDNS records not signed with it are ignored")
+                   "the node or app login derived from it, and mDNS records not signed with it are ignored. "
+                   "Default: the secret stored for --mesh on this device, or a new one for a new mesh")
+    n.add_argument("--open", action="store_true", help="run the mesh WITHOUT a secret: anyone on the LAN may "
+                   "read prompts and replies, submit requests and publish plans (trusted, isolated networks only)")
     n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
     em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
     em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",
@@ -296,15 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--port", type=int, default=1883)
     br.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET): accept only the "
                     "node and app logins derived from it, with the topic rules of docs/security.md")
+    br.add_argument("--open", action="store_true", help="accept anyone, without logins or topic rules")
     br.set_defaults(func=cmd_broker)
 
     cr = sub.add_parser("credentials", help="print the broker login (USER:PASSWORD) derived from the mesh secret",
                         description="Print the app login that a mesh with a secret wants from its apps (hand it "
                         "to them: `meshllm ask --login-file`, `mosquitto_pub -u USER -P PASSWORD`), or with "
                         "--node the nodes' login (for an external broker's password file).")
-    cr.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET)")
+    cr.add_argument("--secret-file", help="file holding the mesh secret (or set MESHLLM_SECRET; default: the "
+                    "secret stored for --mesh on this device)")
+    cr.add_argument("--mesh", default="meshllm", help="mesh name")
     cr.add_argument("--node", action="store_true", help="print the nodes' login instead of the apps'")
     cr.set_defaults(func=cmd_credentials)
+
+    inv = sub.add_parser("invite", help="print the token that lets a new device join this device's mesh",
+                         description="Print `meshllm node --join TOKEN` for a closed mesh this device belongs to. "
+                         "The token holds the mesh secret: hand it only to devices you trust.")
+    inv.add_argument("--mesh", default="meshllm", help="mesh name")
+    inv.add_argument("--secret-file", help="file holding the mesh secret (default: the one stored for --mesh)")
+    inv.set_defaults(func=cmd_invite)
 
     d = sub.add_parser("demo", help="run a whole mesh on this machine, offline, on the bundled model")
     d.add_argument("--nodes", type=int, default=4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from meshllm.errors import MeshError
+from meshllm.mesh.access import app_login, with_login
 from meshllm.mesh.broker import EmbeddedBroker
 from meshllm.mesh.status import read_state
+from meshllm.secret import SECRET_ENV, generate_secret
 
 # name, compute slow-down, memory cap: a mini-PC, an old laptop, a Raspberry Pi 5, a Raspberry Pi 4
 DEVICES = [("minipc", 1.0, None), ("laptop", 1.6, None), ("rpi5", 3.0, "2G"), ("rpi4", 5.0, "1G")]
@@ -61,7 +64,7 @@ class _Mesh:
         self.mesh = f"demo-{secrets.token_hex(3)}"
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start_nodes(self, broker: str) -> None:
+    def start_nodes(self, broker: str, secret: str) -> None:
         for i in range(self.n):
             name, scale, mem = DEVICES[i % len(DEVICES)]
             node_id = f"{i + 1}-{name}"
@@ -72,7 +75,9 @@ class _Mesh:
             if mem:
                 cmd += ["--emulate-memory", mem]
             log = open(self.log_dir / f"{node_id}.log", "w")
-            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True))
+            # a closed mesh like any other: the secret travels in the environment, never to disk
+            env = {**os.environ, SECRET_ENV: secret}
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env))
             print(f"  started {node_id:<10} (emulating {name}: {scale:g}x slower"
                   + (f", {mem} memory)" if mem else ")"), file=self.out, flush=True)
 
@@ -140,16 +145,18 @@ async def run_demo(n: int, model: Path | None, prompts: list[str], max_tokens: i
     results = []
     with tempfile.TemporaryDirectory(prefix="meshllm-demo-") as tmp:
         m = _Mesh(n, model, Path(tmp), out, workload)
-        async with EmbeddedBroker("127.0.0.1") as broker:
+        secret = generate_secret()
+        async with EmbeddedBroker("127.0.0.1", secret=secret) as broker:
+            observer = with_login(broker.url, app_login(secret))
             print(f"meshllm demo: {n} nodes on loopback, model {model.name}, broker {broker.url}", file=out)
             try:
-                m.start_nodes(broker.url)
+                m.start_nodes(broker.url, secret)
                 print("waiting for the nodes to measure themselves, meet, plan and load their layers...",
                       file=out, flush=True)
                 t0 = time.monotonic()
-                plan = await _wait_ready(m, broker.url, timeout)
+                plan = await _wait_ready(m, observer, timeout)
                 print(f"mesh ready in {time.monotonic() - t0:.1f} s\n{render_plan(plan)}\n", file=out, flush=True)
-                async with Client(mesh=m.mesh, broker=broker.url) as client:
+                async with Client(mesh=m.mesh, broker=broker.url, login=app_login(secret)) as client:
                     for prompt in prompts:
                         out.write(prompt)
                         final = None

@@ -31,3 +31,7 @@ class TokenizerError(ModelError):
 
 class GenerationError(MeshError):
     """A generation request is invalid (context too long, bad sampling values)."""
+
+
+class SecretError(MeshError):
+    """The mesh secret is missing, unreadable or too weak, or a mesh is started neither closed nor open."""

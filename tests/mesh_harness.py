@@ -26,18 +26,22 @@ class NodeProc:
     """``meshllm node`` in a subprocess; its log goes to a file for post-mortems."""
 
     def __init__(self, mesh: str, node_id: str, *, broker: str | None = None, interface: str = LOOPBACK,
-                 extra: list[str] | None = None, netns: str | None = None, log_dir: Path | None = None) -> None:
+                 extra: list[str] | None = None, netns: str | None = None, log_dir: Path | None = None,
+                 closed: bool = False, env: dict[str, str] | None = None) -> None:
         self.node_id = node_id
         verbose = ["-v"] if os.environ.get("MESHLLM_TEST_VERBOSE") else []
         cmd = [sys.executable, "-m", "meshllm", *verbose, "node", "--mesh", mesh, "--node-id", node_id,
                "--interface", interface, "--quick-profile", *(extra or [])]
+        if not closed and not {"--secret-file", "--join", "--open"} & set(cmd) and "MESHLLM_SECRET" not in os.environ:
+            cmd.append("--open")  # most tests exercise an open mesh; security tests pass a secret or closed=True
         if broker:
             cmd += ["--broker", broker]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.log_path = (log_dir or Path(tempfile.gettempdir())) / f"node-{mesh}-{node_id}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, **env} if env else None)
         self.started_at = time.monotonic()
 
     def wait_started(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -183,7 +187,7 @@ def make_test_ca(d: Path) -> None:
 def amqtt_broker(secret_file: Path | None = None) -> Iterator[str]:
     """The embedded broker as a standalone process (``meshllm broker [--secret-file]``)."""
     port = free_port()
-    secret = ["--secret-file", str(secret_file)] if secret_file else []
+    secret = ["--secret-file", str(secret_file)] if secret_file else ["--open"]
     proc = subprocess.Popen([sys.executable, "-m", "meshllm", "broker", "--host", LOOPBACK, "--port", str(port),
                              *secret], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -181,7 +181,7 @@ class Testbed:
         ns, addr = self.node_hosts[node_id]
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "meshllm", *(["-v"] if self.verbose else []),
                "node", "--mesh", self.mesh, "--node-id", node_id, "--interface", addr, "--quick-profile",
-               "--broker", self.broker_url, "--model", str(self.model)]
+               "--broker", self.broker_url, "--model", str(self.model), "--open"]
         if self.compute_scale > 1:
             cmd += ["--emulate-compute-scale", str(self.compute_scale)]
         log = open(self.log_dir / f"{node_id}.log", "a")

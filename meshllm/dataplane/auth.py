@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from meshllm.dataplane.codec import FrameError, encode, read_frame
+from meshllm.secret import subkey
 
 NONCE_BYTES = 16
 HANDSHAKE_TIMEOUT = 5.0
@@ -33,8 +34,8 @@ def _mac(secret: bytes, role: bytes, client_nonce: bytes, server_nonce: bytes) -
 
 
 def secret_key(secret: str) -> bytes:
-    """The HMAC key for a human-chosen mesh secret (a domain-separated hash of it)."""
-    return hashlib.sha256(b"meshllm-dataplane-v1\x00" + secret.encode()).digest()
+    """The data plane's HMAC key: stretched from the mesh secret (:mod:`meshllm.secret`)."""
+    return subkey(secret, "dataplane")
 
 
 def _field(msg: dict[str, Any], name: str) -> bytes:

@@ -57,12 +57,38 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)")
+    g.add_argument("--open", action="store_true", help="allow listening beyond loopback without an API key "
+                   "(anyone who reaches the port can use the mesh)")
     g.add_argument("--model", metavar="DIR", help="the mesh's model directory, to name the model and its context "
                    "(default: what the mesh's nodes publish)")
     g.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for a request's first token (default: 120)")
     g.set_defaults(func=cmd_gateway)
     return g  # type: ignore[no-any-return]
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, open_: bool) -> None:
+    """A gateway that anyone on the LAN could use needs an API key, unless its owner says ``--open``."""
+    if api_key or _loopback(host):
+        return
+    if not open_:
+        from meshllm.errors import SecretError
+
+        raise SecretError(f"the gateway would listen on {host} without an API key: set {API_KEY_ENV} (or "
+                          "--api-key), listen on 127.0.0.1, or pass --open to let anyone who reaches it use the mesh")
+    logging.getLogger("meshllm").warning(
+        "the gateway on %s is OPEN (--open, no API key): anyone who reaches it can use the mesh", host)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -75,8 +101,9 @@ async def _gateway(args: argparse.Namespace) -> int:
     from meshllm.cli import broker_login
     from meshllm.gateway.app import GatewayConfig, serve_gateway
 
+    check_exposure(args.host, args.api_key, args.open)
     config = GatewayConfig(mesh=args.mesh, broker=args.broker, interface=args.interface, ca_file=args.broker_ca,
-                           login=broker_login(args.login_file), api_key=args.api_key, model_dir=args.model,
+                           login=broker_login(args.login_file, args.mesh), api_key=args.api_key, model_dir=args.model,
                            first_token_timeout=args.timeout)
     loop = asyncio.get_running_loop()
     server = asyncio.ensure_future(serve_gateway(

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from typing import Literal
 from urllib.parse import quote
 
-from meshllm.dataplane.auth import secret_key
 from meshllm.mesh.topics import PROTOCOL_VERSION
+from meshllm.secret import subkey
 
 NODE_USER = "meshllm-node"
 APP_USER = "meshllm-app"
@@ -40,7 +41,7 @@ _APP_READ = (f"{_ROOT}/replies/#", f"{_ROOT}/members/+", f"{_ROOT}/planner", f"{
 
 
 def _derive(secret: str, label: bytes) -> str:
-    return hmac.new(secret_key(secret), b"meshllm-broker-v1\x00" + label, hashlib.sha256).hexdigest()
+    return hmac.new(subkey(secret, "broker"), b"meshllm-broker-v2\x00" + label, hashlib.sha256).hexdigest()
 
 
 def node_login(secret: str) -> tuple[str, str]:
@@ -51,6 +52,44 @@ def node_login(secret: str) -> tuple[str, str]:
 def app_login(secret: str) -> tuple[str, str]:
     """The username and password for apps (``meshllm ask``, the gateway, your MQTT clients)."""
     return APP_USER, _derive(secret, b"app")
+
+
+# --- one-time node logins for a broker a node hosts ---------------------------------
+
+TOKEN_PREFIX = "t1."
+
+
+def node_token(secret: str, epoch: str) -> str:
+    """A node password good once, and only at the embedded broker of ``epoch`` (a random value each broker
+    draws when it starts). A node sends it only to a broker whose host proved, over the data plane, that
+    it runs that very broker (:func:`broker_proof`): a rogue broker reached through a replayed mDNS record
+    learns nothing it can use, and a password seen on the wire cannot be used again."""
+    nonce = secrets.token_hex(12)
+    return f"{TOKEN_PREFIX}{epoch}.{nonce}.{_token_mac(secret, epoch, nonce)}"
+
+
+def _token_mac(secret: str, epoch: str, nonce: str) -> str:
+    msg = b"meshllm-node-token-v1\x00" + epoch.encode() + b"\x00" + nonce.encode()
+    return hmac.new(subkey(secret, "broker"), msg, hashlib.sha256).hexdigest()[:40]
+
+
+def token_nonce(secret: str, epoch: str, token: str) -> str | None:
+    """The token's nonce if ``token`` is a valid node token for the broker of ``epoch`` (the caller refuses a
+    nonce it has seen), else None."""
+    if not token.startswith(TOKEN_PREFIX):
+        return None
+    parts = token[len(TOKEN_PREFIX):].split(".")
+    if len(parts) != 3 or parts[0] != epoch:
+        return None
+    _, nonce, mac = parts
+    return nonce if hmac.compare_digest(_token_mac(secret, epoch, nonce), mac) else None
+
+
+def broker_proof(key: bytes, asker_nonce: bytes, url: str, epoch: str) -> bytes:
+    """What a node that hosts a broker answers to a peer's fresh ``asker_nonce`` over the data plane: a MAC
+    binding the broker's URL and epoch to this very question (no replay, no tampering on the way)."""
+    msg = b"meshllm-broker-proof-v1\x00" + asker_nonce + url.encode() + b"\x00" + epoch.encode()
+    return hmac.new(key, msg, hashlib.sha256).digest()
 
 
 def broker_logins(secret: str) -> dict[str, tuple[str, Role]]:

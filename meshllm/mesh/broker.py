@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import ssl
 from dataclasses import dataclass
@@ -161,9 +162,13 @@ class EmbeddedBroker:
     topic rule of :mod:`meshllm.mesh.access`; without it, anyone may connect and do anything.
     """
 
-    def __init__(self, host: str, port: int = 0, *, secret: str | None = None) -> None:
+    def __init__(self, host: str, port: int = 0, *, secret: str | None = None, static_node_login: bool = True
+                 ) -> None:
         self.host, self.port = host, port or free_port(host)
         self.secret = secret
+        # drawn anew at each start: a node's one-time login names it, so it is good at this broker only
+        self.epoch = secrets.token_hex(8)
+        self.static_node_login = static_node_login  # False: nodes must present a one-time token (hosted brokers)
         self._broker: Any = None
         self._previous_handler: Any = None
 
@@ -183,16 +188,20 @@ class EmbeddedBroker:
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 256}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
+        logins = None
         if self.secret is not None:
-            config["plugins"] = broker_auth.plugins_config(self.secret)
+            logins = broker_auth.Logins(self.secret, self.epoch, static_node_login=self.static_node_login)
+            config["plugins"] = broker_auth.plugins_config(logins)
         loop = asyncio.get_running_loop()
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._quiet_amqtt)
         self._broker = Broker(config)
-        if self.secret is not None:
-            broker_auth.guard_sessions(self._broker, self.secret)
+        if logins is not None:
+            broker_auth.guard_sessions(self._broker, logins)
+            broker_auth.refuse_app_retain(self._broker)
         if isinstance(getattr(self._broker, "_subscriptions", None), dict):
             self._broker._subscriptions = _SnapshotDict(self._broker._subscriptions)
+        broker_auth.confine_retained(self._broker)
         await self._broker.start()
         log.info("embedded broker listening on %s (%s)", self.url,
                  "logins and topic rules enforced" if self.secret is not None else "open to anonymous clients")

@@ -8,10 +8,12 @@ only when the mesh has a secret.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
@@ -21,36 +23,63 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from meshllm.mesh.access import Role, broker_logins, permitted
+from meshllm.mesh.access import NODE_USER, TOKEN_PREFIX, Role, broker_logins, permitted, token_nonce
 
 log = logging.getLogger(__name__)
 
 _ACTIONS: dict[Action, Any] = {Action.PUBLISH: "publish", Action.SUBSCRIBE: "subscribe", Action.RECEIVE: "receive"}
 
 
-def plugins_config(secret: str) -> dict[str, Any]:
+class Logins:
+    """Which CONNECTs the embedded broker accepts, and as which role (pure, apart from the nonces it remembers).
+
+    Apps present the app login (static: an app is any MQTT client). Nodes present a one-time token bound to
+    this broker's ``epoch`` (:func:`meshllm.mesh.access.node_token`); a standalone ``meshllm broker``, which
+    nodes reach by a configured URL and never through mDNS, also takes the static node login.
+    """
+
+    MAX_NONCES = 65536
+
+    def __init__(self, secret: str, epoch: str, *, static_node_login: bool) -> None:
+        self.secret, self.epoch = secret, epoch
+        self.static = {user: (password, role) for user, (password, role) in broker_logins(secret).items()
+                       if role == "app" or static_node_login}
+        self._used: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def check(self, username: str | None, password: str | None, *, consume: bool) -> Role | None:
+        user, pw = username or "", password or ""
+        if user == NODE_USER and pw.startswith(TOKEN_PREFIX):
+            nonce = token_nonce(self.secret, self.epoch, pw)
+            if nonce is None or nonce in self._used:
+                return None
+            if consume:
+                self._used.add(nonce)
+                self._order.append(nonce)
+                if len(self._order) > self.MAX_NONCES:
+                    self._used.discard(self._order.popleft())
+            return "node"
+        login = self.static.get(user)
+        if login is None or not hmac.compare_digest(pw.encode(), login[0].encode()):
+            return None
+        return login[1]
+
+
+def plugins_config(logins: Logins) -> dict[str, Any]:
     """The ``plugins`` section of an amqtt config that enforces the mesh's logins and topic rule."""
-    logins = {user: [password, role] for user, (password, role) in broker_logins(secret).items()}
     return {f"{__name__}.LoginPlugin": {"logins": logins}, f"{__name__}.TopicPlugin": {}}
 
 
-def _check(logins: dict[str, list[str]], username: str | None, password: str | None) -> Role | None:
-    login = logins.get(username or "")
-    if login is None or not hmac.compare_digest((password or "").encode(), login[0].encode()):
-        return None
-    return "node" if login[1] == "node" else "app"
-
-
 class LoginPlugin(BaseAuthPlugin):  # type: ignore[misc]
-    """Accepts exactly the configured logins: no anonymous clients, no unknown users, no will
-    message on a topic the client may not write."""
+    """Accepts exactly the mesh's logins (:class:`Logins`): no anonymous clients, no unknown users, no
+    token used twice, no will message on a topic the client may not write."""
 
     @dataclass
     class Config:
-        logins: dict[str, list[str]] = field(default_factory=dict)  # username -> [password, role]
+        logins: Any = None  # a Logins
 
     async def authenticate(self, *, session: Session) -> bool:
-        role = _check(self.config.logins, session.username, session.password)
+        role = self.config.logins.check(session.username, session.password, consume=True)
         if role is None:
             log.info("broker: refused client %r from %s: bad or missing login", session.client_id,
                      session.remote_address)
@@ -81,7 +110,7 @@ class TopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
         return ok
 
 
-def guard_sessions(broker: Broker, secret: str) -> None:
+def guard_sessions(broker: Broker, logins: Logins) -> None:
     """Keeps a client that fails to log in away from the session of the client id it claims.
 
     amqtt 0.12 acts on a CONNECT's client id before authenticating it: it deletes the existing
@@ -91,16 +120,59 @@ def guard_sessions(broker: Broker, secret: str) -> None:
     its plugin manager before it looks at the id; a CONNECT with a bad login is renamed there to
     a fresh random id, so its refusal has no side effect on anyone else.
     """
-    logins = {user: [password, role] for user, (password, role) in broker_logins(secret).items()}
     manager = broker.plugins_manager
     fire_event = manager.fire_event
 
     async def fire_event_guarded(event_name: Any, *, wait: bool = False, **kwargs: Any) -> None:
         packet = kwargs.get("packet")
         if event_name == MQTTEvents.PACKET_RECEIVED and isinstance(packet, ConnectPacket) \
-                and packet.payload is not None and _check(logins, packet.username, packet.password) is None:
+                and packet.payload is not None \
+                and logins.check(packet.username, packet.password, consume=False) is None:
             packet.client_id = f"refused-{secrets.token_hex(8)}"
             packet.clean_session_flag = True
         await fire_event(event_name, wait=wait, **kwargs)
 
     manager.fire_event = fire_event_guarded
+
+
+def confine_retained(broker: Broker) -> None:
+    """Retained messages reach a client only through its own subscriptions, and only where it may receive.
+
+    amqtt 0.12.1 sends a client that connects the retained messages matching *every* subscription on the
+    broker, anyone's, without asking the topic plugins: an app subscribed only to its replies was handed
+    the nodes' retained journal (prompts included). This replaces that step with the MQTT rule: a retained
+    message goes to a session for the filters that session holds, once the topic rule lets it receive it.
+    """
+    subscriptions = broker._subscriptions
+
+    async def publish_retained(subscription: tuple[str, int], session: Session) -> None:
+        topic_filter, qos = subscription
+        if not any(s is session for s, _ in subscriptions.get(topic_filter, ())):
+            return  # another client's filter: nothing of this session's
+        handler = broker._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(broker.retained_messages.items()):
+            if broker._matches(topic, topic_filter) and await broker._topic_filtering(session, topic, Action.RECEIVE):
+                tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+    broker._publish_retained_messages_for_subscription = publish_retained
+
+
+def refuse_app_retain(broker: Broker) -> None:
+    """Apps cannot leave retained messages: a retained request or cancel would be served again by every
+    planner that subscribes later. The live message is still delivered; only its retention is refused."""
+    retain_message = broker.retain_message
+
+    async def retain_unless_app(source_session: Session | None, topic_name: str, data: bytes | bytearray,
+                                qos: int | None = None) -> None:
+        if getattr(source_session, "meshllm_role", None) == "app":
+            log.info("broker: client %r (app) may not retain on %r", source_session.client_id, topic_name)
+            return
+        await retain_message(source_session, topic_name, data, qos)
+
+    broker.retain_message = retain_unless_app

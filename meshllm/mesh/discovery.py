@@ -12,6 +12,11 @@ of its fields and address under the secret (:func:`meshllm.mesh.access.record_si
 and records without a valid one are ignored, as are ``_mqtt._tcp`` brokers
 (they cannot sign): a device without the secret can neither lure the mesh to a
 broker it hosts nor, by posing as a peer with a small id, stall the broker choice.
+A signed record can still be captured and replayed after its node is gone, so
+a record's broker (and its ``epoch``) is only a lead: a node confirms it live
+with the hosting node over the authenticated data plane before it logs in there
+(:meth:`meshllm.mesh.node.Node._confirm_broker`). No wall-clock window: boards
+without a real-time clock and without internet often disagree on the time.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MESHLLM_SERVICE = "_meshllm._tcp.local."
 MQTT_SERVICE = "_mqtt._tcp.local."
+REFUTED_S = 30.0  # a record whose broker failed its live check is ignored this long (a slow peer is heard again)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class PeerAd:
     port: int  # data plane
     version: int
     broker: str | None  # URL of the broker this peer hosts
+    epoch: str | None = None  # that broker's epoch (drawn at its start); confirmed live before it is used
 
 
 def _txt(props: dict[bytes, bytes | None], key: str) -> str | None:
@@ -54,7 +62,7 @@ def _txt(props: dict[bytes, bytes | None], key: str) -> str | None:
 
 def _signed_fields(props: Mapping[str, str | None], address: str) -> list[str]:
     return [props.get("id") or "", props.get("mesh") or "", address, props.get("port") or "", props.get("v") or "",
-            props.get("broker") or ""]
+            props.get("broker") or "", props.get("epoch") or ""]
 
 
 def lan_addresses() -> list[str]:
@@ -83,6 +91,9 @@ class Discovery:
         self.external_brokers: dict[str, str] = {}  # service name -> URL
         self.changed = asyncio.Event()
         self._broker: str | None = None
+        self._epoch: str | None = None
+        # (node id, broker epoch) of records that failed a live check -> until when they are ignored
+        self._refuted: dict[tuple[str, str], float] = {}
         self._names: dict[str, str] = {}  # service name -> node id
         self._tasks: set[asyncio.Task[None]] = set()
         self._azc: AsyncZeroconf | None = None
@@ -93,6 +104,7 @@ class Discovery:
         props = {"id": self.node_id, "mesh": self.mesh, "port": str(self.port), "v": str(PROTOCOL_VERSION)}
         if self._broker:
             props["broker"] = self._broker
+            props["epoch"] = self._epoch or ""
         if self.key is not None:
             props["sig"] = record_signature(self.key, _signed_fields(props, self.address))
         return AsyncServiceInfo(
@@ -125,11 +137,11 @@ class Discovery:
             await self._azc.async_unregister_all_services()  # goodbye packets: peers drop us at once
             await self._azc.async_close()
 
-    async def set_broker(self, url: str | None) -> None:
+    async def set_broker(self, url: str | None, epoch: str | None = None) -> None:
         """Advertises (or withdraws) the broker this node hosts."""
         if url == self._broker or self._azc is None or not self.advertise:
             return
-        self._broker = url
+        self._broker, self._epoch = url, epoch
         self._info = self._service_info()
         await self._azc.async_update_service(self._info)
 
@@ -144,10 +156,17 @@ class Discovery:
         """Drops a broker found dead until it is announced again."""
         for node_id, p in list(self.peers.items()):
             if p.broker == url:
-                self.peers[node_id] = PeerAd(p.node_id, p.mesh, p.host, p.port, p.version, None)
+                self.peers[node_id] = PeerAd(p.node_id, p.mesh, p.host, p.port, p.version, None, None)
         for name, u in list(self.external_brokers.items()):
             if u == url:
                 del self.external_brokers[name]
+
+    def refute(self, peer: PeerAd) -> None:
+        """A peer's broker failed its live check: ignore that record (its node id and broker epoch) for
+        :data:`REFUTED_S`, however often it is announced again (a real broker restart draws a new epoch)."""
+        self._refuted[(peer.node_id, peer.epoch or "")] = time.monotonic() + REFUTED_S
+        self.peers.pop(peer.node_id, None)
+        self.changed.set()
 
     def forget_peer(self, node_id: str) -> None:
         self.peers.pop(node_id, None)
@@ -192,14 +211,18 @@ class Discovery:
             log.warning("ignoring malformed mDNS record %s", name)
             return
         if self.key is not None:
-            fields = _signed_fields({k: _txt(props, k) for k in ("id", "mesh", "port", "v", "broker")}, addrs[0])
+            fields = _signed_fields({k: _txt(props, k) for k in ("id", "mesh", "port", "v", "broker", "epoch")},
+                                    addrs[0])
             if not signature_ok(self.key, fields, _txt(props, "sig")):
                 log.warning("ignoring the mDNS record of %s at %s%s: not signed with this mesh's secret", node_id,
                             addrs[0], f" (hosting {_txt(props, 'broker')})" if _txt(props, "broker") else "")
                 return
+        if self._refuted.get((node_id, _txt(props, "epoch") or ""), 0.0) > time.monotonic():
+            return
         if version != PROTOCOL_VERSION:
             log.warning("peer %s speaks protocol v%d, this node v%d: ignored", node_id, version, PROTOCOL_VERSION)
             return
         self._names[name] = node_id
-        self.peers[node_id] = PeerAd(node_id, mesh, addrs[0], port, version, _txt(props, "broker"))
+        self.peers[node_id] = PeerAd(node_id, mesh, addrs[0], port, version, _txt(props, "broker"),
+                                     _txt(props, "epoch"))
         self.changed.set()

@@ -28,16 +28,18 @@ from typing import Any, Awaitable, Callable
 
 import aiomqtt
 
-from meshllm.errors import MeshError
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import DataPlane, probe_link
-from meshllm.mesh.access import node_login
+from meshllm.errors import MeshError, SecretError
+from meshllm.mesh import broker_check
+from meshllm.mesh.access import NODE_USER, node_login, node_token
 from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
 from meshllm.mesh.discovery import Discovery
 from meshllm.mesh.election import Election
 from meshllm.mesh.membership import Membership
 from meshllm.mesh.topics import PROTOCOL_VERSION, Topics
 from meshllm.profile import DeviceProfile, Link, measure_profile
+from meshllm.secret import check_secret
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class NodeConfig:
     model: str | None = None
     plan_file: str | None = None  # pin this plan instead of computing one (operators, tests)
     secret: str | None = None  # mesh secret: data-plane peers must prove they hold it
+    open_mesh: bool = False  # no secret: the owner's explicit choice (a mesh is closed by default)
     workload: str | None = None  # workload spec the planner optimises for (see `meshllm plan --workload`)
     emulation: Emulation = Emulation()
     heartbeat_s: float = 0.5
@@ -100,10 +103,16 @@ class Node:
         self._subscriptions: list[tuple[str, Callable[[aiomqtt.Message], Awaitable[None]]]] = []
         self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
         self._session_listeners: list[Callable[[], Awaitable[None]]] = []
+        self._broker_epochs: dict[str, str] = {}  # hosted broker URL -> epoch its host proved (one-time logins)
         self._echo = 0.0  # when our own last heartbeat came back through the broker
         self._started = time.monotonic()
         self._leaving = False
         self.record_extra: dict[str, Any] = {}
+        if config.secret is None and not config.open_mesh:
+            raise SecretError("a mesh is closed by default: give the node a secret (NodeConfig.secret), or "
+                              "open_mesh=True for a mesh anyone on the LAN may use")
+        if config.secret is not None:
+            check_secret(config.secret)
         self.key = secret_key(config.secret) if config.secret else None  # merged into the gossiped record (serving adds its model)
 
     # --- lifecycle ----------------------------------------------------
@@ -118,6 +127,8 @@ class Node:
             host = cfg.interface or "0.0.0.0"
             self.dataplane = await self._stack.enter_async_context(
                 DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key))
+            self.dataplane.route(broker_check.QUERY, lambda msg, writer: broker_check.answer(
+                self.key, (self._hosted.url, self._hosted.epoch) if self._hosted else None, msg, writer))
             self.discovery = await self._stack.enter_async_context(
                 Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface, key=self.key))
             self._main = asyncio.get_running_loop().create_task(self._run(), name=f"node-{self.node_id}")
@@ -217,13 +228,17 @@ class Node:
             if choice is None:
                 # wait for a peer with a smaller id to host; drop such peers that are dead
                 for p in [p for p in d.peers.values() if p.node_id < self.node_id]:
-                    if not await port_open(p.host, p.port):
+                    alive = (await broker_check.holds_secret(self.key, p.host, p.port) if self.key is not None
+                             else await port_open(p.host, p.port))
+                    if not alive:
                         d.forget_peer(p.node_id)
                 with contextlib.suppress(asyncio.TimeoutError):
                     d.changed.clear()
                     await asyncio.wait_for(d.changed.wait(), 0.25)
                 continue
             url = BrokerURL.parse(choice)
+            if not await self._confirm_broker(choice):
+                continue
             if await port_open(url.host, url.port):
                 return choice
             log.info("%s: broker %s is unreachable", self.node_id, url)
@@ -232,12 +247,30 @@ class Node:
             else:
                 d.forget_broker(choice)
 
+    async def _confirm_broker(self, url: str) -> bool:
+        """With a secret, a broker that a peer advertises is used only once that peer proves, live over the data
+        plane, that it hosts it (:mod:`meshllm.mesh.broker_check`); its epoch is kept for the one-time login."""
+        d = self.discovery
+        hosts = [p for p in d.peers.values() if p.broker == url]
+        if self.key is None or not hosts or url == self.config.broker:
+            return True
+        peer = hosts[0]
+        epoch = await broker_check.confirmed_epoch(self.key, peer.host, peer.port, url)
+        if epoch is None:
+            log.warning("%s: %s advertises the broker %s but could not prove it hosts it (a stale or replayed "
+                        "mDNS record?): ignored", self.node_id, peer.node_id, url)
+            d.refute(peer)
+            return False
+        self._broker_epochs[url] = epoch
+        return True
+
     async def _host_broker(self) -> str:
         if self._hosted is None:
-            broker = EmbeddedBroker(self.discovery.address, secret=self.config.secret)
+            # a broker found over mDNS takes one-time node logins only (never the static node password)
+            broker = EmbeddedBroker(self.discovery.address, secret=self.config.secret, static_node_login=False)
             await broker.__aenter__()
             self._hosted = broker
-            await self.discovery.set_broker(broker.url)
+            await self.discovery.set_broker(broker.url, broker.epoch)
             log.info("%s: hosting the mesh broker at %s", self.node_id, broker.url)
         return self._hosted.url
 
@@ -278,7 +311,9 @@ class Node:
         will = aiomqtt.Will(self.topics.member(self.node_id), b"", qos=1, retain=True)
         kwargs = b.client_kwargs(self.config.broker_ca)
         if self.config.secret and not b.username:  # the mesh's own broker wants the node login (docs/security.md)
-            kwargs["username"], kwargs["password"] = node_login(self.config.secret)
+            epoch = self._hosted.epoch if self._hosted and self._hosted.url == url else self._broker_epochs.get(url)
+            kwargs["username"], kwargs["password"] = (
+                (NODE_USER, node_token(self.config.secret, epoch)) if epoch else node_login(self.config.secret))
         async with aiomqtt.Client(**kwargs, identifier=self.node_id, will=will,
                                   keepalive=2, clean_session=True, timeout=5) as client:
             self._client = client
@@ -408,7 +443,7 @@ class Node:
         while True:
             self.discovery.changed.clear()
             chosen = self._chosen_url()
-            if chosen is not None and chosen != url:
+            if chosen is not None and chosen != url and await self._confirm_broker(chosen):
                 raise _SwitchBroker()
             await self.discovery.changed.wait()
 

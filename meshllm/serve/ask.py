@@ -52,7 +52,7 @@ async def _ask(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                               "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     async with Client(args.mesh, args.broker, args.interface, args.broker_ca,
-                      first_token_timeout=args.timeout, login=broker_login(args.login_file)) as client:
+                      first_token_timeout=args.timeout, login=broker_login(args.login_file, args.mesh)) as client:
         if args.json:
             result = await client.complete(args.prompt, **params)
             print(json.dumps(result.to_json(), ensure_ascii=False))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ import numpy as np
 from meshllm.errors import MeshError
 from meshllm.serve import api
 from meshllm.serve.journal import JobRecord, Route, request_of
+from meshllm.serve.messages import Cancel, PayloadError
 from meshllm.serve.scheduler import Job, Scheduler
 
 if TYPE_CHECKING:
@@ -57,6 +57,10 @@ class Dispatcher:
 
     async def on_request(self, msg: aiomqtt.Message) -> None:
         if not self.node.is_planner:
+            return
+        if msg.retain:  # left on the broker, delivered because we subscribed: not an app asking now
+            log.warning("%s: ignoring a retained request on %s (apps must not retain requests)", self.node.node_id,
+                        msg.topic)
             return
         server = self.server
         payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
@@ -174,7 +178,7 @@ class Dispatcher:
 
     async def _write(self, rec: JobRecord) -> bool:
         """Journals a record and waits until the broker has it (retained, QoS 1)."""
-        return await self.node.publish(self.node.topics.job(rec.id), rec.to_json(), retain=True)
+        return await self.node.publish(self.node.topics.job(rec.id), self.journal.encode_job(rec), retain=True)
 
     # --- completion and cancellation --------------------------------------
 
@@ -208,11 +212,12 @@ class Dispatcher:
         self.on_done({"id": rec.key})
 
     async def on_cancel(self, msg: aiomqtt.Message) -> None:
-        if not self.node.is_planner or self.scheduler is None:
+        if not self.node.is_planner or self.scheduler is None or msg.retain:
             return
         try:
-            rid = str(json.loads(msg.payload if isinstance(msg.payload, bytes) else b"")["id"])
-        except (ValueError, KeyError, TypeError):
+            rid = Cancel.parse(msg.payload if isinstance(msg.payload, bytes) else b"").id
+        except PayloadError as e:
+            log.info("%s: ignoring a cancel: %s", self.node.node_id, e)
             return
         server = self.server
         queued = self.scheduler.cancel_queued(rid)
@@ -236,7 +241,8 @@ class Dispatcher:
             await self._write(rec)
             progress = self.journal.progress.get(rec.id)
             if progress is not None:
-                await self.node.publish(self.node.topics.progress(rec.id), progress.to_json(), retain=True)
+                sealed = self.journal.encode_progress(rec.id, progress)
+                await self.node.publish(self.node.topics.progress(rec.id), sealed, retain=True)
 
     # --- faults -----------------------------------------------------------
 

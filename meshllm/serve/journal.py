@@ -20,7 +20,11 @@ checkpointed state, and streaming continues at the next index. Tokens streamed
 after the last checkpoint are produced again with the same index and the same
 value (greedy, or seeded sampling: every request has a seed); the client
 drops an index it already has (:class:`meshllm.serve.client._Reorder`), as it
-must anyway under MQTT's at-least-once delivery. Pure: no I/O.
+must anyway under MQTT's at-least-once delivery.
+
+On a mesh with a secret both records are sealed (:class:`meshllm.secret.Sealer`):
+prompts and outputs rest on the broker, which apps share, so they are readable
+and writable by nodes only, whatever the broker delivers. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from meshllm.secret import Sealer
 
 PROGRESS_EVERY_S = 0.25
 MAX_RECORD_BYTES = 4 << 20
@@ -107,9 +113,34 @@ class Progress:
 class Journal:
     """One node's copy of the journal, fed by the retained topics."""
 
-    def __init__(self) -> None:
+    def __init__(self, sealer: Sealer | None = None) -> None:
         self.jobs: dict[str, JobRecord] = {}
         self.progress: dict[str, Progress] = {}
+        self.sealer = sealer  # None: an open mesh, records in clear
+
+    # --- the wire form (sealed on a mesh with a secret) ---------------------
+
+    def encode_job(self, rec: JobRecord) -> str:
+        return self._seal("jobs", rec.id, rec.to_json())
+
+    def encode_progress(self, request_id: str, progress: Progress) -> str:
+        return self._seal("progress", request_id, progress.to_json())
+
+    def _seal(self, kind: str, request_id: str, text: str) -> str:
+        return self.sealer.seal(text.encode(), f"{kind}/{request_id}".encode()) if self.sealer else text
+
+    def _open(self, kind: str, request_id: str, payload: bytes) -> bytes:
+        """The record's JSON; raises ValueError for one this mesh did not seal (a forgery, or clear text)."""
+        if self.sealer is None:
+            return payload
+        from meshllm.errors import SecretError
+
+        try:
+            return self.sealer.open(payload, f"{kind}/{request_id}".encode())
+        except SecretError as e:
+            raise ValueError(str(e)) from None
+
+    # --- following the retained topics ---------------------------------------
 
     def on_job(self, request_id: str, payload: bytes) -> JobRecord | None:
         """Applies a ``jobs/<id>`` message; returns the record it removed when the payload is empty."""
@@ -118,7 +149,7 @@ class Journal:
             return self.jobs.pop(request_id, None)
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"job record of {len(payload)} bytes is too large")
-        rec = JobRecord.from_json(payload)
+        rec = JobRecord.from_json(self._open("jobs", request_id, payload))
         if rec.id != request_id:
             raise ValueError(f"job record {rec.id!r} published under {request_id!r}")
         old = self.jobs.get(request_id)
@@ -132,7 +163,7 @@ class Journal:
             return
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"progress record of {len(payload)} bytes is too large")
-        p = Progress.from_json(payload)
+        p = Progress.from_json(self._open("progress", request_id, payload))
         old = self.progress.get(request_id)
         if old is None or (p.attempt, len(p.tokens)) >= (old.attempt, len(old.tokens)):
             self.progress[request_id] = p

@@ -40,11 +40,13 @@ from meshllm.model.manifest import MANIFEST_NAME, Manifest, load_manifest, sha25
 from meshllm.model.tokenizer import load_tokenizer
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
+from meshllm.secret import Sealer
 from meshllm.serve import protocol
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
 from meshllm.serve.journal import Journal, Progress
 from meshllm.serve.layout import Layout, LayoutError
+from meshllm.serve.messages import PayloadError, Readiness, Replay
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import Pace, StageRunner
 
@@ -79,13 +81,13 @@ class ServingNode:
         self._runner_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._segment: tuple[tuple[int, int, int, int], Segment] | None = None
         self.layout: Layout | None = None
-        self.ready: dict[str, dict[str, Any]] = {}  # node id -> its readiness record
+        self.ready: dict[str, Readiness] = {}  # node id -> its readiness record
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deploy_lock = asyncio.Lock()
         self._verified: set[str] = set()
         # replies and journal writes, published in order by one task; backpressure past the bound
         self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(10_000)
-        self.journal = Journal()
+        self.journal = Journal(Sealer.for_secret(config.secret, "journal"))
         self._pending_routes: list[tuple[str, Any]] = []
         self.dispatcher = Dispatcher(self)
         # streams that ended here lately, for a client's replay after a broker outage (bounded)
@@ -236,7 +238,8 @@ class ServingNode:
         """Journals how far a request got (queued behind its token replies, so never ahead of them)."""
         progress = Progress(seq.tokens, None if seq.params.greedy else seq.sampler.state(),
                             int(seq.meta.get("attempt", 0)))
-        await self.publish_retained(self.node.topics.progress(seq.request_id), progress.to_json())
+        await self.publish_retained(self.node.topics.progress(seq.request_id),
+                                    self.journal.encode_progress(seq.request_id, progress))
 
     def stream_ended(self, seq: SequenceState) -> None:
         """Keeps an ended stream a while (``REPLAY_KEEP_S``, at most ``REPLAY_KEEP``) for replays."""
@@ -249,16 +252,19 @@ class ServingNode:
 
     async def _on_replay(self, msg: aiomqtt.Message) -> None:
         """``{"id", "from"}``: the node streaming (or lately done with) that request publishes its replies again."""
+        if msg.retain:
+            return  # left on the broker by someone: not a client asking now
         try:
-            req = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"")
-            rid, start = str(req["id"]), int(req["from"])
-        except (ValueError, KeyError, TypeError):
+            replay = Replay.parse(msg.payload if isinstance(msg.payload, bytes) else b"")
+        except PayloadError as e:
+            log.info("%s: ignoring a replay request: %s", self.node_id, e)
             return
+        rid, start = replay.id, replay.start
         seqs = [s for r in self.runners.values() for s in r.sequences.values() if s.request_id == rid]
         if not seqs and rid in self._ended:
             seqs = [self._ended[rid][1]]
         for seq in seqs:
-            n = await seq.replay(max(0, start))
+            n = await seq.replay(start)
             log.info("%s: replayed %d replies of %s from index %d", self.node_id, n, rid, start)
 
     async def finished(self, key: str, meta: dict[str, Any], finish_reason: str) -> None:
@@ -456,7 +462,11 @@ class ServingNode:
         node_id = self.node.topics.leaf(str(msg.topic))
         payload = msg.payload if isinstance(msg.payload, bytes) else b""
         if payload:
-            self.ready[node_id] = json.loads(payload)
+            try:
+                self.ready[node_id] = Readiness.parse(payload)
+            except PayloadError as e:
+                log.warning("%s: ignoring the readiness of %s: %s", self.node_id, node_id, e)
+                return
         else:
             self.ready.pop(node_id, None)
         self._refresh_ready()
@@ -468,8 +478,8 @@ class ServingNode:
         alive = set(self.node.membership.ids)
         out = set()
         for r in layout.replicas.values():
-            if all(s.node_id in alive and self.ready.get(s.node_id, {}).get("pv") == layout.version
-                   and self.ready[s.node_id].get("r") == r.id for s in r.stages):
+            if all(s.node_id in alive and (rd := self.ready.get(s.node_id)) is not None
+                   and rd.plan_version == layout.version and rd.replica == r.id for s in r.stages):
                 out.add(r.id)
         return out
 
