@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from meshllm.errors import ManifestError
@@ -22,6 +23,35 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "meshllm-model"
 FORMAT_VERSION = 1
 ACTIVATION_DTYPE_BYTES = 4  # activations and KV caches are float32 at run time
+
+
+TOKENIZER_FILE_KEYS = ("file", "config", "chat_template")
+
+
+def check_file_name(name: object, where: str = "manifest") -> str:
+    """``name`` if it is a safe manifest file name, else a :class:`ManifestError` naming it.
+
+    A safe name is relative, '/'-separated and already normalised (no empty, '.' or '..' part, no
+    backslash, no control character), so that ``model_dir / name`` always lies inside the model
+    directory: a manifest from a peer must never make a node read or write anywhere else.
+    """
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{where}: file name {name!r} is not a non-empty string")
+    why = None
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        why = "it contains a control character"
+    elif "\\" in name:
+        why = "it contains a backslash"
+    elif name.startswith("/"):
+        why = "it is an absolute path"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        why = "it has an empty, '.' or '..' part"
+    elif PurePosixPath(name).as_posix() != name or unicodedata.normalize("NFC", name) != name:
+        why = "it is not in normal form"
+    if why is not None:
+        raise ManifestError(f"{where}: refusing file name {name!r}: {why}; manifest file names must be "
+                            "relative paths inside the model directory")
+    return name
 
 
 @dataclass(frozen=True)
@@ -84,7 +114,7 @@ class Manifest:
         return files + self.tokenizer_files()
 
     def tokenizer_files(self) -> list[str]:
-        return [self.tokenizer[k] for k in ("file", "config", "chat_template") if self.tokenizer.get(k)]
+        return [self.tokenizer[k] for k in TOKENIZER_FILE_KEYS if self.tokenizer.get(k)]
 
     @property
     def layer_costs(self) -> list[PartCost]:
@@ -116,7 +146,7 @@ class Manifest:
                 f"(this meshllm reads version {FORMAT_VERSION}); re-export the model with this meshllm"
             )
         try:
-            return cls(
+            manifest = cls(
                 name=d["name"],
                 config=ModelConfig.from_json(d["config"]),
                 dtype=d["dtype"],
@@ -128,8 +158,21 @@ class Manifest:
                 source=d.get("source", {}),
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        manifest.check_names(where)
+        return manifest
+
+    def check_names(self, where: str = "manifest") -> None:
+        """Every file the manifest names is a safe name (:func:`check_file_name`) and listed in ``files``."""
+        if not isinstance(self.tokenizer, dict):
+            raise ManifestError(f"{where}: malformed manifest (tokenizer is not an object)")
+        for name in self.files:
+            check_file_name(name, where)
+        for name in [f for p in self.parts for f in p.files] + self.tokenizer_files():
+            check_file_name(name, where)
+            if name not in self.files:
+                raise ManifestError(f"{where}: file {name!r} is used but not listed under 'files'")
 
     def save(self, model_dir: Path) -> None:
         (model_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=1) + "\n")

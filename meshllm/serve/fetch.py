@@ -1,16 +1,18 @@
 """Model files from a peer: a node that lacks the files of its stage fetches exactly those.
 
 The server side answers ``fetch`` frames for files listed in its manifest (and
-nothing else: no paths outside the model directory) with ``chunk`` frames and a
-final ``eof``. The client side writes ``<file>.part``, resumes from its size
-after an interruption, checks size and sha256 against the manifest, and only
-then renames it into place.
+nothing else) with ``chunk`` frames and a final ``eof``. The client side writes
+``<file>.part``, resumes from its size after an interruption, checks size and
+sha256 against the manifest, and only then renames it into place. Both sides
+confine every path to the model directory (:func:`confined_path`), whatever the
+manifest says: a manifest may come from a hostile peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +21,40 @@ import numpy as np
 from meshllm.dataplane.auth import connect
 from meshllm.dataplane.codec import FrameError, encode_buffers, read_frame
 from meshllm.errors import ManifestError
-from meshllm.model.manifest import MANIFEST_NAME, Manifest, sha256_file
+from meshllm.model.manifest import MANIFEST_NAME, Manifest, check_file_name, sha256_file
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 
 
+def confined_path(model_dir: Path, name: str) -> Path:
+    """``model_dir / name`` resolved, if ``name`` is a safe manifest name and the path (after following
+    any symlink) lies inside ``model_dir``; else a :class:`ManifestError`."""
+    check_file_name(name, str(model_dir))
+    root = model_dir.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ManifestError(f"{model_dir}: file {name!r} leads outside the model directory (a symlink?); refused")
+    return path
+
+
 async def serve_fetch(model_dir: Path, manifest: Manifest | None, msg: dict[str, Any],
-                      writer: asyncio.StreamWriter) -> None:
-    """Streams one file (from ``offset``) to the requesting peer."""
+                      writer: asyncio.StreamWriter, withheld: Container[str] = ()) -> None:
+    """Streams one file (from ``offset``) to the requesting peer: only a file the manifest lists, that lies
+    inside ``model_dir`` and is not ``withheld`` (found corrupt here)."""
     name, offset = msg.get("file"), msg.get("offset", 0)
     allowed = set(manifest.files) | {MANIFEST_NAME} if manifest is not None else set()
-    if not isinstance(name, str) or name not in allowed or not isinstance(offset, int) or offset < 0:
-        writer.writelines(encode_buffers({"t": "eof", "file": str(name), "error": "no such file"}))
+    path: Path | None = None
+    if isinstance(name, str) and name in allowed and name not in withheld and isinstance(offset, int) and offset >= 0:
+        try:
+            path = confined_path(model_dir, name)
+        except ManifestError as e:
+            log.warning("fetch of %r refused: %s", name, e)
+    if path is None or not path.is_file():
+        writer.writelines(encode_buffers({"t": "eof", "file": str(name)[:200], "error": "no such file"}))
         await writer.drain()
         return
-    path = model_dir / name
     size = path.stat().st_size
     with open(path, "rb") as f:
         f.seek(min(offset, size))
@@ -53,10 +72,9 @@ async def serve_fetch(model_dir: Path, manifest: Manifest | None, msg: dict[str,
 async def fetch_file(host: str, port: int, model_dir: Path, name: str, *, sha256: str | None,
                      size: int | None, timeout: float = 30.0, key: bytes | None = None) -> None:
     """Fetches ``name`` into ``model_dir`` from a peer, resuming a ``.part`` file; verifies before use."""
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ManifestError(f"refusing to fetch a file outside the model directory: {name!r}")
-    dest = model_dir / name
-    part = dest.with_name(dest.name + ".part")
+    dest = confined_path(model_dir, name)
+    part = confined_path(model_dir, name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     offset = part.stat().st_size if part.exists() else 0
     reader, writer = await connect(host, port, key, timeout)
     try:

@@ -40,6 +40,20 @@ def member_profiles(members: dict[str, Any]) -> list[DeviceProfile]:
     return out
 
 
+def servable(members: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The members a plan may give a stage: not one that reported a ``model_error`` (its files failed and
+    no peer could repair them), nor one that lacks files (``has_files`` false) while no other member holds
+    the same model to fetch them from."""
+    def ok(node_id: str, info: dict[str, Any]) -> bool:
+        if info.get("model_error"):
+            return False
+        if info.get("has_files") is not False:
+            return True
+        return any(o.get("has_files") and not o.get("model_error") and o.get("model_sha") == info.get("model_sha")
+                   for i, o in members.items() if i != node_id)
+    return {i: info for i, info in members.items() if ok(i, info)}
+
+
 class PlannerDuty:
     def __init__(self, server: ServingNode) -> None:
         self.server = server
@@ -56,14 +70,18 @@ class PlannerDuty:
             if not node.is_planner or not node.in_touch:
                 seen = None
                 continue
-            members = {m.node_id: m.info for m in node.membership.members.values()}
+            everyone = {m.node_id: m.info for m in node.membership.members.values()}
+            members = servable(everyone)
             view = tuple(sorted((i, json.dumps(m.get("profile"), sort_keys=True), len(m.get("links") or {}))
                                 for i, m in members.items()))
             if view == seen:
                 continue
             await asyncio.sleep(SETTLE_S)  # let a burst of joins settle
-            if {m.node_id for m in node.membership.members.values()} != set(members):
+            if {m.node_id for m in node.membership.members.values()} != set(everyone):
                 continue
+            for i in sorted(set(everyone) - set(members)):
+                log.warning("%s: leaving %s out of plans: %s", node.node_id, i,
+                            everyone[i].get("model_error") or "it lacks model files and no member holds them")
             seen = view
             try:
                 plan = self.make_plan(members)
@@ -99,6 +117,8 @@ class PlannerDuty:
 
         manifest = self.server.manifest
         assert manifest is not None
+        if not members:
+            return None
         costs = ModelCosts.from_manifest(manifest)
         profiles = member_profiles(members)
         current = Plan.from_json(live) if live else None

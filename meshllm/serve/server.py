@@ -34,19 +34,18 @@ import aiomqtt
 
 from meshllm.dataplane.codec import FrameError
 from meshllm.dataplane.links import PeerLinks, PeerUnreachable
-from meshllm.errors import GenerationError, MeshError
+from meshllm.errors import GenerationError, MeshError, ModelError
 from meshllm.mesh.node import Node, NodeConfig
-from meshllm.model.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
-from meshllm.model.tokenizer import load_tokenizer
+from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
 from meshllm.serve.dispatch import Dispatcher
-from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
 from meshllm.serve.journal import Journal, Progress
 from meshllm.serve.layout import Layout, LayoutError
 from meshllm.serve.messages import PayloadError, Readiness, Replay
+from meshllm.serve.model_files import ModelFiles, Source, sources
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import Pace, StageRunner
 
@@ -70,9 +69,9 @@ class ServingNode:
         self.node = Node(config)
         self.node_id = self.node.node_id
         self.model_dir = Path(config.model)
-        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.files = ModelFiles(self.model_dir, self.node_id, self.node.key, self._announce_model)
         self.manifest: Manifest | None = None
-        if (self.model_dir / MANIFEST_NAME).exists():
+        if self.files.manifest is not None:
             self._load_model_meta()
         self.threads = threads
         self.links = PeerLinks(key=self.node.key)
@@ -84,7 +83,6 @@ class ServingNode:
         self.ready: dict[str, Readiness] = {}  # node id -> its readiness record
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deploy_lock = asyncio.Lock()
-        self._verified: set[str] = set()
         # replies and journal writes, published in order by one task; backpressure past the bound
         self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(10_000)
         self.journal = Journal(Sealer.for_secret(config.secret, "journal"))
@@ -95,40 +93,21 @@ class ServingNode:
         self._ready_record: dict[str, Any] | None = None
 
     def _load_model_meta(self) -> None:
-        """Manifest and tokenizer (fetched from a peer first if this node has no model files yet)."""
-        self.manifest = load_manifest(self.model_dir)
-        self.node.record_extra.update(model_name=self.manifest.name,
-                                      context_length=self.manifest.config.max_seq_len)
-        self.tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)
+        """Manifest and tokenizer, as :class:`ModelFiles` read them, and what the record says of them."""
+        assert self.files.manifest is not None and self.files.tokenizer is not None
+        self.manifest, self.tokenizer = self.files.manifest, self.files.tokenizer
         self.stop_ids = self.manifest.config.stop_ids()
-        complete = not missing_files(self.model_dir, self.manifest, list(self.manifest.files))
-        self.node.record_extra.update(model_sha=sha256_file(self.model_dir / MANIFEST_NAME), has_files=complete)
+        self.node.record_extra.update(self.files.record())
 
-    async def _fetch_from_peer(self, files: list[str]) -> None:
-        """Fetches ``files`` from a member that holds the complete model (same manifest)."""
-        deadline = time.monotonic() + 60
-        while True:
-            mine = self.node.record_extra.get("model_sha")
-            peers = [m for m in self.node.membership.members.values() if m.node_id != self.node_id
-                     and m.info.get("has_files") and (mine is None or m.info.get("model_sha") == mine)]
-            if peers:
-                break
-            if time.monotonic() > deadline:
-                raise MeshError(f"no peer holds the model files {files[:3]}...; give this node --model with them")
-            await asyncio.sleep(0.5)
-        peer = peers[0]
-        for name in files:
-            entry = self.manifest.files.get(name) if self.manifest is not None else None
-            for attempt in range(3):  # a corrupt or cut transfer is discarded or resumed, then retried
-                try:
-                    await fetch_file(str(peer.info["host"]), int(peer.info["port"]), self.model_dir, name,
-                                     sha256=entry.sha256 if entry else None, size=entry.size if entry else None,
-                                     key=self.node.key)
-                    break
-                except (TimeoutError, MeshError, OSError, EOFError) as e:
-                    if attempt == 2:
-                        raise MeshError(f"cannot fetch {name} from {peer.node_id}: {e}") from None
-                    log.warning("%s: fetching %s failed (%s); retrying", self.node_id, name, e)
+    async def _announce_model(self) -> None:
+        """Restates this node's record after its model files changed (fetched, found corrupt, given up)."""
+        self.node.record_extra.update(self.files.record())
+        await self.node.republish_record()
+
+    def _fetch_sources(self, model_sha: str | None) -> list[Source]:
+        """Members holding the complete model of manifest hash ``model_sha``, to fetch files from."""
+        return sources(((m.node_id, m.info) for m in self.node.membership.members.values()), self.node_id,
+                       model_sha)
 
     # --- lifecycle ----------------------------------------------------
 
@@ -146,17 +125,18 @@ class ServingNode:
         node.on_session(self.dispatcher.restate_journal)
         node.on_session(self._announce)
         node.subscribe(node.topics.replay, self._on_replay)
-        self._route("fetch", lambda msg, writer: serve_fetch(self.model_dir, self.manifest, msg, writer))
+        self._route("fetch", self.files.serve)
         await self.links.__aenter__()
         await node.__aenter__()
         for kind, handler in self._pending_routes:
             node.dataplane.route(kind, handler)
         if self.manifest is None:  # a node with no model files yet: learn the model from a peer
-            await self._fetch_from_peer([MANIFEST_NAME])
-            self.manifest = load_manifest(self.model_dir)
-            await self._fetch_from_peer(self.manifest.tokenizer_files())
+            try:
+                await self.files.fetch_meta(self._fetch_sources)
+            except BaseException:
+                await self.__aexit__(None, None, None)
+                raise
             self._load_model_meta()
-            await node.republish_record()
         from meshllm.serve.planning import PlannerDuty
 
         self.planner = PlannerDuty(self)
@@ -388,15 +368,15 @@ class ServingNode:
             if self._segment is not None and self._segment[0] == key and not self._segment_in_use():
                 segment = self._segment[1]
             if segment is None:
-                files = self.manifest.segment_files(st.start, st.stop)
-                absent = missing_files(self.model_dir, self.manifest, files)
-                if absent:
-                    log.info("%s: fetching %d model files from a peer", self.node_id, len(absent))
-                    await self._fetch_from_peer(absent)
-                todo = [f for f in files if f not in self._verified]
+                try:
+                    await self.files.ensure(self.manifest.segment_files(st.start, st.stop), self._fetch_sources,
+                                            self.executor)
+                except ModelError as e:  # out of plans from now on (its record says why); one line, no traceback
+                    log.error("%s: cannot serve stage %d of plan v%d: %s", self.node_id, index, layout.version, e)
+                    await self._announce({"pv": layout.version, "r": None, "error": str(e)})
+                    self._retire_old(layout.version)
+                    return
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self.executor, lambda: verify_files(self.model_dir, self.manifest, todo))
-                self._verified.update(todo)
                 segment = await loop.run_in_executor(self.executor, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
