@@ -102,13 +102,14 @@ async def _node_main(args: argparse.Namespace) -> int:
         from meshllm.gateway.cli import check_exposure
 
         check_exposure(args.gateway[0], os.environ.get("MESHLLM_API_KEY"), args.open)
+    member = ServingNode(cfg, threads=args.threads) if cfg.model else Node(cfg)  # validates the configuration
     if cfg.secret is None:
         logging.getLogger("meshllm").warning(OPEN_WARNING.format(mesh=cfg.mesh))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with (ServingNode(cfg, threads=args.threads) if cfg.model else Node(cfg)) as member:
+    async with member:
         node = member.node if isinstance(member, ServingNode) else member
         gateway = None
         if args.gateway:

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import secrets
 import shutil
@@ -57,9 +58,11 @@ sys.path.insert(0, str(ROOT))
 import aiomqtt  # noqa: E402
 
 from meshllm.errors import MeshError  # noqa: E402
+from meshllm.mesh.access import app_login, node_login, with_login  # noqa: E402
 from meshllm.mesh.broker import BrokerError  # noqa: E402
 from meshllm.mesh.status import read_state  # noqa: E402
 from meshllm.mesh.topics import Topics  # noqa: E402
+from meshllm.secret import SECRET_ENV, generate_secret  # noqa: E402
 from meshllm.serve.client import Client, RequestFailed, RequestTimeout  # noqa: E402
 from tests.netns import bridged_hosts  # noqa: E402
 
@@ -122,8 +125,10 @@ class Testbed:
     """Namespaces on a bridge, Mosquitto in one, a ``meshllm node`` in each of the others."""
 
     def __init__(self, hosts: list[tuple[str, str]], n_nodes: int, model: Path, log_dir: Path, *,
-                 mesh: str, compute_scale: float, verbose: bool, broker_persistence: bool) -> None:
+                 mesh: str, compute_scale: float, verbose: bool, broker_persistence: bool,
+                 secret: str | None = None) -> None:
         self.mesh, self.model, self.log_dir = mesh, model, log_dir
+        self.secret = secret  # a closed mesh: Mosquitto with the node and app logins and the topic rules as ACL
         self.compute_scale, self.verbose, self.persistence = compute_scale, verbose, broker_persistence
         self.broker_ns, self.broker_addr = hosts[0]
         self.node_hosts = {f"n{i + 1}": hosts[i + 1] for i in range(n_nodes)}
@@ -131,7 +136,10 @@ class Testbed:
         self.bridge = f"mlbr{tag}"
         self.veth = {n: f"mlv{tag}{ns[-1]}" for n, (ns, _) in self.node_hosts.items()}
         self.app_addr = self.broker_addr.rsplit(".", 1)[0] + ".254"
-        self.broker_url = f"mqtt://{self.broker_addr}:1883"
+        self.broker_url = f"mqtt://{self.broker_addr}:1883"  # what nodes are given (they log in by themselves)
+        # what the app, the observer and the tool's own reads use: the app login on a closed mesh
+        self.app_url = with_login(self.broker_url, app_login(secret)) if secret else self.broker_url
+        self.node_url = with_login(self.broker_url, node_login(secret)) if secret else self.broker_url
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.netem_on: set[str] = set()
         self.netem_how = ""
@@ -157,8 +165,14 @@ class Testbed:
 
     def start_broker(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = [f"listener 1883 {self.broker_addr}", "allow_anonymous true", "user root",
+        conf = [f"listener 1883 {self.broker_addr}", "user root",
                 "max_queued_messages 0"]  # never drop QoS 1 replies to a slow subscriber (docs/mesh.md)
+        if self.secret is None:
+            conf.append("allow_anonymous true")
+        else:
+            conf += ["allow_anonymous false", f"password_file {self._conf_dir}/passwd",
+                     f"acl_file {self._conf_dir}/acl"]
+            self._write_logins()
         if self.persistence:
             conf += ["persistence true", f"persistence_location {self._conf_dir}/", "autosave_interval 1"]
         else:
@@ -169,6 +183,19 @@ class Testbed:
             ["ip", "netns", "exec", self.broker_ns, exe, "-v", "-c", str(self._conf_dir / "mosquitto.conf")],
             stdout=log, stderr=log)
         log.close()
+
+    def _write_logins(self) -> None:
+        """Mosquitto's password and ACL files for a closed mesh: the two logins derived from the secret, and the
+        topic rule of :mod:`meshllm.mesh.access` written as ACL lines (docs/security.md)."""
+        assert self.secret is not None
+        passwd = self._conf_dir / "passwd"
+        for i, (user, password) in enumerate((node_login(self.secret), app_login(self.secret))):
+            _run("mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password)
+        root = "meshllm/v1/+"
+        acl = ["user meshllm-node", "topic readwrite #", "", "user meshllm-app"]
+        acl += [f"topic write {root}/{t}" for t in ("requests", "cancel", "replay")]
+        acl += [f"topic read {root}/{t}" for t in ("replies/#", "members/+", "planner", "plan", "ready/+", "stats/+")]
+        (self._conf_dir / "acl").write_text("\n".join(acl) + "\n")
 
     def stop_broker(self) -> None:
         p = self.procs.pop("broker")
@@ -181,13 +208,16 @@ class Testbed:
         ns, addr = self.node_hosts[node_id]
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "meshllm", *(["-v"] if self.verbose else []),
                "node", "--mesh", self.mesh, "--node-id", node_id, "--interface", addr, "--quick-profile",
-               "--broker", self.broker_url, "--model", str(self.model), "--open"]
+               "--broker", self.broker_url, "--model", str(self.model)]
+        if self.secret is None:
+            cmd.append("--open")
         if self.compute_scale > 1:
             cmd += ["--emulate-compute-scale", str(self.compute_scale)]
         log = open(self.log_dir / f"{node_id}.log", "a")
         log.write(f"\n===== chaos: starting {node_id} at {time.strftime('%H:%M:%S')} =====\n")
         log.flush()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+        env = {**os.environ, SECRET_ENV: self.secret} if self.secret else None
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
         log.close()
         self.procs[node_id] = p
         return p
@@ -250,8 +280,8 @@ class Testbed:
     async def whole(self, n: int) -> tuple[bool, str]:
         """Every node a member, a plan out, and every node of it ready for it."""
         try:
-            st = await read_state(self.mesh, self.broker_url, quiet_s=0.3)
-            ready = await _retained(self.broker_url, f"{Topics(self.mesh).root}/ready/+")
+            st = await read_state(self.mesh, self.app_url, quiet_s=0.3)
+            ready = await _retained(self.app_url, f"{Topics(self.mesh).root}/ready/+")
         except (aiomqtt.MqttError, OSError, MeshError) as e:
             return False, f"broker: {e}"
         plan = st.get("plan")
@@ -510,9 +540,21 @@ def make_report(load: Load, ref: dict[str, list[int]], faults: list[dict[str, An
                      for o in outs if o.status == "failed"][:50],
     }
     t = report["tokens"]
-    report["ok"] = (status["lost"] == 0 and status["pending"] == 0 and not mismatched and t["app_duplicates"] == 0
-                    and app_missing == 0 and wire_conflicts == 0)
+    adv = meta.get("adversary") or {}
+    dup_ok = all(d.startswith("exit 2:") for d in adv.get("duplicate_node", []))
+    report["ok"] = (not adv.get("node_exits") and dup_ok and status["lost"] == 0 and status["pending"] == 0
+                    and not mismatched and t["app_duplicates"] == 0 and app_missing == 0 and wire_conflicts == 0)
     return report
+
+
+def _adversary_rows(adv: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    if not adv:
+        return []
+    counts = ", ".join(f"{k} {v}" for k, v in adv["attacks"].items()) or "none"
+    refused = ", ".join(f"{k} {v}" for k, v in adv["refused"].items()) or "none"
+    return [("adversary: attacks delivered", counts), ("adversary: refused at the door", refused),
+            ("nodes that exited under attack", len(adv["node_exits"])),
+            ("duplicate node ids started", "; ".join(adv["duplicate_node"]) or "none")]
 
 
 def _quantiles(xs: list[float]) -> dict[str, float]:
@@ -540,6 +582,7 @@ def render(r: dict[str, Any]) -> str:
         ("missing tokens (app / wire)", f"{t['app_missing']} / {t['wire_missing']}"),
         ("completed answers != reference", t["mismatched_requests"]),
         ("journal records left on the broker", len(r["journal_left"])),
+        *_adversary_rows(r.get("adversary")),
         ("result", "OK" if r["ok"] else "FAILED"),
     ]
     w = max(len(k) for k, _ in rows)
@@ -609,7 +652,8 @@ async def run(args: argparse.Namespace, hosts: list[tuple[str, str]], schedule: 
 
     mesh = f"chaos-{secrets.token_hex(3)}"
     bed = Testbed(hosts, args.nodes, Path(args.model), log_dir, mesh=mesh, compute_scale=args.slow,
-                  verbose=args.verbose_nodes, broker_persistence=args.broker_persistence)
+                  verbose=args.verbose_nodes, broker_persistence=args.broker_persistence,
+                  secret=generate_secret() if args.secret else None)
     try:
         bed.open()
         bed.start_broker()
@@ -621,29 +665,53 @@ async def run(args: argparse.Namespace, hosts: list[tuple[str, str]], schedule: 
         if not await wait_whole(bed, args.nodes, 90, say):
             raise RuntimeError(f"the mesh never became ready; logs in {log_dir}")
         say(f"mesh {mesh} ready: {args.nodes} nodes, broker {bed.broker_url}, app at {bed.app_addr}")
-        plan = (await read_state(mesh, bed.broker_url, quiet_s=0.3)).get("plan") or {}
+        plan = (await read_state(mesh, bed.app_url, quiet_s=0.3)).get("plan") or {}
         for r in plan.get("replicas", []):
             say(f"  replica {r['id']} {r['role']:<7} " + " -> ".join(
                 f"{s['node_id']}[{s['start']}-{s['stop'] - 1}]" for s in r["stages"]))
-        load = Load(bed.broker_url, mesh, seed=args.seed, rate=args.rate, duration=args.duration,
+        load = Load(bed.app_url, mesh, seed=args.seed, rate=args.rate, duration=args.duration,
                     deadline=args.deadline, max_tokens=(args.min_tokens, args.max_tokens), say=say)
+        adversary = None
+        if args.adversary:
+            from tools.chaos_adversary import Adversary
+
+            adversary = Adversary(broker=bed.broker_url, mesh=mesh,
+                                  app_login=app_login(bed.secret) if bed.secret else None, nodes={},
+                                  seed=args.seed, say=say, interface=bed.app_addr,
+                                  secret_env={SECRET_ENV: bed.secret} if bed.secret else None,
+                                  alive=lambda: {n: p.poll() is None for n, p in bed.procs.items() if n != "broker"})
         async with asyncio.TaskGroup() as tg:
             lt = tg.create_task(load.run())
             t0 = time.monotonic()
+            if adversary is not None:
+                tg.create_task(_track_nodes(bed, adversary, t0 + args.duration))
+                tg.create_task(adversary.run(t0 + args.duration))
             faults = await inject(bed, schedule, args.nodes, t0, args.duration, say)
             say(f"faults over; waiting for {sum(o.status == 'pending' for o in load.outcomes)} "
                 "request(s) still in flight")
             await lt
         await asyncio.sleep(1.0)  # let the last journal clears reach the broker
-        journal = await _retained(bed.broker_url, f"{Topics(mesh).root}/jobs/+")
+        journal = await _retained(bed.node_url, f"{Topics(mesh).root}/jobs/+")
         meta = {"command": " ".join(["python", "tools/chaos.py", *sys.argv[1:]]), "seed": args.seed,
                 "duration_s": args.duration, "nodes": args.nodes, "fault_kinds": args.faults,
                 "rate": args.rate, "broker_persistence": args.broker_persistence, "log_dir": str(log_dir),
-                "wall_s": round(time.monotonic() - t_start, 1), "netem_how": bed.netem_how or None}
+                "wall_s": round(time.monotonic() - t_start, 1), "netem_how": bed.netem_how or None,
+                "closed_mesh": bed.secret is not None,
+                "adversary": adversary.report() if adversary is not None else None}
         resumes = sum(p.read_text(errors="replace").count("resuming ") for p in log_dir.glob("n*.log"))
         return make_report(load, ref, faults, sorted(journal), {**meta, "resumes_logged": resumes})
     finally:
         bed.close()
+
+
+async def _track_nodes(bed: Testbed, adversary: Any, until: float) -> None:
+    """Keeps the adversary's list of data-plane addresses current (a restarted node has a new port)."""
+    while time.monotonic() < until:
+        with contextlib.suppress(aiomqtt.MqttError, OSError, MeshError):
+            st = await read_state(bed.mesh, bed.app_url, quiet_s=0.2)
+            adversary.nodes = {n: (str(m["host"]), int(m["port"])) for n, m in st["members"].items()
+                               if m.get("host") and m.get("port")}
+        await asyncio.sleep(2.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,6 +733,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", help="node and broker logs (default: a new temporary directory)")
     ap.add_argument("--verbose-nodes", action="store_true", help="debug logs from the nodes (-v)")
     ap.add_argument("--json", help="write the report as JSON to this file")
+    ap.add_argument("--secret", action="store_true", help="a closed mesh: Mosquitto with the node and app logins "
+                    "and the topic rules as ACL; the app logs in")
+    ap.add_argument("--adversary", action="store_true", help="a hostile app and a stranger send malformed and "
+                    "forbidden messages at random meanwhile (tools/chaos_adversary.py); a node that exits fails "
+                    "the run")
     args = ap.parse_args(argv)
     kinds = [k for k in args.faults.split(",") if k]
     if not kinds or any(k not in FAULT_KINDS for k in kinds):
