@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from meshllm.dataplane.links import PeerUnreachable
 from meshllm.mesh.topics import Topics
@@ -142,12 +142,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         counted = Counter(j.decode_r for j in self.s.jobs.values() if j.id not in self.restored)
         for r, n in counted.items():
             assert n <= self.layout.replicas[r].slots, f"replica {r} runs {n} > {self.layout.replicas[r].slots}"
-
-    @invariant()
-    def a_free_slot_never_leaves_the_head_of_the_queue_waiting(self) -> None:
-        self.held.update({j.id: j for j in []})
-        if self.s.queue:
-            assert self.s.route(self.s.queue[0].n_prompt) is None or self.s.queue[0].id in self.held
 
 
 SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)

@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 
 TEND_S = 0.2
 RETRY_S, MAX_DISPATCH_TRIES = 0.5, 40  # a prompt that cannot be sent is routed again, for about 20 s
-MAX_INTAKE = 64  # requests waiting to be parsed and tokenized; beyond, 'busy'
-MAX_REFUSING = 1024  # requests past MAX_INTAKE waiting for their 'busy' answer; beyond, dropped (clients resend)
+MAX_INTAKE = 64  # parsed requests waiting to be tokenized; beyond, 'busy'
+# requests waiting to be parsed (quick: JSON only); beyond either bound they are dropped unanswered (a client
+# sends its request again until it hears back), which only a flood faster than a parse per request meets
+MAX_UNPARSED, MAX_UNPARSED_BYTES = 1024, 64 << 20
 FINISHED_KEEP, FINISHED_KEEP_S = 4096, 120.0  # ended requests remembered, so that a late copy is not served again
 
 
@@ -66,12 +68,14 @@ class Dispatcher:
         self.journal = server.journal
         self.scheduler: Scheduler | None = None
         self._adopted = False
-        # Intake: requests wait here (FIFO, bounded) to be parsed and tokenized on one thread of their own, never
-        # on the event loop that carries heartbeats and frames; beyond the bound they are refused as 'busy'.
-        self._intake: asyncio.Queue[bytes] = asyncio.Queue(MAX_INTAKE)
+        # Intake, in two FIFOs served by one thread of its own (never the event loop, which carries heartbeats,
+        # frames and replies): requests are parsed in order of arrival, then wait (bounded: beyond, 'busy') to be
+        # tokenized, their id registered in _preparing so that a copy arriving meanwhile is recognised.
+        self._unparsed: asyncio.Queue[bytes] = asyncio.Queue()
+        self._unparsed_bytes = 0
+        self._parsed: asyncio.Queue[tuple[api.Request, str]] = asyncio.Queue()
         self._intake_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
-        self._refusing = 0  # requests past the bound waiting to be parsed for their 'busy' answer
-        self._preparing: dict[str, str] = {}  # id -> digest of requests being tokenized
+        self._preparing: dict[str, str] = {}  # id -> digest of requests parsed, waiting for or being tokenized
         self._cancel_pending: set[str] = set()  # of those, the ones cancelled meanwhile
         self._finished: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (when, digest), ended lately
 
@@ -82,68 +86,69 @@ class Dispatcher:
         if not self.node.is_planner:
             return
         payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
-        try:
-            self._intake.put_nowait(payload)
-        except asyncio.QueueFull:
-            if self._refusing >= MAX_REFUSING:  # nothing to answer it with: its client sends it again
-                log.warning("%s: intake overflowing; dropped a request unanswered", self.node.node_id)
-                return
-            self._refusing += 1
-            self.server.spawn(self._refuse(payload))
+        if self._unparsed.qsize() >= MAX_UNPARSED or self._unparsed_bytes + len(payload) > MAX_UNPARSED_BYTES:
+            log.warning("%s: intake overflowing; dropped a request of %d bytes unanswered", self.node.node_id,
+                        len(payload))
+            return
+        self._unparsed_bytes += len(payload)
+        self._unparsed.put_nowait(payload)
 
-    async def _intake_worker(self) -> None:
-        """Takes requests in in their order of arrival, one at a time."""
-        while True:
-            payload = await self._intake.get()
-            try:
-                await self._take(payload)
-            except Exception:  # a bug met by one request must not stop the intake for all
-                log.exception("%s: taking in a request failed", self.node.node_id)
-
-    async def _refuse(self, payload: bytes) -> None:
-        """Answers a request past the intake's bound: 'busy', or what is wrong with it (its id read off-loop)."""
-        try:
-            req, _ = await asyncio.get_running_loop().run_in_executor(self._intake_pool, self._parse, payload)
-            raise api.RequestError(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to be "
-                                   "taken in; try again shortly", req.id, req.reply_to)
-        except api.RequestError as e:
-            await self._answer(e)
-        finally:
-            self._refusing -= 1
-
-    async def _take(self, payload: bytes) -> None:
+    async def _parse_worker(self) -> None:
+        """Parses requests in their order of arrival; a copy of one already known is dropped here, and one
+        that would wait too long to be tokenized is refused as busy."""
         loop = asyncio.get_running_loop()
-        req: api.Request | None = None
-        try:
-            req, digest = await loop.run_in_executor(self._intake_pool, self._parse, payload)
-            if not self.node.is_planner or self._seen(req, digest):
-                return
-            self.ensure_scheduler()  # no plan yet: say so before tokenizing
-            self._preparing[req.id] = digest  # before the wait: the same request sent again meanwhile is seen
+        while True:
+            payload = await self._unparsed.get()
+            self._unparsed_bytes -= len(payload)
+            req: api.Request | None = None
             try:
-                ids = await loop.run_in_executor(self._intake_pool, self._tokenize, req)
+                req, digest = await loop.run_in_executor(self._intake_pool, self._parse, payload)
+                if not self.node.is_planner or self._seen(req, digest):
+                    continue
+                self.ensure_scheduler()  # no plan yet: say so before tokenizing
+                if self._parsed.qsize() >= MAX_INTAKE:
+                    raise api.RequestError(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to "
+                                           "be taken in; try again shortly")
+                self._preparing[req.id] = digest  # before any wait: a copy arriving meanwhile is recognised
+                self._parsed.put_nowait((req, digest))
+            except api.RequestError as e:
+                if e.request_id is None and req is not None:  # e.g. no plan yet: answered all the same
+                    e.request_id, e.reply_to = req.id, req.reply_to
+                await self._answer(e)
+            except Exception:  # a bug met by one request must not stop the intake for all
+                log.exception("%s: parsing a request failed", self.node.node_id)
+
+    async def _tokenize_worker(self) -> None:
+        """Tokenizes and admits parsed requests, in order."""
+        while True:
+            req, digest = await self._parsed.get()
+            try:
+                await self._take(req, digest)
+            except Exception:
+                log.exception("%s: taking in %s failed", self.node.node_id, req.id)
+            finally:
+                self._preparing.pop(req.id, None)
+                self._cancel_pending.discard(req.id)
+
+    async def _take(self, req: api.Request, digest: str) -> None:
+        try:
+            try:
+                ids = await asyncio.get_running_loop().run_in_executor(self._intake_pool, self._tokenize, req)
             finally:
                 del self._preparing[req.id]
             if req.id in self._cancel_pending:
-                self._cancel_pending.discard(req.id)
                 raise api.RequestError(api.CANCELLED, "cancelled by the client", req.id, req.reply_to)
             if self.node.is_planner:
                 self._accept(req, digest, ids)
         except api.RequestError as e:
-            if e.request_id is None and req is not None:  # e.g. no plan yet: answered all the same
+            if e.request_id is None:
                 e.request_id, e.reply_to = req.id, req.reply_to
             await self._answer(e)
         except MeshError as e:  # e.g. a chat request to a model without a chat template
-            if req is not None:
-                await self.server.publish(req.reply_to, api.error_reply(req.id, api.INVALID_REQUEST, str(e)))
+            await self.server.publish(req.reply_to, api.error_reply(req.id, api.INVALID_REQUEST, str(e)))
         except Exception as e:
-            if req is None:
-                raise
             log.exception("%s: taking in %s failed", self.node.node_id, req.id)
             await self.server.publish(req.reply_to, api.error_reply(req.id, api.INTERNAL, f"internal error: {e}"))
-        finally:
-            if req is not None:
-                self._cancel_pending.discard(req.id)
 
     def _parse(self, payload: bytes) -> tuple[api.Request, str]:
         """(On the intake thread.) The request and its digest, by which a copy of it is recognised."""
@@ -418,7 +423,8 @@ class Dispatcher:
     async def tend(self) -> None:
         """The dispatcher's duties while the node runs: the intake worker, and, while this node is the planner,
         taking over a predecessor's requests and resuming stranded ones."""
-        worker = asyncio.get_running_loop().create_task(self._intake_worker())
+        loop = asyncio.get_running_loop()
+        workers = [loop.create_task(self._parse_worker()), loop.create_task(self._tokenize_worker())]
         try:
             while True:
                 await asyncio.sleep(TEND_S)
@@ -432,9 +438,9 @@ class Dispatcher:
                 except MeshError as e:
                     log.warning("%s: tending the journal: %s", self.node.node_id, e)
         finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             self._intake_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _tend_once(self) -> None:
