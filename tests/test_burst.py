@@ -217,7 +217,8 @@ def test_a_flood_of_huge_prompts_never_stalls_the_planner(live: tuple[str, list[
     took = time.monotonic() - t0
     gaps = {n: max(b - a for a, b in zip(ts, ts[1:], strict=False)) for n, ts in beats.items() if len(ts) > 1}
     print(f"\nflood answered in {took:.1f} s; longest heartbeat gaps {gaps}; planner claims seen {len(claims)}")
-    assert set(gaps) == {"n1", "n2"} and all(g < 1.5 for g in gaps.values()), f"heartbeats stalled: {gaps}"
+    # a node beats every 0.5 s and is expired after 1.5 s of silence; a gap of a second means its loop stalled
+    assert set(gaps) == {"n1", "n2"} and all(g < 1.0 for g in gaps.values()), f"heartbeats stalled: {gaps}"
     assert len(claims) == 1, f"the planner role changed hands: {claims}"
     assert outcome(got[f"{root}/replies/normal"]) == "done"
     for t in ("cjk0", "cjk14"):
