@@ -182,8 +182,26 @@ def test_the_size_limit_counts_bytes_of_utf8() -> None:
     pad = "€" * 200_000  # 600 kB of UTF-8 but 200k characters; the unknown field fails after the size check
     refused(json.dumps({"id": "r", "prompt": "x", "pad": pad}, ensure_ascii=False), match="unknown field")
     e = refused(json.dumps({"id": "r", "prompt": "x", "pad": pad * 2}, ensure_ascii=False), match="exceeds")
-    assert e.request_id is None
+    assert (e.request_id, e.reply_to) == ("r", f"{REPLIES}/r")
     refused(b"{" + b" " * api.MAX_REQUEST_BYTES + b"}", match="exceeds")
+
+
+def test_an_oversized_request_is_answered_with_its_id_on_its_reply_topic() -> None:
+    """Issue 14, item 15: up to MAX_ANSWERABLE_BYTES a request too large to serve is still read for its id and
+    reply topic, so that its app hears why; beyond that, or with no usable id, it is answered without one."""
+    big = "z" * (api.MAX_REQUEST_BYTES + 10)
+    e = refused({"id": "big-1", "prompt": big, "reply_to": "my/app/big-1"}, match="exceeds")
+    assert (e.request_id, e.reply_to, e.reply()["id"]) == ("big-1", "my/app/big-1", "big-1")
+    e = refused({"id": "big-2", "prompt": big}, match="exceeds")
+    assert (e.request_id, e.reply_to) == ("big-2", f"{REPLIES}/big-2")
+    # a reply topic it may not have: answered on the default one of its id
+    e = refused({"id": "big-3", "prompt": big, "reply_to": "meshllm/v1/other/plan"}, match="exceeds")
+    assert (e.request_id, e.reply_to) == ("big-3", None)
+    for unusable in ({"id": "bad id", "prompt": big}, {"prompt": big}, [big]):
+        e = refused(unusable, match="exceeds")
+        assert (e.request_id, e.reply_to) == (None, None)
+    e = refused(json.dumps({"id": "huge", "prompt": "q" * (api.MAX_ANSWERABLE_BYTES + 1)}), match="exceeds")
+    assert e.request_id is None, "beyond MAX_ANSWERABLE_BYTES it is not even parsed"
 
 
 @pytest.mark.parametrize("payload", [b"", b"{", b"\xff\xfe{", b'{"id": "r", "prompt": "\xc3"}', "[" * 100_000,

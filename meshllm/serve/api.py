@@ -33,6 +33,8 @@ from meshllm.runtime.sampling import SamplingParams
 
 SCHEMA_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
+# an oversized request is still parsed up to this size, only to answer it on its own reply topic with its id
+MAX_ANSWERABLE_BYTES = 8 << 20
 MAX_PROMPT_CHARS = 200_000
 MAX_STOP_STRINGS = 8
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # \Z: "$" would also accept a trailing newline
@@ -88,27 +90,12 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     """Validates one request; ``default_reply`` is the reply topic prefix (``.../replies``)."""
     size = len(payload) if isinstance(payload, (bytes, bytearray)) else len(payload.encode("utf-8", "surrogatepass"))
     if size > MAX_REQUEST_BYTES:
-        raise RequestError(INVALID_REQUEST, f"request of {size} bytes exceeds {MAX_REQUEST_BYTES} bytes")
-    try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(INVALID_JSON, f"request is not valid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError(INVALID_JSON, "request is not valid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise RequestError(INVALID_REQUEST, "request must be a JSON object")
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not _ID.match(rid):
-        raise RequestError(INVALID_REQUEST, "'id' must be a string of 1-128 letters, digits, '_', '.', ':', '-'",
-                           rid if isinstance(rid, str) and _ID.match(rid or "") else None)
-    # null means "the default" for every optional field, as OpenAI-style clients send it
-    reply_to = obj.get("reply_to") if obj.get("reply_to") is not None else f"{default_reply}/{rid}"
-    if not _is_topic(reply_to):
-        raise RequestError(INVALID_REQUEST, f"'reply_to' must be an MQTT topic of 1-{MAX_TOPIC_CHARS} characters, "
-                           "without wildcards, control characters or a leading '$'", rid)
-    if reply_to.split("/", 1)[0] == "meshllm" and not reply_to.startswith(f"{default_reply}/"):
-        # nodes publish replies with their own broker login: never onto the mesh's state (members, plan...)
-        raise RequestError(INVALID_REQUEST, f"'reply_to' under meshllm/ must be under {default_reply}/", rid)
+        rid, reply_to = _answerable(payload, size, default_reply)
+        raise RequestError(INVALID_REQUEST, f"request of {size} bytes exceeds {MAX_REQUEST_BYTES} bytes", rid,
+                           reply_to)
+    obj = _load(payload)
+    rid = _request_id(obj)
+    reply_to = _reply_topic(obj, rid, default_reply)
 
     def fail(msg: str, code: str = INVALID_REQUEST) -> RequestError:
         return RequestError(code, msg, rid, reply_to)
@@ -178,6 +165,54 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     except GenerationError as e:
         raise fail(str(e)) from None
     return Request(rid, reply_to, sampling, prompt, tuple(messages or ()))
+
+
+def _load(payload: bytes | str) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(INVALID_JSON, f"request is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(INVALID_JSON, "request is not valid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise RequestError(INVALID_REQUEST, "request must be a JSON object")
+    return obj
+
+
+def _request_id(obj: dict[str, Any]) -> str:
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not _ID.match(rid):
+        raise RequestError(INVALID_REQUEST, "'id' must be a string of 1-128 letters, digits, '_', '.', ':', '-'",
+                           rid if isinstance(rid, str) and _ID.match(rid or "") else None)
+    return rid
+
+
+def _reply_topic(obj: dict[str, Any], rid: str, default_reply: str) -> str:
+    # null means "the default" for every optional field, as OpenAI-style clients send it
+    reply_to = obj.get("reply_to") if obj.get("reply_to") is not None else f"{default_reply}/{rid}"
+    if not _is_topic(reply_to):
+        raise RequestError(INVALID_REQUEST, f"'reply_to' must be an MQTT topic of 1-{MAX_TOPIC_CHARS} characters, "
+                           "without wildcards, control characters or a leading '$'", rid)
+    if reply_to.split("/", 1)[0] == "meshllm" and not reply_to.startswith(f"{default_reply}/"):
+        # nodes publish replies with their own broker login: never onto the mesh's state (members, plan...)
+        raise RequestError(INVALID_REQUEST, f"'reply_to' under meshllm/ must be under {default_reply}/", rid)
+    return reply_to
+
+
+def _answerable(payload: bytes | str, size: int, default_reply: str) -> tuple[str | None, str | None]:
+    """The id and reply topic of an oversized request, if it is a JSON object of at most
+    :data:`MAX_ANSWERABLE_BYTES` whose id (and reply topic, when it gives one) are valid; else (None, None)."""
+    if size > MAX_ANSWERABLE_BYTES:
+        return None, None
+    try:
+        obj = _load(payload)
+        rid = _request_id(obj)
+    except RequestError:
+        return None, None
+    try:
+        return rid, _reply_topic(obj, rid, default_reply)
+    except RequestError:
+        return rid, None  # answered on the default reply topic of its id
 
 
 def _is_topic(t: object) -> bool:

@@ -7,6 +7,16 @@ journaled (:mod:`meshllm.serve.journal`), routed by the
 :class:`~meshllm.serve.scheduler.Scheduler`, journaled again with its route,
 and only then sent to its PREFILL replica's first stage.
 
+Intake never runs on the event loop (which carries heartbeats, frames and
+replies): requests wait in a bounded FIFO (beyond it: ``busy``) and are parsed
+and tokenized one at a time on a thread of their own. A copy of a request
+(same id, same bytes: a client that sent it again) is served once, whether it
+arrives while the first is tokenized, queued, running, or lately ended (then
+the replies are published again); another request under an id in use is
+refused. Each job carries its own prompt and meta, and is sent only while the
+scheduler still holds that very job; a dispatch that does not end with the
+prompt sent gives its slot back (see :mod:`meshllm.serve.scheduler`).
+
 Faults (checked every :data:`TEND_S`):
 
 - a routed request one of whose nodes left the mesh is silenced where it
@@ -24,6 +34,8 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -42,6 +54,11 @@ log = logging.getLogger(__name__)
 
 TEND_S = 0.2
 RETRY_S, MAX_DISPATCH_TRIES = 0.5, 40  # a prompt that cannot be sent is routed again, for about 20 s
+MAX_INTAKE = 64  # parsed requests waiting to be tokenized; beyond, 'busy'
+# requests waiting to be parsed (quick: JSON only); beyond either bound they are dropped unanswered (a client
+# sends its request again until it hears back), which only a flood faster than a parse per request meets
+MAX_UNPARSED, MAX_UNPARSED_BYTES = 1024, 64 << 20
+FINISHED_KEEP, FINISHED_KEEP_S = 4096, 120.0  # ended requests remembered, so that a late copy is not served again
 
 
 class Dispatcher:
@@ -50,71 +67,182 @@ class Dispatcher:
         self.node = server.node
         self.journal = server.journal
         self.scheduler: Scheduler | None = None
-        self._jobs_meta: dict[str, tuple[list[int], dict[str, Any]]] = {}  # prefill ids and meta, not yet sent
         self._adopted = False
+        # Intake, in two FIFOs served by one thread of its own (never the event loop, which carries heartbeats,
+        # frames and replies): requests are parsed in order of arrival, then wait (bounded: beyond, 'busy') to be
+        # tokenized, their id registered in _preparing so that a copy arriving meanwhile is recognised.
+        self._unparsed: asyncio.Queue[bytes] = asyncio.Queue()
+        self._unparsed_bytes = 0
+        self._parsed: asyncio.Queue[tuple[api.Request, str]] = asyncio.Queue()
+        self._intake_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        self._preparing: dict[str, str] = {}  # id -> digest of requests parsed, waiting for or being tokenized
+        self._cancel_pending: set[str] = set()  # of those, the ones cancelled meanwhile
+        self._finished: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (when, digest), ended lately
 
     # --- intake ---------------------------------------------------------
 
     async def on_request(self, msg: aiomqtt.Message) -> None:
+        """Hands a request to the intake (this runs in the node's MQTT receive loop: it must not wait)."""
         if not self.node.is_planner:
             return
         if msg.retain:  # left on the broker, delivered because we subscribed: not an app asking now
             log.warning("%s: ignoring a retained request on %s (apps must not retain requests)", self.node.node_id,
                         msg.topic)
             return
-        server = self.server
-        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
-        topics = self.node.topics
-        req: api.Request | None = None
-        try:
-            req = api.parse_request(bytes(payload), topics.replies)
-            digest = hashlib.sha256(bytes(payload)).hexdigest()[:32]
-            known = self.journal.jobs.get(req.id)
-            if known is not None:
-                if known.meta.get("digest") == digest:  # the same request again (a client that reconnected)
-                    log.info("%s: request %s arrived twice; serving it once", self.node.node_id, req.id)
-                    return
-                raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
-                                       req.reply_to)
-            tok = server.tokenizer
-            prompt = req.prompt if req.prompt is not None else tok.apply_chat_template(list(req.messages))
-            ids = tok.encode(prompt, bos=req.prompt is not None)
-            if not ids:
-                raise api.RequestError(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
-            sched = self.ensure_scheduler()
-            default = server.manifest.config.max_seq_len if server.manifest else 0
-            limit = min((r.context or default for r in sched.layout.replicas.values()), default=default)
-            if len(ids) >= limit:
-                raise api.RequestError(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
-                                       f"of {limit} tokens", req.id, req.reply_to)
-            sampling = req.sampling.to_json()
-            if not req.sampling.greedy and sampling["seed"] is None:
-                # fixed now, so that a resumed request draws the same; from the request itself, so that a
-                # second planner handling the same request (during a hand-over) draws the same too
-                sampling["seed"] = int(digest[:15], 16)
-            meta = {"reply_to": req.reply_to, "sampling": sampling, "prompt_len": len(ids),
-                    "last_prompt_token": ids[-1], "t_received": time.time(), "request_id": req.id, "digest": digest}
-            job = Job(req.id, req.reply_to, len(ids))
-            self._jobs_meta[job.id] = (ids, meta)
+        payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+        if self._unparsed.qsize() >= MAX_UNPARSED or self._unparsed_bytes + len(payload) > MAX_UNPARSED_BYTES:
+            log.warning("%s: intake overflowing; dropped a request of %d bytes unanswered", self.node.node_id,
+                        len(payload))
+            return
+        self._unparsed_bytes += len(payload)
+        self._unparsed.put_nowait(payload)
+
+    async def _parse_worker(self) -> None:
+        """Parses requests in their order of arrival; a copy of one already known is dropped here, and one
+        that would wait too long to be tokenized is refused as busy."""
+        loop = asyncio.get_running_loop()
+        while True:
+            payload = await self._unparsed.get()
+            self._unparsed_bytes -= len(payload)
+            req: api.Request | None = None
             try:
-                routed = sched.admit(job)
-            except api.RequestError:
-                self._jobs_meta.pop(job.id, None)
-                raise
-            # Not awaited here: this handler runs in the node's MQTT receive loop. Journal writes go out in
-            # the order they are made (one MQTT session), so a queued record never overtakes its route.
-            rec = JobRecord(job.id, ids, meta)
-            self.journal.jobs[job.id] = rec  # at once: the same request sent again is recognised from now on
-            if routed is None:  # queued: journal it now, so that a new planner would queue it again
-                server.spawn(self._write(rec))
-            else:
-                server.spawn(self._start(routed))
+                req, digest = await loop.run_in_executor(self._intake_pool, self._parse, payload)
+                if not self.node.is_planner or self._seen(req, digest):
+                    continue
+                self.ensure_scheduler()  # no plan yet: say so before tokenizing
+                if self._parsed.qsize() >= MAX_INTAKE:
+                    raise api.RequestError(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to "
+                                           "be taken in; try again shortly")
+                self._preparing[req.id] = digest  # before any wait: a copy arriving meanwhile is recognised
+                self._parsed.put_nowait((req, digest))
+            except api.RequestError as e:
+                if e.request_id is None and req is not None:  # e.g. no plan yet: answered all the same
+                    e.request_id, e.reply_to = req.id, req.reply_to
+                await self._answer(e)
+            except Exception:  # a bug met by one request must not stop the intake for all
+                log.exception("%s: parsing a request failed", self.node.node_id)
+
+    async def _tokenize_worker(self) -> None:
+        """Tokenizes and admits parsed requests, in order."""
+        while True:
+            req, digest = await self._parsed.get()
+            try:
+                await self._take(req, digest)
+            except Exception:
+                log.exception("%s: taking in %s failed", self.node.node_id, req.id)
+            finally:
+                self._preparing.pop(req.id, None)
+                self._cancel_pending.discard(req.id)
+
+    async def _take(self, req: api.Request, digest: str) -> None:
+        try:
+            try:
+                ids = await asyncio.get_running_loop().run_in_executor(self._intake_pool, self._tokenize, req)
+            finally:
+                del self._preparing[req.id]
+            if req.id in self._cancel_pending:
+                raise api.RequestError(api.CANCELLED, "cancelled by the client", req.id, req.reply_to)
+            if self.node.is_planner:
+                self._accept(req, digest, ids)
         except api.RequestError as e:
-            topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
-            await server.publish(topic, e.reply())
+            if e.request_id is None:
+                e.request_id, e.reply_to = req.id, req.reply_to
+            await self._answer(e)
         except MeshError as e:  # e.g. a chat request to a model without a chat template
-            if req is not None:
-                await server.publish(req.reply_to, api.error_reply(req.id, api.INVALID_REQUEST, str(e)))
+            await self.server.publish(req.reply_to, api.error_reply(req.id, api.INVALID_REQUEST, str(e)))
+        except Exception as e:
+            log.exception("%s: taking in %s failed", self.node.node_id, req.id)
+            await self.server.publish(req.reply_to, api.error_reply(req.id, api.INTERNAL, f"internal error: {e}"))
+
+    def _parse(self, payload: bytes) -> tuple[api.Request, str]:
+        """(On the intake thread.) The request and its digest, by which a copy of it is recognised."""
+        req = api.parse_request(payload, self.node.topics.replies)
+        return req, hashlib.sha256(payload).hexdigest()[:32]
+
+    def _tokenize(self, req: api.Request) -> list[int]:
+        """(On the intake thread.) The prompt's token ids."""
+        tok = self.server.tokenizer
+        prompt = req.prompt if req.prompt is not None else tok.apply_chat_template(list(req.messages))
+        ids = tok.encode(prompt, bos=req.prompt is not None)
+        if not ids:
+            raise api.RequestError(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
+        return ids
+
+    def _seen(self, req: api.Request, digest: str) -> bool:
+        """Whether ``req`` is a copy of a request already taken in (then it is served once); raises for another
+        request under an id in use."""
+        rec = self.journal.jobs.get(req.id)
+        if rec is not None or req.id in self._preparing:
+            if (rec.meta.get("digest") if rec is not None else self._preparing[req.id]) == digest:
+                # the same request again (a client that reconnected, or sent it again while it waited)
+                log.info("%s: request %s arrived twice; serving it once", self.node.node_id, req.id)
+                return True
+            raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
+                                   req.reply_to)
+        ended = self._ended_digest(req.id)
+        if ended is None:
+            return False
+        if ended == digest:
+            # a copy that crossed its own end: serving it again would race the end's late messages (the
+            # journal clear, the done frame) with the new run's; the node that streamed it replays the replies
+            log.info("%s: request %s arrived again after it ended; asking for its replies again", self.node.node_id,
+                     req.id)
+            self.server.spawn(self.server.publish(self.node.topics.replay, {"id": req.id, "from": 0}))
+            return True
+        raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} was used by another request that ended "
+                               f"less than {FINISHED_KEEP_S:g} s ago; give every request a new id", req.id,
+                               req.reply_to)
+
+    def _accept(self, req: api.Request, digest: str, ids: list[int]) -> None:
+        """Checks, journals and admits a tokenized request (no await: nothing else runs in between)."""
+        server = self.server
+        sched = self.ensure_scheduler()
+        default = server.manifest.config.max_seq_len if server.manifest else 0
+        limit = min((r.context or default for r in sched.layout.replicas.values()), default=default)
+        if len(ids) >= limit:
+            raise api.RequestError(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
+                                   f"of {limit} tokens", req.id, req.reply_to)
+        sampling = req.sampling.to_json()
+        if not req.sampling.greedy and sampling["seed"] is None:
+            # fixed now, so that a resumed request draws the same; from the request itself, so that a
+            # second planner handling the same request (during a hand-over) draws the same too
+            sampling["seed"] = int(digest[:15], 16)
+        meta = {"reply_to": req.reply_to, "sampling": sampling, "prompt_len": len(ids),
+                "last_prompt_token": ids[-1], "t_received": time.time(), "request_id": req.id, "digest": digest}
+        job = Job(req.id, req.reply_to, len(ids), prompt=ids, meta=meta)
+        routed = sched.admit(job)  # raises busy
+        # Journal writes go out in the order they are made (one MQTT session), so a queued record never
+        # overtakes its route.
+        rec = JobRecord(job.id, ids, meta)
+        self.journal.jobs[job.id] = rec  # at once: the same request sent again is recognised from now on
+        if routed is None:  # queued: journal it now, so that a new planner would queue it again
+            server.spawn(self._write(rec))
+        else:
+            server.spawn(self._start(routed))
+
+    async def _answer(self, e: api.RequestError) -> None:
+        topics = self.node.topics
+        topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
+        await self.server.publish(topic, e.reply())
+
+    def _ended_digest(self, request_id: str) -> str | None:
+        """The digest of the request that ended lately under ``request_id``, if one did."""
+        now = time.monotonic()
+        while self._finished and next(iter(self._finished.values()))[0] < now - FINISHED_KEEP_S:
+            self._finished.popitem(last=False)
+        got = self._finished.get(request_id)
+        return got[1] if got is not None else None
+
+    def _close(self, rec: JobRecord) -> None:
+        """A request ended (finished, failed or cancelled): out of the journal (never restated to a new broker),
+        and remembered a while, so that a copy of it arriving late is not served again."""
+        if self.journal.jobs.get(rec.id) is rec:
+            self.journal.jobs.pop(rec.id)
+        self.journal.progress.pop(rec.id, None)
+        self._finished[rec.id] = (time.monotonic(), str(rec.meta.get("digest")))
+        self._finished.move_to_end(rec.id)
+        while len(self._finished) > FINISHED_KEEP:
+            self._finished.popitem(last=False)
 
     def ensure_scheduler(self) -> Scheduler:
         layout = self.server.layout
@@ -136,45 +264,87 @@ class Dispatcher:
             self.server.spawn(self._start(job))
 
     async def _start(self, job: Job) -> None:
-        """Journals the route, then sends the prompt: a new planner never mistakes a sent job for a queued one."""
+        """Journals the route, then sends the prompt: a new planner never mistakes a sent job for a queued one.
+
+        Acts only while the scheduler holds this very job (a job dropped or replaced meanwhile is left alone),
+        and gives its slot back on every path that does not end with the prompt sent."""
+        sched = self.scheduler
+        if sched is None or not sched.owns(job):
+            log.debug("%s: not sending %s: no longer held", self.node.node_id, job.key)
+            return
         server = self.server
-        ids, meta = self._jobs_meta.pop(job.id)
-        layout = server.layout
-        assert layout is not None
-        prefill, decode = layout.replicas[job.prefill_r], layout.replicas[job.decode_r]
-        meta.update(prefill_r=prefill.id, decode_r=decode.id, attempt=job.attempt)
-        route = Route(layout.version, prefill.id, decode.id, [s.node_id for s in prefill.stages],
-                      [s.node_id for s in decode.stages])
-        journaled = {k: v for k, v in meta.items() if k != "resume"}
-        rec = JobRecord(job.id, ids[: int(meta["prompt_len"])], journaled, route, job.attempt)
-        self.journal.jobs[job.id] = rec
-        if not await self._write(rec):
-            log.warning("%s: could not journal %s (no broker session); sending it anyway", self.node.node_id, job.id)
-        frame = {"t": "prefill", "pv": layout.version, "r": prefill.id, "id": job.key,
-                 "x": np.asarray(ids, np.int64), "meta": meta}
+        sent, error = False, None
         try:
-            await server.send(prefill.first.node_id, frame)
-        except MeshError as e:
-            # the replica is going away (a node lost, a plan rolling out): route the request again shortly
-            tries = int(meta.get("dispatch_tries", 0)) + 1
-            log.warning("%s: could not send %s to %s (%s); try %d", self.node.node_id, job.id,
-                        prefill.first.node_id, e, tries)
-            if self.scheduler is not None:
-                self.scheduler.forget(job.id)
-            if tries > MAX_DISPATCH_TRIES:
-                await server.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE,
-                                                                   f"replica unreachable: {e}"))
-                await server.publish_retained(self.node.topics.job(job.id), "")
-                self.journal.jobs.pop(job.id, None)
+            layout = server.layout
+            prefill = layout.replicas.get(job.prefill_r) if layout is not None else None
+            decode = layout.replicas.get(job.decode_r) if layout is not None else None
+            if layout is None or prefill is None or decode is None:
+                raise MeshError(f"replicas {job.prefill_r}/{job.decode_r} are not in the current plan")
+            meta = {**job.meta, "prefill_r": prefill.id, "decode_r": decode.id, "attempt": job.attempt}
+            route = Route(layout.version, prefill.id, decode.id, [s.node_id for s in prefill.stages],
+                          [s.node_id for s in decode.stages])
+            rec = JobRecord(job.id, job.prompt[: int(meta["prompt_len"])], _journaled(meta), route, job.attempt)
+            self.journal.jobs[job.id] = rec
+            if not await self._write(rec):
+                log.warning("%s: could not journal %s (no broker session); sending it anyway", self.node.node_id,
+                            job.id)
+            if not sched.owns(job):  # moved (resumed) while its route was being journaled: the mover sends it
                 return
-            await asyncio.sleep(RETRY_S)
-            meta["dispatch_tries"] = tries
-            if self.node.is_planner and self.scheduler is not None and job.id not in self._jobs_meta:
-                self._jobs_meta[job.id] = (ids, meta)
-                routed = self.scheduler.admit(Job(job.id, job.reply_to, len(ids), attempt=job.attempt),
-                                              accepted=True)
-                if routed is not None:
-                    await self._start(routed)
+            frame = {"t": "prefill", "pv": layout.version, "r": prefill.id, "id": job.key,
+                     "x": np.asarray(job.prompt, np.int64), "meta": meta}
+            await server.send(prefill.first.node_id, frame)
+            sent = True
+        except MeshError as e:
+            error = e
+        finally:
+            if not sent:
+                sched.release(job)
+        if error is not None:
+            await self._retry(job, error)
+
+    async def _retry(self, job: Job, error: MeshError) -> None:
+        """A prompt that could not be sent (its replica going away: a node lost, a plan rolling out) is journaled
+        as queued again at once, and routed again shortly unless something else took the request over meanwhile."""
+        tries = int(job.meta.get("dispatch_tries", 0)) + 1
+        log.warning("%s: could not send %s (%s); try %d", self.node.node_id, job.id, error, tries)
+        rec = self.journal.jobs.get(job.id)
+        if rec is None or rec.key != job.key:
+            return  # resumed or ended meanwhile
+        if tries > MAX_DISPATCH_TRIES:
+            self._close(rec)
+            await self.server.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE,
+                                                                    f"replica unreachable: {error}"))
+            await self.server.publish_retained(self.node.topics.job(job.id), "")
+            return
+        job = Job(job.id, job.reply_to, len(job.prompt), attempt=job.attempt, prompt=job.prompt,
+                  meta={**job.meta, "dispatch_tries": tries})
+        queued = await self._journal_queued(job)
+        await asyncio.sleep(RETRY_S)
+        if self.journal.jobs.get(job.id) is queued:  # else resumed, cancelled or ended meanwhile
+            await self._admit_accepted(job)
+
+    async def _requeue(self, job: Job) -> None:
+        """Admits an accepted request again (never refused, ahead of new ones), journaled as queued first."""
+        await self._journal_queued(job)
+        await self._admit_accepted(job)
+
+    async def _journal_queued(self, job: Job) -> JobRecord:
+        rec = JobRecord(job.id, job.prompt[: int(job.meta["prompt_len"])], _journaled(job.meta), None, job.attempt)
+        self.journal.jobs[job.id] = rec  # at once: the next tending must not resume it again
+        await self._write(rec)
+        return rec
+
+    async def _admit_accepted(self, job: Job) -> None:
+        sched = self.scheduler
+        if sched is None or not self.node.is_planner:
+            return  # the next planner queues it again from the journal
+        try:
+            routed = sched.admit(job, accepted=True)
+        except api.RequestError:
+            log.info("%s: %s was taken over meanwhile", self.node.node_id, job.id)
+            return
+        if routed is not None:
+            await self._start(routed)
 
     async def _write(self, rec: JobRecord) -> bool:
         """Journals a record and waits until the broker has it (retained, QoS 1)."""
@@ -184,18 +354,17 @@ class Dispatcher:
 
     def on_done(self, frame: dict[str, Any]) -> None:
         """A ``done`` frame (keyed by attempt: a late one from a replaced attempt changes nothing)."""
-        if self.scheduler is None:
-            return
         key = str(frame["id"])
         rid = request_of(key)
-        job = self.scheduler.jobs.get(rid)
-        if job is not None and job.key != key:
+        sched = self.scheduler
+        held = sched.held(rid) if sched is not None else None
+        if held is not None and held.key != key:
             return
         rec = self.journal.jobs.get(rid)
-        if rec is not None and rec.key == key and frame.get("t") == "done":
-            self.journal.jobs.pop(rid)  # before its clear arrives: never restated to a new broker
-            self.journal.progress.pop(rid, None)
-        self._dispatch_all(self.scheduler.done(rid))
+        if sched is not None and rec is not None and rec.key == key and frame.get("t") == "done":
+            self._close(rec)  # before its clear arrives: never restated to a new broker
+        if sched is not None:
+            self._dispatch_all(sched.done(rid))
 
     async def on_bounce(self, frame: dict[str, Any]) -> None:
         """A node got a prompt or begin for a stage it does not hold: move the request (its current attempt)."""
@@ -208,26 +377,37 @@ class Dispatcher:
         await self._resume(rec, set(self.node.membership.ids), why=str(frame["why"]))
 
     def on_journal_cleared(self, rec: JobRecord) -> None:
-        """The journal dropped a finished request: also a 'done' for a planner that missed the frame."""
-        self.on_done({"id": rec.key})
+        """The journal dropped an ended request (every node follows it, so a planner to be knows it ended too):
+        also a 'done' for a planner that missed the frame."""
+        self._close(rec)
+        self.on_done({"t": "done", "id": rec.key})
 
     async def on_cancel(self, msg: aiomqtt.Message) -> None:
-        if not self.node.is_planner or self.scheduler is None or msg.retain:
+        if not self.node.is_planner or msg.retain:
             return
         try:
             rid = Cancel.parse(msg.payload if isinstance(msg.payload, bytes) else b"").id
         except PayloadError as e:
             log.info("%s: ignoring a cancel: %s", self.node.node_id, e)
             return
-        server = self.server
-        queued = self.scheduler.cancel_queued(rid)
-        if queued is not None:
-            self._jobs_meta.pop(queued.id, None)
-            self.journal.jobs.pop(queued.id, None)
-            await server.publish(queued.reply_to, api.error_reply(queued.id, api.CANCELLED, "cancelled by the client"))
-            await server.publish_retained(self.node.topics.job(queued.id), "")
+        if rid in self._preparing:  # being tokenized: answered once that is done
+            self._cancel_pending.add(rid)
             return
+        sched = self.scheduler
+        if sched is None:
+            return
+        server = self.server
         rec = self.journal.jobs.get(rid)
+        job = sched.held(rid)
+        if job is not None and (rec is None or rec.route is None or rec.key != job.key):
+            # queued, or routed but not yet sent (its _start sees it is no longer held)
+            sched.release(job)
+            if rec is not None:
+                self._close(rec)
+            await server.publish(job.reply_to, api.error_reply(job.id, api.CANCELLED, "cancelled by the client"))
+            await server.publish_retained(self.node.topics.job(job.id), "")
+            self._dispatch_all(sched.drain())
+            return
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
                 await server.send(rec.route.decode_nodes[-1], {"t": "cancel", "id": rec.key})
@@ -247,19 +427,27 @@ class Dispatcher:
     # --- faults -----------------------------------------------------------
 
     async def tend(self) -> None:
-        """Takes over a predecessor's requests and resumes stranded ones, while this node is the planner."""
-        while True:
-            await asyncio.sleep(TEND_S)
-            if not self.node.is_planner:
-                self.scheduler, self._adopted = None, False  # the journal is the truth for the next planner
-                self._jobs_meta.clear()
-                continue
-            if self.server.layout is None or not self.node.in_touch:
-                continue
-            try:
-                await self._tend_once()
-            except MeshError as e:
-                log.warning("%s: tending the journal: %s", self.node.node_id, e)
+        """The dispatcher's duties while the node runs: the intake worker, and, while this node is the planner,
+        taking over a predecessor's requests and resuming stranded ones."""
+        loop = asyncio.get_running_loop()
+        workers = [loop.create_task(self._parse_worker()), loop.create_task(self._tokenize_worker())]
+        try:
+            while True:
+                await asyncio.sleep(TEND_S)
+                if not self.node.is_planner:
+                    self.scheduler, self._adopted = None, False  # the journal is the truth for the next planner
+                    continue
+                if self.server.layout is None or not self.node.in_touch:
+                    continue
+                try:
+                    await self._tend_once()
+                except MeshError as e:
+                    log.warning("%s: tending the journal: %s", self.node.node_id, e)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            self._intake_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _tend_once(self) -> None:
         sched = self.ensure_scheduler()
@@ -267,7 +455,7 @@ class Dispatcher:
         if not self._adopted:
             self._adopted = True
             for rec in list(self.journal.jobs.values()):
-                if rec.id in sched.jobs or rec.id in self._jobs_meta:
+                if sched.held(rec.id) is not None:
                     continue
                 if rec.route is None:
                     log.info("%s: queueing %s, accepted by the previous planner", self.node.node_id, rec.id)
@@ -295,9 +483,9 @@ class Dispatcher:
             n = len(progress.tokens)
             await server.publish(str(rec.meta["reply_to"]), api.final_reply(
                 rec.id, n, "", "length", int(rec.meta["prompt_len"]), n, {}))
+            self._close(rec)
             await server.publish_retained(self.node.topics.progress(rec.id), "")
             await server.publish_retained(self.node.topics.job(rec.id), "")
-            self.journal.jobs.pop(rec.id, None)
             return
         await self._readmit(rec, progress.tokens, progress.sampler, attempt=rec.attempt + 1)
 
@@ -305,16 +493,14 @@ class Dispatcher:
                        ) -> None:
         """Queues an accepted request again (never refused), ahead of new ones; prefill is its prompt plus
         the tokens it already streamed."""
-        attempt = rec.attempt if attempt is None else attempt
-        assert self.scheduler is not None
-        moved = JobRecord(rec.id, rec.prompt, rec.meta, None, attempt)
-        self.journal.jobs[rec.id] = moved  # at once: the next tending must not resume it again
-        await self._write(moved)
         meta = dict(rec.meta)
         if tokens:
             meta["resume"] = {"tokens": tokens, "sampler": sampler}
-        self._jobs_meta[rec.id] = (rec.prompt + tokens, meta)
-        job = Job(rec.id, str(rec.meta["reply_to"]), len(rec.prompt) + len(tokens), attempt=attempt)
-        routed = self.scheduler.admit(job, accepted=True)
-        if routed is not None:
-            await self._start(routed)
+        await self._requeue(Job(rec.id, str(rec.meta["reply_to"]), len(rec.prompt) + len(tokens),
+                                attempt=rec.attempt if attempt is None else attempt, prompt=rec.prompt + tokens,
+                                meta=meta))
+
+
+def _journaled(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the journal keeps of a job's meta: not the resumed tokens (the progress record has them)."""
+    return {k: v for k, v in meta.items() if k != "resume"}

@@ -1,0 +1,375 @@
+"""The planner's bookkeeping of slots: the Scheduler's invariants under any order of events, and the dispatcher's
+state machine under the orders of frames and copies of requests that leaked slots before (issue 14, item 10).
+
+The scheduler is pure logic, driven here by a hypothesis state machine. The dispatcher runs for real on an event
+loop against a recording stand-in for its serving node (the I/O it would do: frames to stages, replies and
+journal writes to the broker): what is tested is which frames it sends and what its scheduler holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from meshllm.dataplane.links import PeerUnreachable
+from meshllm.mesh.topics import Topics
+from meshllm.serve import api
+from meshllm.serve.dispatch import Dispatcher
+from meshllm.serve.journal import Journal, request_of
+from meshllm.serve.layout import Layout
+from meshllm.serve.scheduler import Job, Scheduler
+from tests.serving_harness import replica
+
+# two PREFILL/DECODE-split replicas and a MIXED one, small slots so that queues form
+PLAN = {"version": 1, "n_layers": 4, "replicas": [
+    replica(0, "prefill", [("a", 0, 4)], slots=2),
+    replica(1, "decode", [("b", 0, 4)], slots=2),
+    replica(2, "decode", [("c", 0, 2), ("d", 2, 4)], slots=3),
+    replica(3, "mixed", [("e", 0, 4)], slots=1)]}
+IDS = [f"r{i}" for i in range(8)]
+
+
+# --- the scheduler --------------------------------------------------------------------------------------------
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Every operation in any order; a model of what should be held is kept beside it."""
+
+    @initialize()
+    def start(self) -> None:
+        self.layout = Layout.from_plan(PLAN)
+        self.s = Scheduler(self.layout, ready=set(self.layout.replicas), max_queue=3)
+        self.held: dict[str, Job] = {}  # what the model says the scheduler holds (queued or running)
+        self.restored: set[str] = set()  # restored jobs may exceed slots (dispatched by a previous planner)
+
+    def _check_returned(self, jobs: list[Job]) -> None:
+        for j in jobs:
+            assert self.s.owns(j) and self.held[j.id] is j, "drained a job it does not hold"
+
+    @rule(rid=st.sampled_from(IDS), n=st.integers(0, 50), accepted=st.booleans())
+    def admit(self, rid: str, n: int, accepted: bool) -> None:
+        job = Job(rid, f"x/{rid}", n)
+        try:
+            routed = self.s.admit(job, accepted=accepted)
+        except api.RequestError as e:
+            if rid in self.held:
+                assert e.code == api.INVALID_REQUEST
+            else:
+                assert e.code == api.BUSY and not accepted and len(self.s.queue) >= self.s.max_queue
+            return
+        assert rid not in self.held, "admitted a second job under an id it holds"
+        self.held[rid] = job
+        if routed is not None:
+            assert routed is job and self.s.owns(job)
+            assert self.layout.replicas[job.prefill_r].does_prefill and self.layout.replicas[job.decode_r].does_decode
+        else:
+            assert any(q is job for q in self.s.queue)
+
+    @rule(rid=st.sampled_from(IDS))
+    def done(self, rid: str) -> None:
+        self.held.pop(rid, None)
+        self._check_returned(self.s.done(rid))
+
+    @rule(rid=st.sampled_from(IDS))
+    def forget(self, rid: str) -> None:
+        got = self.s.forget(rid)
+        assert got is self.held.pop(rid, None)
+
+    @rule(rid=st.sampled_from(IDS))
+    def cancel_queued(self, rid: str) -> None:
+        got = self.s.cancel_queued(rid)
+        if got is not None:
+            assert self.held.pop(rid) is got and not self.s.owns(got)
+
+    @rule(rid=st.sampled_from(IDS))
+    def release_a_stale_copy(self, rid: str) -> None:
+        """A job object of an earlier admission of the same id (a stale dispatch) never frees the current one."""
+        assert not self.s.release(Job(rid, f"x/{rid}", 1))
+
+    @rule(rid=st.sampled_from(IDS))
+    def release_the_held_job(self, rid: str) -> None:
+        job = self.held.get(rid)
+        if job is not None:
+            assert self.s.release(job)
+            del self.held[rid]
+            assert not self.s.release(job), "released twice"
+
+    @rule(rid=st.sampled_from(IDS))
+    def prefilled(self, rid: str) -> None:
+        self.s.prefilled(rid)
+
+    @rule()
+    def drain(self) -> None:
+        self._check_returned(self.s.drain())
+
+    @rule(ready=st.sets(st.sampled_from([0, 1, 2, 3])))
+    def readiness_changes(self, ready: set[int]) -> None:
+        self.s.ready = ready
+
+    @rule(rid=st.sampled_from(IDS), pr=st.sampled_from([0, 3]), dr=st.sampled_from([1, 2, 3]))
+    def restore(self, rid: str, pr: int, dr: int) -> None:
+        job = Job(rid, f"x/{rid}", 0, pr, dr)
+        self.s.restore(job)
+        if rid not in self.held:
+            self.held[rid] = job
+            self.restored.add(rid)
+
+    @invariant()
+    def nothing_lost_nothing_duplicated(self) -> None:
+        queued = [q.id for q in self.s.queue]
+        assert len(queued) == len(set(queued))
+        assert not set(queued) & set(self.s.jobs)
+        assert set(queued) | set(self.s.jobs) == set(self.held)
+        for rid, job in self.held.items():
+            assert self.s.held(rid) is job
+        assert self.s.violations() == []
+
+    @invariant()
+    def active_counts_are_the_running_jobs(self) -> None:
+        want = Counter(j.decode_r for j in self.s.jobs.values())
+        assert self.s.active == dict(want)
+        assert all(v > 0 for v in self.s.active.values())
+        assert all(v >= 0 for v in self.s.pending_tokens.values())
+        assert sum(self.s.pending_tokens.values()) == sum(j.n_prompt for j in self.s.jobs.values())
+        counted = Counter(j.decode_r for j in self.s.jobs.values() if j.id not in self.restored)
+        for r, n in counted.items():
+            assert n <= self.layout.replicas[r].slots, f"replica {r} runs {n} > {self.layout.replicas[r].slots}"
+
+
+SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_scheduler_invariants = SchedulerMachine.TestCase
+
+
+# --- the dispatcher ---------------------------------------------------------------------------------------------
+
+
+class Chars:
+    """A tokenizer stand-in: one id per character (tokenizing is not what these tests are about)."""
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        return ([1] if bos else []) + [3 + ord(c) % 200 for c in text]
+
+
+class Bench:
+    """What a Dispatcher needs of its serving node, recording the frames and messages it would send."""
+
+    def __init__(self, slots: int = 1) -> None:
+        self.node = SimpleNamespace(node_id="a", is_planner=True, in_touch=True, topics=Topics("t"),
+                                    membership=SimpleNamespace(ids=["a", "b"]), publish=self._publish_raw)
+        self.journal = Journal()
+        self.layout = Layout.from_plan({"version": 1, "n_layers": 4,
+                                        "replicas": [replica(0, "mixed", [("a", 0, 2), ("b", 2, 4)], slots=slots)]})
+        self.manifest = None
+        self.tokenizer = Chars()
+        self.sent: list[dict[str, Any]] = []  # prefill frames
+        self.replies: list[tuple[str, dict[str, Any]]] = []
+        self.retained: list[tuple[str, str]] = []
+        self.failures: list[BaseException] = []
+        self.fail_sends = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.dispatcher = Dispatcher(self)  # type: ignore[arg-type]
+
+    async def _publish_raw(self, topic: str, data: Any, qos: int = 1, retain: bool = False) -> bool:
+        self.retained.append((topic, data))
+        return True
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failures.append(task.exception())  # type: ignore[arg-type]
+
+    async def send(self, node_id: str, frame: dict[str, Any]) -> None:
+        if self.fail_sends:
+            self.fail_sends -= 1
+            raise PeerUnreachable(f"{node_id} is away")
+        self.sent.append(frame)
+
+    async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.replies.append((topic, payload))
+
+    async def publish_retained(self, topic: str, data: str) -> None:
+        self.retained.append((topic, data))
+
+    def ready_replicas(self) -> set[int]:
+        return set(self.layout.replicas)
+
+    # --- driving it ---
+
+    async def request(self, rid: str, prompt: str = "hello") -> None:
+        """A request arrives (as the node's MQTT receive loop hands it over)."""
+        payload = json.dumps({"id": rid, "prompt": prompt, "max_tokens": 4, "temperature": 0}).encode()
+        await self.dispatcher.on_request(SimpleNamespace(payload=payload))
+
+    def finish(self, key: str) -> None:
+        """A stage ended the run ``key``: its done frame (over TCP) and, independently, its journal clear (MQTT)."""
+        self.dispatcher.on_done({"t": "done", "id": key, "pr": 0, "dr": 0})
+
+    def late_clear(self, rid: str) -> None:
+        cleared = self.journal.on_job(rid, b"")
+        if cleared is not None:
+            self.dispatcher.on_journal_cleared(cleared)
+
+    async def settle(self, s: float = 0.3) -> None:
+        await asyncio.sleep(s)
+
+    def sent_for(self, rid: str) -> list[str]:
+        return [f["id"] for f in self.sent if request_of(f["id"]) == rid]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _with_bench(body: Any, slots: int = 1) -> Bench:
+    bench = Bench(slots)
+    tend = asyncio.get_running_loop().create_task(bench.dispatcher.tend())
+    try:
+        await body(bench)
+    finally:
+        tend.cancel()
+        await asyncio.gather(tend, *bench.tasks, return_exceptions=True)
+    return bench
+
+
+def test_a_copy_of_a_request_that_crosses_its_end_is_served_once_and_leaks_no_slot() -> None:
+    """The sequence of issue 14 item 10: a client sent its request again while it waited; the copy arrives after
+    the request ended, between its done frame and its journal clear, and another copy after that. Before the fix
+    the copy was admitted again, the late clear dropped it from the scheduler with its prompt left in a side
+    table, the next copy overwrote that entry, and one dispatch raised KeyError holding a slot forever."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.settle()
+        assert b.sent_for("r1") == ["r1"]
+        b.finish("r1")  # the done frame
+        await b.request("r1")  # a copy sent before the end, arriving after it
+        b.late_clear("r1")  # the journal clear of the run that ended
+        await b.request("r1")  # another copy
+        await b.settle()
+    b = run(_with_bench(body))
+    assert b.failures == [], f"dispatch tasks failed: {b.failures!r}"
+    assert b.sent_for("r1") == ["r1"], "a request was served more than once"
+    sched = b.dispatcher.scheduler
+    assert sched is not None and sched.jobs == {} and not sched.queue and sched.active == {}
+    replays = [p for t, p in b.replies if t.endswith("/replay")]
+    assert replays and all(p == {"id": "r1", "from": 0} for p in replays), "copies after the end get the replies"
+
+
+def test_copies_while_waiting_and_running_are_served_once_and_every_slot_comes_back() -> None:
+    async def body(b: Bench) -> None:
+        for rid in ("r1", "r2", "r1", "r3", "r2"):  # r2 and r3 wait for r1's only slot; copies of r1 and r2
+            await b.request(rid)
+        await b.settle()
+        assert [f["id"] for f in b.sent] == ["r1"]
+        await b.request("r1")  # a copy while it runs
+        await b.request("r2", prompt="something else")  # another request under an id in use
+        await b.settle()
+        for rid in ("r1", "r2", "r3"):
+            b.finish(rid)
+            await b.settle(0.1)
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent] == ["r1", "r2", "r3"]
+    errors = [(t, p["error"]["code"]) for t, p in b.replies if "error" in p]
+    assert errors == [("meshllm/v1/t/replies/r2", api.INVALID_REQUEST)]
+    sched = b.dispatcher.scheduler
+    assert sched is not None and sched.jobs == {} and not sched.queue
+
+
+def test_a_late_done_of_a_replaced_attempt_leaves_the_queued_attempt_alone() -> None:
+    async def body(b: Bench) -> None:
+        await b.request("r0")
+        await b.request("r1")  # queued behind r0
+        await b.settle()
+        sched = b.dispatcher.scheduler
+        assert sched is not None
+        queued = sched.held("r1")
+        assert queued is not None and queued.attempt == 0
+        b.finish("r1@3")  # a done of another attempt of r1 (frames are keyed by attempt)
+        assert sched.held("r1") is queued
+        b.finish("r0")
+        await b.settle()
+        assert b.sent_for("r1") == ["r1"]
+    b = run(_with_bench(body))
+    assert b.failures == []
+
+
+def test_cancel_while_queued_frees_its_place_and_answers_once() -> None:
+    async def body(b: Bench) -> None:
+        await b.request("r0")
+        await b.request("r1")
+        await b.settle()
+        await b.dispatcher.on_cancel(SimpleNamespace(payload=b'{"id": "r1"}'))
+        await b.request("r1")  # a copy after the cancel: not served
+        b.finish("r0")
+        await b.settle()
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent] == ["r0"]
+    assert [(t, p["error"]["code"]) for t, p in b.replies if "error" in p] == [
+        ("meshllm/v1/t/replies/r1", api.CANCELLED)]
+    assert b.dispatcher.scheduler is not None and not b.dispatcher.scheduler.jobs
+    assert ("meshllm/v1/t/jobs/r1", "") in b.retained
+
+
+def test_a_send_that_fails_gives_its_slot_back_and_the_request_is_sent_again() -> None:
+    async def body(b: Bench) -> None:
+        b.fail_sends = 2
+        await b.request("r1")
+        await b.request("r2")
+        await b.settle(0.2)
+        sched = b.dispatcher.scheduler
+        assert sched is not None
+        # while r1 waits to be routed again its slot is free: r2 took it (and failed too)
+        await b.settle(1.5)
+        assert sorted(f["id"] for f in b.sent) == ["r1"] or sorted(f["id"] for f in b.sent) == ["r2"]
+        b.finish(b.sent[0]["id"])
+        await b.settle(1.0)
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert sorted(f["id"] for f in b.sent) == ["r1", "r2"]
+    assert sum(1 for f in b.sent) == 2, "sent once each after the failures"
+
+
+def test_a_dispatch_that_went_stale_sends_nothing_and_frees_nothing() -> None:
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.settle()
+        sched = b.dispatcher.scheduler
+        assert sched is not None
+        stale = Job("r1", "x", 5, 0, 0, prompt=[1, 2], meta={"prompt_len": 2})
+        await b.dispatcher._start(stale)  # e.g. spawned for an admission that was dropped since
+        assert sched.held("r1") is not stale and sched.active == {0: 1}
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert b.sent_for("r1") == ["r1"]
+
+
+@pytest.mark.parametrize("order", ["done-first", "clear-first"])
+def test_done_frame_and_journal_clear_in_either_order_end_the_request_once(order: str) -> None:
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.request("r2")
+        await b.settle()
+        events = [lambda: b.finish("r1"), lambda: b.late_clear("r1")]
+        for e in events if order == "done-first" else events[::-1]:
+            e()
+        await b.settle()
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent] == ["r1", "r2"]
+    sched = b.dispatcher.scheduler
+    assert sched is not None and list(sched.jobs) == ["r2"] and sched.active == {0: 1}
