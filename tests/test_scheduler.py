@@ -212,7 +212,7 @@ class Bench:
     async def request(self, rid: str, prompt: str = "hello") -> None:
         """A request arrives (as the node's MQTT receive loop hands it over)."""
         payload = json.dumps({"id": rid, "prompt": prompt, "max_tokens": 4, "temperature": 0}).encode()
-        await self.dispatcher.on_request(SimpleNamespace(payload=payload))
+        await self.dispatcher.on_request(SimpleNamespace(payload=payload, retain=False))
 
     def finish(self, key: str) -> None:
         """A stage ended the run ``key``: its done frame (over TCP) and, independently, its journal clear (MQTT)."""
@@ -312,7 +312,7 @@ def test_cancel_while_queued_frees_its_place_and_answers_once() -> None:
         await b.request("r0")
         await b.request("r1")
         await b.settle()
-        await b.dispatcher.on_cancel(SimpleNamespace(payload=b'{"id": "r1"}'))
+        await b.dispatcher.on_cancel(SimpleNamespace(payload=b'{"id": "r1"}', retain=False))
         await b.request("r1")  # a copy after the cancel: not served
         b.finish("r0")
         await b.settle()

@@ -552,7 +552,7 @@ def _adversary_rows(adv: dict[str, Any] | None) -> list[tuple[str, Any]]:
         return []
     counts = ", ".join(f"{k} {v}" for k, v in adv["attacks"].items()) or "none"
     refused = ", ".join(f"{k} {v}" for k, v in adv["refused"].items()) or "none"
-    return [("adversary: attacks delivered", counts), ("adversary: refused at the door", refused),
+    return [("adversary: attacks sent", counts), ("adversary: refused at connect", refused),
             ("nodes that exited under attack", len(adv["node_exits"])),
             ("duplicate node ids started", "; ".join(adv["duplicate_node"]) or "none")]
 

@@ -64,25 +64,31 @@ class Adversary:
         kinds = ["deep_json", "retained_request", "oversized_request", "reply_to_state", "state_write",
                  "stranger_login", "dataplane_junk"]
         dup_budget = 2 if self.duplicates else 0
-        for _ in range(10_000):
-            if time.monotonic() >= until:
-                return
-            await asyncio.sleep(self.rng.uniform(0.3, 1.5))
-            kind = self.rng.choice(kinds + (["duplicate_node"] if dup_budget else []))
-            if kind == "duplicate_node":
-                dup_budget -= 1
-            try:
-                async with asyncio.timeout(45):
-                    await getattr(self, f"_{kind}")()
-                self.attacks[kind] += 1
-            except (aiomqtt.MqttError, OSError, TimeoutError) as e:
-                self.refused[kind] += 1
-                if kind not in ("stranger_login", "state_write"):
-                    self.say(f"adversary: {kind}: {e}")
-            for node_id, ok in self.alive().items():
-                if not ok and node_id not in self.node_exits:
-                    self.node_exits.append(node_id)
-                    self.say(f"adversary: node {node_id} EXITED after a {kind} attack")
+        async with asyncio.TaskGroup() as tg:  # a duplicate node takes seconds to be refused: it runs beside
+            for _ in range(10_000):
+                if time.monotonic() >= until:
+                    return
+                await asyncio.sleep(self.rng.uniform(0.3, 1.5))
+                kind = self.rng.choice(kinds + (["duplicate_node"] if dup_budget else []))
+                if kind == "duplicate_node":
+                    dup_budget -= 1
+                    tg.create_task(self._attack(kind))
+                else:
+                    await self._attack(kind)
+
+    async def _attack(self, kind: str) -> None:
+        try:
+            async with asyncio.timeout(45):
+                await getattr(self, f"_{kind}")()
+            self.attacks[kind] += 1
+        except (aiomqtt.MqttError, OSError, TimeoutError) as e:
+            self.refused[kind] += 1
+            if kind not in ("stranger_login", "state_write"):
+                self.say(f"adversary: {kind}: {e}")
+        for node_id, ok in self.alive().items():
+            if not ok and node_id not in self.node_exits:
+                self.node_exits.append(node_id)
+                self.say(f"adversary: node {node_id} EXITED after a {kind} attack")
 
     # --- as the app -----------------------------------------------------------------
 
