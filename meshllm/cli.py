@@ -116,11 +116,15 @@ async def _node_main(args: argparse.Namespace) -> int:
             gateway = asyncio.ensure_future(serve_gateway(create_app(gw_cfg), *args.gateway))
         print(json.dumps({"event": "started", "node_id": node.node_id, "port": node.dataplane.port}), flush=True)
         waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({waiter, asyncio.ensure_future(node.wait_stopped())}, return_when=asyncio.FIRST_COMPLETED)
+        stopped = asyncio.ensure_future(node.wait_stopped())
+        await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if gateway is not None:
             gateway.cancel()
             await asyncio.gather(gateway, return_exceptions=True)
+        if stopped.done():
+            stopped.result()  # the mesh loop ended by itself: its error (e.g. NodeIdInUse, a MeshError) is ours
+        stopped.cancel()
     return 0
 
 
