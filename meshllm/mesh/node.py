@@ -30,7 +30,7 @@ import aiomqtt
 
 from meshllm.errors import MeshError
 from meshllm.dataplane.auth import secret_key
-from meshllm.dataplane.server import DataPlane, probe_link
+from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
 from meshllm.logs import RateLimitedLog, clip as _short
 from meshllm.mesh.access import node_login
 from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
@@ -76,6 +76,7 @@ class NodeConfig:
     heartbeat_s: float = 0.5
     failure_timeout_s: float = 1.5
     settle_s: float = 1.0  # time to listen to mDNS before deciding to host a broker
+    dataplane_idle_s: float = IDLE_TIMEOUT  # a data-plane connection that sends nothing this long is closed
     profile: DeviceProfile | None = None  # skip measuring (tests, simulations)
     quick_profile: bool = False
 
@@ -152,7 +153,7 @@ class Node:
             self.profile = profile.emulate(em.compute_scale, em.memory_cap, em.link_delay_s)
             host = cfg.interface or "0.0.0.0"
             self.dataplane = await self._stack.enter_async_context(
-                DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key))
+                DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key, idle_timeout=cfg.dataplane_idle_s))
             self.discovery = await self._stack.enter_async_context(
                 Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface, key=self.key))
             self._main = asyncio.get_running_loop().create_task(self._run(), name=f"node-{self.node_id}")
