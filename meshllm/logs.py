@@ -136,5 +136,6 @@ def clip(text: object, n: int = 80) -> str:
     """A peer-chosen value for a log line: control and non-ASCII characters escaped, cut to ``n``
     characters, so that it can neither forge lines nor flood them."""
     s = text if isinstance(text, str) else repr(text)
-    s = s.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return s if len(s) <= n else s[:n] + "..."
+    cut, more = s[:n], len(s) > n
+    s = "".join(c if c.isascii() and c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
+    return s + "..." if more else s
