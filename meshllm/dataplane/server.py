@@ -7,9 +7,9 @@ connection and nothing else. Connections are limited per peer address and in
 all (a peer keeps one for frames, and briefly opens others for probes and file
 fetches); one beyond a limit is closed at once, with a warning.
 
-A connection is *pending* until it has proven itself (the handshake of a mesh
-with a secret; on an open mesh, its first whole frame) within
-``PENDING_TIMEOUT``. Pending connections have their own small allowance per
+A connection is *pending* until it has proven itself: the handshake of a mesh
+with a secret, within ``PENDING_TIMEOUT``; on an open mesh, its first whole
+frame, pausing no longer than that. Pending connections have their own small allowance per
 address, and a new one beyond it closes that address's oldest pending one, so
 a stranger holding idle unauthenticated connections can take neither the slots
 of the real peers behind the same address nor their way in. A proven
@@ -109,12 +109,13 @@ class DataPlane:
         proven = False
         kind = None
         try:
-            async with asyncio.timeout(self.pending_timeout):
-                if self.key is not None:
+            if self.key is not None:
+                async with asyncio.timeout(self.pending_timeout):
                     await server_handshake(reader, writer, self.key)
-                    msg = None
-                else:  # an open mesh: a whole first frame is all the proof there is
-                    msg = await _read_frame(reader, self.pending_timeout)
+                msg = None
+            else:  # an open mesh: a whole first frame is all the proof there is (a large one may take long,
+                # as long as its bytes keep coming: a pending connection can be closed for a newer one anyway)
+                msg = await _read_frame(reader, self.pending_timeout)
             self._forget_pending(host, writer)
             if self._per_peer[host] >= self.max_conns_per_peer:
                 self._refuse(writer, peer, host)
