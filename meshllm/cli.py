@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -126,11 +127,15 @@ async def _node_main(args: argparse.Namespace) -> int:
             gateway = asyncio.ensure_future(serve_gateway(create_app(gw_cfg), *args.gateway))
         print(json.dumps({"event": "started", "node_id": node.node_id, "port": node.dataplane.port}), flush=True)
         waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({waiter, asyncio.ensure_future(node.wait_stopped())}, return_when=asyncio.FIRST_COMPLETED)
+        stopped = asyncio.ensure_future(node.wait_stopped())
+        await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if gateway is not None:
             gateway.cancel()
             await asyncio.gather(gateway, return_exceptions=True)
+        if stopped.done():
+            stopped.result()  # the mesh loop ended by itself: its error (e.g. NodeIdInUse, a MeshError) is ours
+        stopped.cancel()
     return 0
 
 
@@ -455,12 +460,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        rc = func(args)
+        sys.stdout.flush()  # here, not at exit, so that a reader gone early (`| head`) is handled below
+        return rc
     except MeshError as e:
         print(f"meshllm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`meshllm status | head`): stop quietly. Python's recipe: point
+        # stdout at devnull, or the interpreter's last flush at exit fails again with a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -29,19 +29,24 @@ from typing import Any, Awaitable, Callable
 import aiomqtt
 
 from meshllm.dataplane.auth import secret_key
-from meshllm.dataplane.server import DataPlane, probe_link
+from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
 from meshllm.errors import MeshError, SecretError
+from meshllm.logs import RateLimitedLog, clip as _short
 from meshllm.mesh import broker_check
 from meshllm.mesh.access import NODE_USER, node_login, node_token
 from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
 from meshllm.mesh.discovery import Discovery
 from meshllm.mesh.election import Election
 from meshllm.mesh.membership import Membership
+from meshllm.mesh.payloads import loads_object
 from meshllm.mesh.topics import PROTOCOL_VERSION, Topics
 from meshllm.profile import DeviceProfile, Link, measure_profile
 from meshllm.secret import check_secret
 
 log = logging.getLogger(__name__)
+MAX_RECORD = 256 << 10  # bytes of a member record, planner claim or heartbeat (plans: payloads.MAX_PAYLOAD)
+MAX_HEARTBEAT = 1 << 10
+DEAF_AFTER_S = 5.0  # a session whose own heartbeats stopped coming back this long is left and made anew
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,40 @@ class NodeConfig:
     heartbeat_s: float = 0.5
     failure_timeout_s: float = 1.5
     settle_s: float = 1.0  # time to listen to mDNS before deciding to host a broker
+    dataplane_idle_s: float = IDLE_TIMEOUT  # a data-plane connection that sends nothing this long is closed
     profile: DeviceProfile | None = None  # skip measuring (tests, simulations)
     quick_profile: bool = False
 
 
 class _SwitchBroker(Exception):
     """The broker rule now points elsewhere: leave this session and reconnect."""
+
+
+class _Deaf(Exception):
+    """The broker stopped delivering our own heartbeats back to us: leave this session and reconnect."""
+
+
+class NodeIdInUse(MeshError):
+    """Another live process already uses this node id on this mesh."""
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """Which process a node id's heartbeats and record come from: a random ``instance`` per process, and
+    when it started (wall clock), so that of two processes with one id the younger can step aside."""
+
+    instance: str
+    since: float
+
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> Incarnation | None:
+        instance, since = payload.get("instance"), payload.get("since")
+        if not isinstance(instance, str) or not isinstance(since, (int, float)) or isinstance(since, bool):
+            return None
+        return cls(instance, float(since))
+
+    def younger_than(self, other: Incarnation) -> bool:
+        return (self.since, self.instance) > (other.since, other.instance)
 
 
 class Node:
@@ -107,6 +140,9 @@ class Node:
         self._echo = 0.0  # when our own last heartbeat came back through the broker
         self._started = time.monotonic()
         self._leaving = False
+        self.incarnation = Incarnation(secrets.token_hex(8), time.time())
+        self._sessions = 0  # broker sessions begun so far
+        self._rlog = RateLimitedLog(log)  # for what others can trigger at will (malformed messages)
         self.record_extra: dict[str, Any] = {}
         if config.secret is None and not config.open_mesh:
             raise SecretError("a mesh is closed by default: give the node a secret (NodeConfig.secret), or "
@@ -126,7 +162,7 @@ class Node:
             self.profile = profile.emulate(em.compute_scale, em.memory_cap, em.link_delay_s)
             host = cfg.interface or "0.0.0.0"
             self.dataplane = await self._stack.enter_async_context(
-                DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key))
+                DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key, idle_timeout=cfg.dataplane_idle_s))
             self.dataplane.route(broker_check.QUERY, lambda msg, writer: broker_check.answer(
                 self.key, (self._hosted.url, self._hosted.epoch) if self._hosted else None, msg, writer))
             self.discovery = await self._stack.enter_async_context(
@@ -210,6 +246,8 @@ class Node:
             "hosts_broker": self._hosted.url if self._hosted else None,
             "model": os.path.basename(self.config.model.rstrip("/")) if self.config.model else None,
             **self.record_extra,
+            "instance": self.incarnation.instance,
+            "since": self.incarnation.since,
         }
 
     # --- broker -------------------------------------------------------
@@ -284,12 +322,18 @@ class Node:
     # --- the mesh loop --------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        in_use: NodeIdInUse | None = None
+        while in_use is None:
             url = await self._find_broker()
             try:
+                await self._check_identity(url)
                 await self._session(url)
+            except* NodeIdInUse as eg:
+                in_use = eg.exceptions[0]  # type: ignore[assignment]
             except* _SwitchBroker:
                 log.info("%s: moving to another broker", self.node_id)
+            except* _Deaf as eg:
+                log.warning("%s: %s; reconnecting", self.node_id, eg.exceptions[0])
             except* aiomqtt.MqttError as eg:
                 log.warning("%s: lost broker %s: %s", self.node_id, BrokerURL.parse(url), eg.exceptions[0])
                 if not self.config.broker and not (self._hosted and self._hosted.url == url):
@@ -300,21 +344,66 @@ class Node:
             if self._hosted is not None and self._hosted.url != self._chosen_url():
                 await self._stop_hosted_broker()
             await asyncio.sleep(0.05)
+        self._leaving = True  # the retained record under our id is the other process's: leave it be
+        raise in_use
 
     def _chosen_url(self) -> str | None:
         d = self.discovery
         choice = choose_broker(self.node_id, self.config.broker, d.broker_ads(), list(d.peers))
         return self._hosted.url if choice == "host" and self._hosted else choice
 
-    async def _session(self, url: str) -> None:
-        b = BrokerURL.parse(url)
-        will = aiomqtt.Will(self.topics.member(self.node_id), b"", qos=1, retain=True)
+    def _client_kwargs(self, b: BrokerURL) -> dict[str, Any]:
         kwargs = b.client_kwargs(self.config.broker_ca)
         if self.config.secret and not b.username:  # the mesh's own broker wants the node login (docs/security.md)
+            # a broker a node hosts wants a one-time token per connection; a configured one the static login
+            url = str(b)
             epoch = self._hosted.epoch if self._hosted and self._hosted.url == url else self._broker_epochs.get(url)
             kwargs["username"], kwargs["password"] = (
                 (NODE_USER, node_token(self.config.secret, epoch)) if epoch else node_login(self.config.secret))
-        async with aiomqtt.Client(**kwargs, identifier=self.node_id, will=will,
+        return kwargs
+
+    async def _check_identity(self, url: str) -> None:
+        """Before a session under our id, looks (as a throw-away client, which disturbs nobody) for a live
+        process already using it: MQTT client ids are node ids, and a second CONNECT with one takes over the
+        first one's session. A live process heartbeats; a retained record alone may be a dead one's. Raises
+        :class:`NodeIdInUse` on the first session, and on a later one if we are the younger of the two."""
+        b = BrokerURL.parse(url)
+        loop = asyncio.get_running_loop()
+        other: Incarnation | None = None
+        async with aiomqtt.Client(**self._client_kwargs(b), identifier=f"idcheck-{secrets.token_hex(6)}",
+                                  clean_session=True, timeout=5) as client:
+            await client.subscribe(self.topics.member(self.node_id), qos=1)
+            await client.subscribe(self.topics.heartbeat(self.node_id), qos=0)
+            # the retained record comes at once; only if it is another process's, wait for its heartbeats
+            deadline = loop.time() + 0.3
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline) as timeout:
+                    async for msg in client.messages:
+                        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+                        try:
+                            seen = Incarnation.of(loads_object(payload, MAX_RECORD)) if payload else None
+                        except ValueError:
+                            continue
+                        if seen is None or seen.instance == self.incarnation.instance:
+                            continue
+                        if msg.topic.matches(self.topics.heartbeats):
+                            other = seen
+                            break
+                        timeout.reschedule(loop.time() + self.config.failure_timeout_s + self.config.heartbeat_s)
+        if other is None:
+            return
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.since))
+        if self._sessions == 0 or self.incarnation.younger_than(other):
+            raise NodeIdInUse(f"node id {self.node_id!r} is already in use on mesh {self.config.mesh!r} by a live "
+                              f"node (started {started}, broker {b}); stop that node or pick another --node-id")
+        log.warning("%s: another process (started %s) took over our broker session with our node id; "
+                    "taking it back (it is the younger and steps aside)", self.node_id, started)
+
+    async def _session(self, url: str) -> None:
+        b = BrokerURL.parse(url)
+        will = aiomqtt.Will(self.topics.member(self.node_id), b"", qos=1, retain=True)
+        self._sessions += 1
+        async with aiomqtt.Client(**self._client_kwargs(b), identifier=self.node_id, will=will,
                                   keepalive=2, clean_session=True, timeout=5) as client:
             self._client = client
             self.broker_url = str(b)
@@ -355,51 +444,88 @@ class Node:
         await self._client.publish(self.topics.plan, json.dumps(stamped), qos=1, retain=True)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        now = time.monotonic
+        """Feeds each message to its handler. Anyone on the broker may publish anything: a message that
+        fails to decode or to be handled costs only itself (and a rate-limited warning), never the session."""
+        for_session = (aiomqtt.MqttError, _SwitchBroker, _Deaf, NodeIdInUse)
         async for msg in client.messages:
-            topic = str(msg.topic)
-            payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
             try:
-                if msg.topic.matches(self.topics.heartbeats):
-                    sender = self.topics.leaf(topic)
-                    self.membership.on_heartbeat(sender, now())
-                    if sender == self.node_id:
-                        self._echo = now()
-                elif msg.topic.matches(self.topics.members):
-                    info = json.loads(payload) if payload else None
-                    if info is not None and not isinstance(info, dict):
-                        raise ValueError("member record is not an object")
-                    node_id = self.topics.leaf(topic)
-                    if node_id == self.node_id and info is None and not self._leaving:
-                        await self._publish_record()  # declared gone while we were stalled: we are back
-                        continue
-                    if self.membership.on_record(node_id, info, now()) or info is None:
-                        self.changed.set()
-                elif topic == self.topics.planner and payload:
-                    claim = json.loads(payload)
-                    if self.election.on_claim(str(claim["node"]), int(claim["term"])):
-                        self.changed.set()
-                    elif self.is_planner and int(claim["term"]) < self.election.term:
-                        # a stale claim (a node that restarted, or came back from a partition) overwrote
-                        # the retained one: put ours back so that nodes joining now learn the real term
-                        await self._restate(client)
-                elif topic == self.topics.plan and payload:
-                    plan = json.loads(payload)
-                    if self.election.accepts_plan(int(plan["term"]), str(plan["planner"])):
-                        self.plan = plan
-                        self.changed.set()
-                        for listener in self._plan_listeners:
-                            await listener(plan)
-                    else:
-                        log.info("%s: ignoring plan of stale term %s", self.node_id, plan.get("term"))
-                        if self.is_planner and self.plan is not None:  # it overwrote ours: put ours back
-                            await self._restate(client)
-                else:
-                    for topic_filter, handler in self._subscriptions:
-                        if msg.topic.matches(topic_filter):
-                            await handler(msg)
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("%s: ignoring malformed message on %s: %s", self.node_id, topic, e)
+                await self._handle(client, msg)
+            except for_session:
+                raise
+            except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+                topic = str(msg.topic)
+                self._rlog.warning(self._source(topic), "%s: ignoring malformed message on %s: %s",
+                                   self.node_id, _short(topic), _short(f"{type(e).__name__}: {e}", 200))
+            except Exception:  # a handler's bug: log it (its traceback, rate-limited) and go on
+                topic = str(msg.topic)
+                self._rlog.exception(self._source(topic), "%s: handling a message on %s failed",
+                                     self.node_id, _short(topic))
+
+    def _source(self, topic: str) -> str:
+        """The rate-limiting key of a message: its kind of topic (members, heartbeat, plan, ...)."""
+        rest = topic[len(self.topics.root) + 1:] if topic.startswith(self.topics.root + "/") else topic
+        return "mqtt " + _short(rest.split("/", 1)[0], 40)
+
+    async def _handle(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        now = time.monotonic
+        topic = str(msg.topic)
+        payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+        if msg.topic.matches(self.topics.heartbeats):
+            sender = self.topics.leaf(topic)
+            if sender == self.node_id:
+                seen = Incarnation.of(loads_object(payload, MAX_HEARTBEAT))
+                if seen == self.incarnation:
+                    self._echo = now()
+                elif seen is not None:
+                    self._other_process(seen)
+                    return
+            self.membership.on_heartbeat(sender, now())
+        elif msg.topic.matches(self.topics.members):
+            info = loads_object(payload, MAX_RECORD) if payload else None
+            node_id = self.topics.leaf(topic)
+            if node_id == self.node_id and not self._leaving:
+                seen = Incarnation.of(info) if info is not None else None
+                if info is None or (seen is not None and seen != self.incarnation):
+                    # declared gone while we were stalled, or overwritten by another process with our id
+                    # (if we are the younger, its heartbeats will make us step aside): we are back
+                    if seen is None or not self.incarnation.younger_than(seen):
+                        await self._publish_record()
+                    return
+            if self.membership.on_record(node_id, info, now()) or info is None:
+                self.changed.set()
+        elif topic == self.topics.planner and payload:
+            claim = loads_object(payload, MAX_RECORD)
+            if self.election.on_claim(str(claim["node"]), int(claim["term"])):
+                self.changed.set()
+            elif self.is_planner and int(claim["term"]) < self.election.term:
+                # a stale claim (a node that restarted, or came back from a partition) overwrote
+                # the retained one: put ours back so that nodes joining now learn the real term
+                await self._restate(client)
+        elif topic == self.topics.plan and payload:
+            plan = loads_object(payload)
+            if self.election.accepts_plan(int(plan["term"]), str(plan["planner"])):
+                self.plan = plan
+                self.changed.set()
+                for listener in self._plan_listeners:
+                    await listener(plan)
+            else:
+                log.info("%s: ignoring plan of stale term %s", self.node_id, _short(plan.get("term")))
+                if self.is_planner and self.plan is not None:  # it overwrote ours: put ours back
+                    await self._restate(client)
+        else:
+            for topic_filter, handler in self._subscriptions:
+                if msg.topic.matches(topic_filter):
+                    await handler(msg)
+
+    def _other_process(self, other: Incarnation) -> None:
+        """Another live process heartbeats under our node id (two started at once with one id): the younger
+        steps aside, the older logs it and keeps serving."""
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.since))
+        if self.incarnation.younger_than(other):
+            raise NodeIdInUse(f"node id {self.node_id!r} is already in use on mesh {self.config.mesh!r} by a live "
+                              f"node (started {started}); stop that node or pick another --node-id")
+        self._rlog.warning("node id", "%s: another process (started %s) uses our node id; it is the younger and "
+                           "should step aside", self.node_id, started)
 
     async def _restate(self, client: aiomqtt.Client) -> None:
         """The planner puts its claim and plan back as the retained ones (a fresh broker has none; a node
@@ -413,10 +539,19 @@ class Node:
         restated = False
         # no claim before the session has had time to deliver the retained claim and the peers' records and
         # heartbeats: a node that just (re)connected knows nobody yet and would claim against a live planner
-        may_claim_at = time.monotonic() + 2 * self.config.heartbeat_s
+        joined = time.monotonic()
+        may_claim_at = joined + 2 * self.config.heartbeat_s
+        deaf_after = max(DEAF_AFTER_S, 3 * self.config.failure_timeout_s)
         while True:
-            await client.publish(self.topics.heartbeat(self.node_id), str(beat), qos=0)
+            await client.publish(self.topics.heartbeat(self.node_id), json.dumps(
+                {"n": beat, "instance": self.incarnation.instance, "since": self.incarnation.since}), qos=0)
             beat += 1
+            silent = time.monotonic() - max(self._echo, joined)
+            if silent > deaf_after:
+                # the connection is up but nothing comes back: amqtt, for one, keeps the connection of a
+                # client whose session another CONNECT with the same id replaced, and delivers it nothing
+                raise _Deaf(f"none of our heartbeats came back for {silent:.1f} s: another client may have "
+                            f"taken over our session (same node id), or the broker stopped delivering to us")
             # silence is only news when our own heartbeats still come back: a node cut off from the broker
             # (its link down, the session not yet timed out) must not declare everyone else gone
             gone = self.membership.expire(time.monotonic()) if self.in_touch else []
