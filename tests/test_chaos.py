@@ -23,13 +23,14 @@ def test_fault_schedule_is_seeded_sequential_and_ends_before_the_run() -> None:
     assert all((f.target is None) == (f.kind == "broker") for f in a)
 
 
-def test_chaos_run_with_kills_and_a_lossy_link_loses_nothing(tmp_path: Path) -> None:
+def test_chaos_run_with_kills_a_lossy_link_and_an_adversary_loses_nothing(tmp_path: Path) -> None:
     require_netns()
     out = tmp_path / "report.json"
-    # seed 2 over 20 s: SIGKILL of a node (restarted), then loss and delay on another node's link
+    # seed 2 over 20 s: SIGKILL of a node (restarted), then loss and delay on another node's link; a closed
+    # mesh (Mosquitto with logins and ACL) while a hostile app, a stranger and a careless user attack it
     cmd = [sys.executable, "tools/chaos.py", "--duration", "20", "--nodes", "4", "--seed", "2",
-           "--faults", "kill,netem", "--json", str(out), "--log-dir", str(tmp_path / "logs")]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+           "--faults", "kill,netem", "--secret", "--adversary", "--json", str(out), "--log-dir", str(tmp_path / "logs")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
     r = json.loads(out.read_text())
     assert sorted(f["kind"] for f in r["faults"]) == ["kill", "netem"], r["faults"]
@@ -38,4 +39,9 @@ def test_chaos_run_with_kills_and_a_lossy_link_loses_nothing(tmp_path: Path) -> 
     assert q["lost"] == 0 and r["lost_ids"] == [], r["lost_ids"]
     assert t["mismatched_requests"] == 0, r["mismatched_ids"]
     assert t["app_duplicates"] == 0 and t["app_missing"] == 0 and t["wire_conflicting_duplicates"] == 0, t
+    adv = r["adversary"]
+    assert sum(adv["attacks"].values()) + sum(adv["refused"].values()) >= 8, adv
+    assert adv["node_exits"] == [], run.stdout[-3000:]
+    assert all(d.startswith("exit 2:") for d in adv["duplicate_node"]), adv["duplicate_node"]
+    assert r["closed_mesh"]
     assert r["ok"] and run.returncode == 0, run.stdout[-3000:]

@@ -73,6 +73,9 @@ def test_election_fences_a_stale_planner() -> None:
     assert not e.on_claim("a", 1)
     assert not e.accepts_plan(1, "a")
     assert e.accepts_plan(2, "b")
+    # a plan stamped with a later term is held until that term's claim arrives, never applied before
+    assert not e.accepts_plan(9_000_000, "evil") and e.plan_awaits_claim(9_000_000)
+    assert not e.plan_awaits_claim(2)
     # a living planner is kept even when a smaller id joins
     assert e.should_claim(["0", "b", "c"]) is None
 

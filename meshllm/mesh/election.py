@@ -39,5 +39,11 @@ class Election:
         return self.leader is not None and self.leader in alive
 
     def accepts_plan(self, term: int, planner: str) -> bool:
-        """Plans from older terms, or from a node that is not the claimant of their term, are fenced off."""
-        return (term == self.term and planner == self.leader) or term > self.term
+        """Only the accepted planner's plans of its term count. A plan of a later term waits for its claim
+        (:meth:`plan_awaits_claim`): a plan stamped with a huge term by a node that never claimed it (a
+        forged one) must not replace the plan the mesh serves."""
+        return term == self.term and planner == self.leader
+
+    def plan_awaits_claim(self, term: int) -> bool:
+        """A plan of a term not yet claimed (its claim may still be on its way): held, not applied."""
+        return term > self.term

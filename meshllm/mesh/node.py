@@ -31,7 +31,8 @@ import aiomqtt
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
 from meshllm.errors import MeshError, SecretError
-from meshllm.logs import RateLimitedLog, clip as _short
+from meshllm.logs import RateLimitedLog
+from meshllm.logs import clip as _short
 from meshllm.mesh import broker_check
 from meshllm.mesh.access import NODE_USER, node_login, node_token
 from meshllm.mesh.broker import BrokerURL, EmbeddedBroker, choose_broker, port_open
@@ -125,6 +126,7 @@ class Node:
         self.profile: DeviceProfile | None = None
         self.broker_url: str | None = None
         self.plan: dict[str, Any] | None = None
+        self._held_plan: dict[str, Any] | None = None  # a plan of a term whose claim has not arrived yet
         self.links: dict[str, Link] = {}
         self.changed = asyncio.Event()  # set whenever the view (members, planner, plan, broker) changes
         self.connected = asyncio.Event()
@@ -149,7 +151,7 @@ class Node:
                               "open_mesh=True for a mesh anyone on the LAN may use")
         if config.secret is not None:
             check_secret(config.secret)
-        self.key = secret_key(config.secret) if config.secret else None  # merged into the gossiped record (serving adds its model)
+        self.key = secret_key(config.secret) if config.secret else None
 
     # --- lifecycle ----------------------------------------------------
 
@@ -497,6 +499,9 @@ class Node:
             claim = loads_object(payload, MAX_RECORD)
             if self.election.on_claim(str(claim["node"]), int(claim["term"])):
                 self.changed.set()
+                held, self._held_plan = self._held_plan, None
+                if held is not None and self.election.accepts_plan(int(held["term"]), str(held["planner"])):
+                    await self._apply_plan(held)  # it came before its claim
             elif self.is_planner and int(claim["term"]) < self.election.term:
                 # a stale claim (a node that restarted, or came back from a partition) overwrote
                 # the retained one: put ours back so that nodes joining now learn the real term
@@ -504,10 +509,9 @@ class Node:
         elif topic == self.topics.plan and payload:
             plan = loads_object(payload)
             if self.election.accepts_plan(int(plan["term"]), str(plan["planner"])):
-                self.plan = plan
-                self.changed.set()
-                for listener in self._plan_listeners:
-                    await listener(plan)
+                await self._apply_plan(plan)
+            elif self.election.plan_awaits_claim(int(plan["term"])):
+                self._held_plan = plan  # applied once its planner's claim arrives; never without it
             else:
                 log.info("%s: ignoring plan of stale term %s", self.node_id, _short(plan.get("term")))
                 if self.is_planner and self.plan is not None:  # it overwrote ours: put ours back
@@ -526,6 +530,12 @@ class Node:
                               f"node (started {started}); stop that node or pick another --node-id")
         self._rlog.warning("node id", "%s: another process (started %s) uses our node id; it is the younger and "
                            "should step aside", self.node_id, started)
+
+    async def _apply_plan(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
+        self.changed.set()
+        for listener in self._plan_listeners:
+            await listener(plan)
 
     async def _restate(self, client: aiomqtt.Client) -> None:
         """The planner puts its claim and plan back as the retained ones (a fresh broker has none; a node

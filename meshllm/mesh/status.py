@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from typing import Any
@@ -18,6 +17,7 @@ import aiomqtt
 
 from meshllm.mesh.broker import BrokerError, BrokerURL, existing_broker, port_open
 from meshllm.mesh.discovery import Discovery
+from meshllm.mesh.payloads import loads_object
 from meshllm.mesh.topics import Topics
 
 
@@ -53,8 +53,8 @@ async def read_state(mesh: str, broker: str, *, quiet_s: float = 0.4, ca_file: s
                 payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
                 if not payload:
                     continue
-                with contextlib.suppress(ValueError):
-                    data = json.loads(payload)
+                with contextlib.suppress(ValueError):  # a malformed record is skipped (PayloadError too)
+                    data = loads_object(payload)
                     if msg.topic.matches(topics.members):
                         state["members"][topics.leaf(str(msg.topic))] = data
                     elif str(msg.topic) == topics.planner:

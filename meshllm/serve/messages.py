@@ -3,39 +3,24 @@
 Apps publish ``cancel`` (``{"id"}``) and ``replay`` (``{"id", "from"}``); nodes
 publish their retained readiness on ``ready/<node>``. Each is decoded here once,
 at the boundary, into a frozen dataclass, or refused with :class:`PayloadError`
-(one line, no traceback): a message from an app costs at most itself, never
+(:mod:`meshllm.mesh.payloads`; one line, no traceback): a message from an app costs at most itself, never
 the node. Request ids follow :mod:`meshllm.serve.api`'s rule. Pure: no I/O.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from meshllm.errors import MeshError
+from meshllm.mesh.payloads import PayloadError, loads_object
 from meshllm.serve.api import _ID, MAX_INT
 
 MAX_CONTROL_BYTES = 4096  # a cancel, a replay or a readiness record is a few dozen bytes
 
 
-class PayloadError(MeshError):
-    """An MQTT message that is not what its topic carries (malformed, too large, nested too deeply)."""
-
-
-def json_object(payload: bytes | bytearray | str, max_bytes: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
-    """A JSON object of at most ``max_bytes``, or :class:`PayloadError`: never RecursionError or MemoryError."""
-    if len(payload) > max_bytes:
-        raise PayloadError(f"message of {len(payload)} bytes exceeds {max_bytes}")
-    try:
-        obj = json.loads(payload)
-    except RecursionError:
-        raise PayloadError("message is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PayloadError(f"message is not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise PayloadError("message is not a JSON object")
-    return obj
+def json_object(payload: bytes | bytearray | str) -> dict[str, Any]:
+    """A JSON object of at most :data:`MAX_CONTROL_BYTES`, or :class:`PayloadError`."""
+    return loads_object(payload, MAX_CONTROL_BYTES)
 
 
 def _request_id(obj: dict[str, Any]) -> str:
