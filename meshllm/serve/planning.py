@@ -88,6 +88,17 @@ class PlannerDuty:
             except Exception as e:  # a planner bug must not take the node down
                 log.exception("%s: planning failed: %s", node.node_id, e)
                 continue
+            live = node.plan
+            if plan is None and live is not None and live.get("planner") != node.node_id:
+                # a predecessor's plan, still good: this planner takes it over under its own term, so that it is
+                # the one it restates to a broker that lost its retained state (a restart) and new nodes get it
+                plan = {k: v for k, v in live.items() if k not in ("term", "planner")}
+                try:
+                    await node.publish_plan(plan)
+                except (RuntimeError, aiomqtt.MqttError) as e:
+                    log.warning("%s: could not take over plan v%s: %s", node.node_id, plan.get("version"), e)
+                    seen = None
+                continue
             if plan is not None:
                 self.version = max(self.version, int((node.plan or {}).get("version", 0))) + 1
                 plan["version"] = self.version  # versions only grow, whoever planned before
