@@ -77,11 +77,32 @@ def _size(s: str) -> int:
 
 def run_async(coro: Any) -> Any:
     """Runs a coroutine on uvloop where the platform has it."""
+    async def main() -> Any:
+        quiet_lost_mqtt_futures(asyncio.get_running_loop())
+        return await coro
+
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+def quiet_lost_mqtt_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """aiomqtt leaves a future holding "Unexpected disconnection" when a broker drops a connection that was
+    already being closed (a refused publish, a node that steps aside): the error was handled where it
+    mattered, so its unretrieved copy goes to the debug log instead of a traceback on stderr."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if type(exc).__module__.startswith("aiomqtt") and "never retrieved" in str(context.get("message", "")):
+            logging.getLogger("meshllm").debug("aiomqtt: %s", exc)
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    loop.set_exception_handler(handler)
 
 
 async def _node_main(args: argparse.Namespace) -> int:

@@ -646,6 +646,9 @@ async def inject(bed: Testbed, schedule: list[Fault], n: int, t0: float, stop_at
 async def run(args: argparse.Namespace, hosts: list[tuple[str, str]], schedule: list[Fault],
               ref: dict[str, list[int]], log_dir: Path) -> dict[str, Any]:
     t_start = time.monotonic()
+    from meshllm.cli import quiet_lost_mqtt_futures
+
+    quiet_lost_mqtt_futures(asyncio.get_running_loop())
 
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
