@@ -56,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
-    model = LocalModel(args.model, split=args.split or (), threads=args.threads)
+    model = LocalModel(args.model, split=args.split or (), threads=args.threads, kv_dtype=args.kv_dtype)
     if args.json:
         print(json.dumps(model.generate(args.prompt, params).to_json()))
         return 0
@@ -124,7 +124,7 @@ async def _node_main(args: argparse.Namespace) -> int:
         from meshllm.gateway.cli import check_exposure
 
         check_exposure(args.gateway[0], os.environ.get("MESHLLM_API_KEY"), args.open)
-    member = ServingNode(cfg, threads=args.threads) if cfg.model else Node(cfg)  # validates the configuration
+    member = ServingNode(cfg, threads=args.threads, kv_dtype=args.kv_dtype) if cfg.model else Node(cfg)  # validates the configuration
     if cfg.secret is None:
         logging.getLogger("meshllm").warning(OPEN_WARNING.format(mesh=cfg.mesh))
     stop = asyncio.Event()
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--split", type=_int_list, help="run as segments cut before these layers, e.g. 2,4")
     g.add_argument("--threads", type=int, help="onnxruntime threads per segment (default: all cores)")
+    g.add_argument("--kv-dtype", choices=["fp32", "fp16"], help="dtype of the KV cache (default: the model's)")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
     g.set_defaults(func=cmd_generate)
 
@@ -398,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--workload", help="workload the planner optimises for, e.g. in=128,out=64,rate=2 "
                    "(default: half the context in, half out, 1 request/s)")
     n.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    n.add_argument("--kv-dtype", choices=["fp32", "fp16"], help="dtype of this node's KV cache (default: the "
+                   "model's, fp32 unless exported otherwise); every node of a mesh must use the same one")
     from meshllm.gateway import add_gateway_parser, parse_host_port
 
     n.add_argument("--gateway", type=parse_host_port, metavar="HOST:PORT",

@@ -40,7 +40,7 @@ def write_tokenizer(out: Path, vocab_size: int = 300) -> None:
 
 
 def write_hf_model(out: Path, arch: str = "llama", *, tied: bool = False, layers: int = 4, vocab: int = 300,
-                   seed: int = 0, rope_scaling: bool = False) -> torch.nn.Module:
+                   seed: int = 0, rope_scaling: bool = False, head_dim: int | None = None) -> torch.nn.Module:
     """Writes a random checkpoint of ``arch`` (llama, qwen2, mistral) with save_pretrained."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
@@ -49,6 +49,8 @@ def write_hf_model(out: Path, arch: str = "llama", *, tied: bool = False, layers
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    if head_dim is not None:  # heads of another size than hidden_size / num_attention_heads
+        common["head_dim"] = head_dim
     if arch == "llama":
         extra = {"rope_theta": 500000.0}
         if rope_scaling:

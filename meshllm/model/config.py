@@ -56,6 +56,7 @@ class ModelConfig:
     bos_id: int | None = 1
     eos_ids: tuple[int, ...] = (2,)
     stop_on_bos: bool = False  # llama2.c's run.c stops when it samples BOS
+    kv_dtype: str = "fp32"  # the KV cache's dtype at run time, "fp32" or "fp16" (a node may override it)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -14,9 +14,17 @@ Tensor interface (B = batch, S = new tokens, D = dim, M = cache length)::
     head:   hidden (B, S, D)                  -> logits (B, V) of the last position
 
 Attention is ``com.microsoft.GroupQueryAttention`` with RoPE inside
-(``do_rotary``) and a packed QKV input. When the runtime binds ``past_*`` and
+(``do_rotary``) and a packed QKV input. The fused rotary needs a head size that
+is a multiple of 16; for any other head size RoPE runs before the operator
+(``com.microsoft.RotaryEmbedding`` on q and k, positions from ``seqlens_k``)
+and the operator gets ``do_rotary=0``. When the runtime binds ``past_*`` and
 ``present_*`` to one buffer, onnxruntime writes the new keys/values in place
 (no per-step copy of the cache); see ``shared/ORT-NOTES.md``.
+
+Exported graphs always hold a float32 KV cache; :func:`with_kv_dtype` turns a
+(merged) graph's caches into float16 at load, so the KV dtype is a run-time
+choice (per model in its config, per node on the command line) and never
+changes the model files.
 """
 
 from __future__ import annotations
@@ -38,6 +46,12 @@ IR_VERSION = 9
 #: Storage dtypes of weights. Compute is always float32 on CPU; half-precision
 #: weights are upcast inside the graph (a Cast that onnxruntime folds at load).
 WEIGHT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+#: Dtypes of the KV cache (``ModelConfig.kv_dtype``, ``meshllm node --kv-dtype``).
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+#: GroupQueryAttention's fused rotary (do_rotary=1) needs head sizes that are multiples of this.
+FUSED_ROTARY_MULTIPLE = 16
 
 # Public tensor names of a part's interface.
 INPUT_IDS = "input_ids"
@@ -112,10 +126,10 @@ class _Builder:
 
 def check_supported(cfg: ModelConfig) -> None:
     """Rejects shapes the graphs cannot run, before any work is done."""
-    if cfg.head_dim % 16:
-        raise UnsupportedModelError(
-            f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
-            f"kernel requires (most released models use 64 or 128)")
+    if cfg.head_dim % 2:
+        raise UnsupportedModelError(f"head_dim {cfg.head_dim} is odd: RoPE rotates pairs of dimensions")
+    if cfg.kv_dtype not in KV_DTYPES:
+        raise UnsupportedModelError(f"kv_dtype {cfg.kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
     if cfg.n_heads % cfg.n_kv_heads:
         raise UnsupportedModelError(f"n_heads {cfg.n_heads} is not a multiple of n_kv_heads {cfg.n_kv_heads}")
 
@@ -152,8 +166,37 @@ def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+def fused_rotary(cfg: ModelConfig) -> bool:
+    """Whether GroupQueryAttention can apply RoPE itself (faster: no separate pass over q and k)."""
+    return cfg.head_dim % FUSED_ROTARY_MULTIPLE == 0
+
+
+def positions(b: _Builder, x: str) -> str:
+    """Positions of the new tokens, (B, S) int64: ``seqlens_k[b] + 1 - S + arange(S)``.
+
+    The runtime sets ``seqlens_k[b]`` to the sequence's length after the step minus one (what
+    GroupQueryAttention expects), for a prefill chunk (B = 1) and a batched decode step (S = 1) alike."""
+    s = b.node("Gather", [b.node("Shape", [x], "shape"), b.const("axis1", np.array(1, np.int64))], "S", axis=0)
+    last = b.node("Unsqueeze", [b.node("Cast", [SEQLENS_K], "seqlens64", to=TensorProto.INT64),
+                                b.const("ax1", np.array([1], np.int64))], "last")  # (B, 1)
+    first = b.node("Sub", [b.node("Add", [last, b.const("one", np.array(1, np.int64))], "len"), s], "first")
+    steps = b.node("Range", [b.const("zero", np.array(0, np.int64)), s, b.const("step", np.array(1, np.int64))],
+                   "steps")  # (S,)
+    return b.node("Add", [first, steps], "pos")  # (B, S)
+
+
+def rotary(b: _Builder, cfg: ModelConfig, t: str, pos: str, heads: int, key: str) -> str:
+    """RoPE on (B, S, heads * head_dim) at ``pos``, halves or adjacent pairs as the checkpoint wants."""
+    cos, sin = rope_cache(cfg)
+    return b.node("RotaryEmbedding", [t, pos, b.const("@rope.cos", cos), b.const("@rope.sin", sin)], key,
+                  domain=MS_DOMAIN, interleaved=int(cfg.rope_interleaved), num_heads=heads)
+
+
 def attention(b: _Builder, cfg: ModelConfig, x: str, w: Mapping[str, np.ndarray], layer: int) -> str:
-    """Packed QKV projection + GroupQueryAttention (RoPE inside) + output projection."""
+    """Packed QKV projection + RoPE + GroupQueryAttention + output projection.
+
+    RoPE is fused into the operator when the head size allows (:func:`fused_rotary`); otherwise
+    q and k are rotated first and the operator gets them apart from v, with ``do_rotary=0``."""
     p = f"layers.{layer}."
     # (B, S, D) @ (D, q_dim + 2 kv_dim) -> packed QKV
     wqkv = np.concatenate([w[p + "wq"], w[p + "wk"], w[p + "wv"]], axis=0).T
@@ -161,16 +204,25 @@ def attention(b: _Builder, cfg: ModelConfig, x: str, w: Mapping[str, np.ndarray]
     if cfg.qkv_bias:
         bias = np.concatenate([w[p + "bq"], w[p + "bk"], w[p + "bv"]])
         qkv = b.node("Add", [qkv, b.weight("bqkv", bias)], "qkv_b")
-    cos, sin = rope_cache(cfg)
+    if fused_rotary(cfg):
+        cos, sin = rope_cache(cfg)
+        qkv_in = [qkv, "", "", past_key(layer), past_value(layer), SEQLENS_K, TOTAL_SEQ_LEN,
+                  b.const("@rope.cos", cos), b.const("@rope.sin", sin)]
+    else:
+        split = np.array([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], np.int64)
+        q, k, v = b.nodes_multi("Split", [qkv, b.const("qkv_split", split)], ["q", "k", "v"], axis=-1)
+        pos = positions(b, x)
+        q = rotary(b, cfg, q, pos, cfg.n_heads, "q_rot")  # (B, S, q_dim)
+        k = rotary(b, cfg, k, pos, cfg.n_kv_heads, "k_rot")  # (B, S, kv_dim)
+        qkv_in = [q, k, v, past_key(layer), past_value(layer), SEQLENS_K, TOTAL_SEQ_LEN]
     attn, _, _ = b.nodes_multi(
         "GroupQueryAttention",
-        [qkv, "", "", past_key(layer), past_value(layer), SEQLENS_K, TOTAL_SEQ_LEN,
-         b.const("@rope.cos", cos), b.const("@rope.sin", sin)],
+        qkv_in,
         ["attn", "@" + present_key(layer), "@" + present_value(layer)],
         domain=MS_DOMAIN,
         num_heads=cfg.n_heads,
         kv_num_heads=cfg.n_kv_heads,
-        do_rotary=1,
+        do_rotary=int(fused_rotary(cfg)),
         rotary_interleaved=int(cfg.rope_interleaved),
         scale=float(1.0 / np.sqrt(cfg.head_dim)),
     )
@@ -260,3 +312,44 @@ def build_head(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype: str) 
         [_f32(x, ["B", "S", cfg.dim])],
         [_f32(LOGITS, ["B", cfg.vocab_size])],
     )
+
+
+# --- KV cache dtype -------------------------------------------------------
+
+
+def with_kv_dtype(model: onnx.ModelProto, kv_dtype: str) -> onnx.ModelProto:
+    """The graph with its KV caches (``past_*``/``present_*``) in ``kv_dtype``, in place.
+
+    GroupQueryAttention has one type T for q, k, v, the caches and the cos/sin tables, so a
+    float16 cache makes the whole operator float16: Casts go in front of its float inputs and one
+    after its output; everything else stays float32. float32 leaves the graph as it is."""
+    if kv_dtype not in KV_DTYPES:
+        raise UnsupportedModelError(f"KV dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
+    if kv_dtype == "fp32":
+        return model
+    g = model.graph
+    caches = {vi.name for vi in (*g.input, *g.output) if vi.name.startswith(("past_", "present_"))}
+    cast: dict[str, str] = {}  # float32 tensor -> its float16 copy (the RoPE tables are shared)
+    nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN:
+            for i in (0, 1, 2, 7, 8):  # query, key, value, cos_cache, sin_cache
+                if i < len(n.input) and n.input[i]:
+                    src = n.input[i]
+                    if src not in cast:
+                        cast[src] = src + ".f16"
+                        nodes.append(helper.make_node("Cast", [src], [cast[src]], name=f"Cast.{src}.f16",
+                                                      to=TensorProto.FLOAT16))
+                    n.input[i] = cast[src]
+            out = n.output[0]
+            n.output[0] = out + ".f16"
+            nodes.append(n)
+            nodes.append(helper.make_node("Cast", [n.output[0]], [out], name=f"Cast.{out}.f32", to=TensorProto.FLOAT))
+        else:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    for vi in (*g.input, *g.output):
+        if vi.name in caches:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model

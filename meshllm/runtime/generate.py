@@ -94,6 +94,7 @@ class LocalModel:
         max_seq_len: int | None = None,
         threads: int | None = None,
         verify: bool = True,
+        kv_dtype: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
@@ -106,7 +107,7 @@ class LocalModel:
             verify_files(self.model_dir, self.manifest)
         self.segments = [
             Segment(self.model_dir, a, b, max_batch=max_batch, max_seq_len=max_seq_len, threads=threads,
-                    verify=False, manifest=self.manifest)
+                    verify=False, manifest=self.manifest, kv_dtype=kv_dtype)
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
         self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)

@@ -5,8 +5,10 @@ model directory are concatenated into one graph (one session per segment: one
 thread pool, one ``run`` per step), with the embedding when ``start == 0`` and
 the head when ``stop == n_layers``.
 
-KV caches live here, per layer, as preallocated float32 arrays of shape
-``(max_batch, kv_heads, max_seq_len, head_dim)``; each sequence owns one batch
+KV caches live here, per layer, as preallocated arrays of shape
+``(max_batch, kv_heads, max_seq_len, head_dim)``, float32 or float16 (the
+model's ``kv_dtype`` or the node's choice; the graph is retyped to match at
+load, see :func:`meshllm.model.graphs.with_kv_dtype`); each sequence owns one batch
 row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
 onnxruntime's GroupQueryAttention appends the new keys and values in place and
 never copies the cache. A batched decode step needs its sequences in
@@ -93,6 +95,7 @@ class Segment:
         verify: bool = True,
         manifest: Manifest | None = None,
         spinning: bool = True,
+        kv_dtype: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.manifest = manifest or load_manifest(self.model_dir)
@@ -111,7 +114,12 @@ class Segment:
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         graph_files = [p.files[0] for p in parts]
+        self.kv_dtype_name = kv_dtype or cfg.kv_dtype
+        if self.kv_dtype_name not in graphs.KV_DTYPES:
+            raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(graphs.KV_DTYPES)}")
+        self.kv_dtype = np.dtype(graphs.KV_DTYPES[self.kv_dtype_name])
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
+        model = graphs.with_kv_dtype(model, self.kv_dtype_name)
         so = session_options(threads, spinning)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
         try:
@@ -121,9 +129,9 @@ class Segment:
         self.input_name = graphs.INPUT_IDS if self.has_embed else graphs.hidden_out(self.start - 1)
         self.output_name = graphs.LOGITS if self.has_head else graphs.hidden_out(self.stop - 1)
         shape = (max_batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
-        self._k = [np.zeros(shape, np.float32) for _ in range(self.start, self.stop)]
-        self._v = [np.zeros(shape, np.float32) for _ in range(self.start, self.stop)]
-        self._row_bytes = int(np.prod(shape[1:])) * 4
+        self._k = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
+        self._v = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
+        self._row_bytes = int(np.prod(shape[1:])) * self.kv_dtype.itemsize
         self._owner: list[SeqId | None] = [None] * max_batch
         self._slot: dict[SeqId, int] = {}
         self._len = np.zeros(max_batch, np.int64)
@@ -196,7 +204,8 @@ class Segment:
         return range(self.start, self.stop)
 
     def export_kv(self, seq: SeqId, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of one layer's cached keys and values for ``seq``: ``(kv_heads, n, head_dim)`` each."""
+        """Views of one layer's cached keys and values for ``seq``: ``(kv_heads, n, head_dim)`` each, in the
+        cache's dtype (so a float16 cache hands off half the bytes)."""
         slot, n, j = self._slot_of(seq), self.length(seq), self._layer_index(layer)
         return self._k[j][slot, :, :n], self._v[j][slot, :, :n]
 
@@ -206,6 +215,10 @@ class Segment:
         The sequence's length becomes ``n`` once every layer of the segment has been written; the
         caller imports all layers before the next step."""
         slot, j = self._slot_of(seq), self._layer_index(layer)
+        if k.dtype != self.kv_dtype or v.dtype != self.kv_dtype:
+            raise GenerationError(
+                f"KV block for layer {layer} is {k.dtype}/{v.dtype} but this segment's KV cache is {self.kv_dtype} "
+                f"(--kv-dtype {self.kv_dtype_name}): prefill and decode replicas must use one KV dtype")
         expect = (self.config.n_kv_heads, k.shape[1] if k.ndim == 3 else -1, self.config.head_dim)
         if k.shape != expect or v.shape != expect or k.shape[1] > self.max_seq_len:
             raise GenerationError(f"KV block for layer {layer} has shape {k.shape}/{v.shape}, expected {expect}")
@@ -280,8 +293,8 @@ class Segment:
                 (self._v[j], graphs.past_value(layer), graphs.present_value(layer)),
             ):
                 ptr = cache.ctypes.data + offset
-                io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
-                io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
+                io.bind_input(past, "cpu", 0, self.kv_dtype, shape, ptr)
+                io.bind_output(present, "cpu", 0, self.kv_dtype, shape, ptr)
         try:
             self.session.run_with_iobinding(io)
         except Exception as e:  # onnxruntime raises its own, unrelated error types

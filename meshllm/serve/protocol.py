@@ -10,6 +10,7 @@ type        fields                                              goes to
 prefill     pv r id x meta                                      next stage of a replica
 step        pv r ids x                                          next stage (a batch)
 kv          pv r id layer k vv                                  DECODE stage holding layer
+                (k, vv in the sender's KV dtype: float32 or float16)
 begin       pv r id token sampler meta                          DECODE replica's last stage
 release     pv r id                                             every stage of a replica
 cancel      id                                                  the request's last stage
@@ -45,6 +46,7 @@ _SPEC: dict[str, dict[str, type | tuple[type, ...]]] = {
     "bounce": {"id": str, "why": str},
 }
 MAX_BATCH_IDS = 1024
+KV_WIRE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # a KV block travels in its cache's dtype
 
 
 def check(frame: dict[str, Any]) -> dict[str, Any]:
@@ -69,8 +71,9 @@ def check(frame: dict[str, Any]) -> dict[str, Any]:
         _check_meta(t, frame["meta"])
     if t == "kv":
         k, v = frame["k"], frame["vv"]
-        if k.shape != v.shape or k.ndim != 3 or k.dtype != np.float32 or v.dtype != np.float32:
-            raise FrameError("kv frame: k and vv must be float32 arrays of one shape (kv_heads, n, head_dim)")
+        if k.shape != v.shape or k.ndim != 3 or k.dtype != v.dtype or k.dtype not in KV_WIRE_DTYPES:
+            raise FrameError("kv frame: k and vv must be float32 or float16 arrays of one dtype and one shape "
+                             "(kv_heads, n, head_dim)")
     return frame
 
 

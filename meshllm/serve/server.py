@@ -62,7 +62,7 @@ class ServingNode:
     # order; spare cache rows absorb that overlap instead of refusing the newcomer.
     SLOT_HEADROOM = 2
 
-    def __init__(self, config: NodeConfig, *, threads: int | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, threads: int | None = None, kv_dtype: str | None = None) -> None:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
         self.config = config
@@ -74,6 +74,7 @@ class ServingNode:
         if self.files.manifest is not None:
             self._load_model_meta()
         self.threads = threads
+        self.kv_dtype = kv_dtype  # None: the model's own (ModelConfig.kv_dtype)
         self.links = PeerLinks(key=self.node.key)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
         self.runners: dict[tuple[int, int], StageRunner] = {}
@@ -380,7 +381,7 @@ class ServingNode:
                 segment = await loop.run_in_executor(self.executor, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
-                    spinning=False))
+                    spinning=False, kv_dtype=self.kv_dtype))
                 self._segment = (key, segment)
             runner = StageRunner(self, layout, replica, index, segment, self.executor,
                                  compute_scale=self.config.emulation.compute_scale,
