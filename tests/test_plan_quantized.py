@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -165,10 +165,9 @@ def test_a_really_quantized_export_plans_on_fewer_devices(tmp_path: Path) -> Non
     m32, m4 = load_manifest(src), load_manifest(tmp_path / "q4")
     fp32, int4 = ModelCosts.from_manifest(m32), ModelCosts.from_manifest(m4)
     assert int4.dtype == "int4" and int4.total_weight_bytes < 0.3 * fp32.total_weight_bytes
-    work = replace(WORKLOAD, name="short")
     mem = (int4.total_weight_bytes + fp32.total_weight_bytes) / 2 + 2 * MB  # room for some KV cache
     devs = devices(4, mem)
-    p32, p4 = plan_mesh(devs, fp32, work), plan_mesh(devs, int4, work)
+    p32, p4 = plan_mesh(devs, fp32, WORKLOAD), plan_mesh(devs, int4, WORKLOAD)
     assert p4.replicas and max_stages(p4) == 1 and p4.dtype == "int4"
     assert not p32.replicas or min(len(r.stages) for r in p32.replicas) > 1
     devs_file = tmp_path / "devices.json"
