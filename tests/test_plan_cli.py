@@ -44,7 +44,7 @@ def test_plan_prints_the_table_of_replicas_stages_and_predictions(files: tuple[P
     devices, model = files
     assert run("plan", "--devices", str(devices), "--model", str(model), "--workload", "in=300,out=60,rate=1") == 0
     out = capsys.readouterr().out
-    assert "plan v1 (ga, seed 0) for tinyllama (22 layers)" in out
+    assert "plan v1 (ga, seed 0) for tinyllama (fp32, 22 layers)" in out
     for word in ("PREFILL", "DECODE", "run ms", "sustainable", "mean waiting", "time to first token"):
         assert word in out
 
@@ -75,7 +75,7 @@ def test_plan_reads_a_meshllm_model_directory_and_a_workload_file(tmp_path: Path
     (tmp_path / "d.json").write_text(json.dumps([{"class": "rpi4", "name": "a"}, {"class": "rpi5", "name": "b"}]))
     assert run("plan", "--devices", str(tmp_path / "d.json"), "--model", str(tmp_path / "model"),
                "--workload", str(tmp_path / "w.json"), "--method", "splitwise") == 0
-    assert "(splitwise) for m (4 layers)" in capsys.readouterr().out
+    assert "(splitwise) for m (fp32, 4 layers)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("entries, message", [

@@ -83,8 +83,8 @@ def format_plan(plan: Plan) -> str:
     w = plan.workload
     lines = [
         f"plan v{plan.version} ({plan.method}{'' if plan.seed is None else f', seed {plan.seed}'}) for {plan.model} "
-        f"({plan.n_layers} layers); workload {w.name or 'custom'}: {w.rate:g} req/s, input {w.input.mean:.0f}"
-        f"±{w.input.std:.0f} tokens, output {w.output.mean:.0f}±{w.output.std:.0f} tokens",
+        f"({plan.dtype}, {plan.n_layers} layers); workload {w.name or 'custom'}: {w.rate:g} req/s, "
+        f"input {w.input.mean:.0f}±{w.input.std:.0f} tokens, output {w.output.mean:.0f}±{w.output.std:.0f} tokens",
         "",
         f"{'replica':<8} {'role':<8} {'node':<18} {'layers':<8} {'run ms':>9} {'send ms':>8} {'memory GB':>13}",
     ]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from meshllm.model.config import ModelConfig
-from meshllm.model.manifest import Manifest
+from meshllm.model.manifest import Manifest, Part
 from meshllm.plan.errors import PlanError
 from meshllm.profile import DeviceProfile, Link
 
@@ -40,10 +40,13 @@ TOKEN_ID_BYTES = 8  # a sampled token sent back from the last stage to the first
 
 @dataclass(frozen=True)
 class ModelCosts:
-    """Per-layer costs of a decoder (runtime figures, float32 at run time), plus embedding and head.
+    """Per-layer costs of a decoder (run-time figures), plus embedding and head.
 
-    Build it from a model manifest (:meth:`from_manifest`), from an architecture
-    (:meth:`from_config`, :meth:`llama`) or directly from numbers (:meth:`uniform`).
+    Weight bytes are what a loaded part holds and a run reads: the manifest's
+    ``runtime_bytes`` of a part when it records one (quantized exports), else
+    the float32 size. Build it from a model manifest (:meth:`from_manifest`),
+    from an architecture (:meth:`from_config`, :meth:`llama`) or directly from
+    numbers (:meth:`uniform`).
     """
 
     name: str
@@ -56,6 +59,7 @@ class ModelCosts:
     head_flops: float  # per sequence per run (the head computes the last position only)
     head_weight_bytes: float
     max_seq_len: int
+    dtype: str = "fp32"  # of the weights as exported; plans carry it so nodes load the same files
 
     def __post_init__(self) -> None:
         n = len(self.layer_flops)
@@ -89,19 +93,21 @@ class ModelCosts:
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> ModelCosts:
-        layers = m.layer_costs
-        embed, head = m.part("embed").cost, m.part("head").cost
+        layer_parts = [m.part(f"layer.{i}") for i in range(m.config.n_layers)]
+        layers = [p.cost for p in layer_parts]
+        embed, head = m.part("embed"), m.part("head")
         return cls(
             name=m.name,
             layer_flops=tuple(float(c.flops_per_token) for c in layers),
             layer_attn_flops=tuple(float(c.attn_flops_per_token_per_ctx) for c in layers),
-            layer_weight_bytes=tuple(float(c.runtime_weight_bytes) for c in layers),
+            layer_weight_bytes=tuple(part_runtime_bytes(p) for p in layer_parts),
             layer_kv_bytes=tuple(float(c.kv_bytes_per_token) for c in layers),
             layer_act_bytes=tuple(float(c.activation_bytes_per_token) for c in layers),
-            embed_weight_bytes=float(embed.runtime_weight_bytes),
-            head_flops=float(head.flops_per_token),
-            head_weight_bytes=float(head.runtime_weight_bytes),
+            embed_weight_bytes=part_runtime_bytes(embed),
+            head_flops=float(head.cost.flops_per_token),
+            head_weight_bytes=part_runtime_bytes(head),
             max_seq_len=m.config.max_seq_len,
+            dtype=m.dtype,
         )
 
     @classmethod
@@ -136,6 +142,20 @@ class ModelCosts:
         for k in ("layer_flops", "layer_attn_flops", "layer_weight_bytes", "layer_kv_bytes", "layer_act_bytes"):
             d[k] = tuple(float(x) for x in d[k])
         return cls(**d)
+
+
+def part_runtime_bytes(part: Part) -> float:
+    """Bytes a loaded part holds in memory (and a run reads).
+
+    A quantized export records them per part as ``runtime_bytes`` (on the part
+    or in its cost figures); older manifests only have ``runtime_weight_bytes``,
+    the float32 size every part had at run time before quantized weights.
+    """
+    for holder in (part, part.cost):
+        value = getattr(holder, "runtime_bytes", None)
+        if value is not None:
+            return float(value)
+    return float(part.cost.runtime_weight_bytes)
 
 
 @dataclass(frozen=True)

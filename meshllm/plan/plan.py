@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshllm.plan.errors import PlanError
@@ -92,6 +92,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     format_version: int = PLAN_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    dtype: str = "fp32"  # the model's weights: a node serves the plan only from files of this dtype
 
     @property
     def fitness(self) -> float:
@@ -122,8 +123,7 @@ class Plan:
             seen.add(n)
 
     def with_version(self, version: int) -> Plan:
-        return Plan(version, self.model, self.n_layers, self.method, self.workload, self.replicas, self.idle,
-                    self.metrics, self.seed, self.notes, self.format_version, self.extra)
+        return replace(self, version=version)
 
     # --- JSON -------------------------------------------------------------------
 
@@ -133,6 +133,7 @@ class Plan:
             "format_version": self.format_version,
             "version": self.version,
             "model": self.model,
+            "dtype": self.dtype,
             "n_layers": self.n_layers,
             "method": self.method,
             "seed": self.seed,
@@ -184,6 +185,7 @@ class Plan:
                 replicas=replicas, idle=tuple(str(n) for n in d["idle"]),
                 metrics=Metrics.from_json(d["metrics"]), seed=d.get("seed"),
                 notes=tuple(d.get("notes", ())), extra=dict(d.get("extra") or {}),
+                dtype=str(d.get("dtype", "fp32")),  # plans from before quantized models were all fp32-sized
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None

@@ -57,17 +57,16 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
     plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
     extra = {"objective": sm.options.objective, "generations": result.generations, "evaluations": result.evaluations,
              "dp_runs": search.dp_runs + (sm.dp_runs if search is not sm else 0), "converged": result.converged}
-    return Plan(plan.version, plan.model, plan.n_layers, plan.method, plan.workload, plan.replicas, plan.idle,
-                plan.metrics, plan.seed, plan.notes, plan.format_version, extra)
+    return replace(plan, extra=extra)
 
 
 def rescore(plan: Plan, sm: SystemModel) -> Plan | None:
     """``plan``'s exact placement (groups, order, layer ranges, roles, slots) scored under ``sm``.
 
-    None when it no longer applies: a node is gone, the model changed, or a stage no longer fits.
+    None when it no longer applies: a node is gone, the model (or its dtype) changed, or a stage no longer fits.
     """
     cost = sm.cost
-    if plan.n_layers != cost.L or not plan.replicas:
+    if plan.n_layers != cost.L or plan.dtype != cost.model.dtype or not plan.replicas:
         return None
     specs: list[ReplicaSpec] = []
     for r in plan.replicas:

@@ -441,7 +441,7 @@ class SystemModel:
                 order_exact=s.partition.order_exact))
         used = {p.device for s in specs for p in s.partition.stages}
         idle = tuple(cost.devices[i].node_id for i in range(len(cost.devices)) if i not in used)
-        plan = Plan(version=version, model=cost.model.name, n_layers=cost.L, method=method,
+        plan = Plan(version=version, model=cost.model.name, dtype=cost.model.dtype, n_layers=cost.L, method=method,
                     workload=self.workload, replicas=tuple(replicas), idle=idle, metrics=scored.metrics,
                     seed=seed, notes=tuple(scored.notes) + tuple(notes))
         plan.validate()
