@@ -42,7 +42,7 @@ def _run(nodes: list[onnx.NodeProto], inits: list[np.ndarray], names: list[str],
         [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32 else TensorProto.INT64, v.shape)
          for k, v in feeds.items()],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
-        initializer=[numpy_helper.from_array(a, n) for a, n in zip(inits, names)])
+        initializer=[numpy_helper.from_array(a, n) for a, n in zip(inits, names, strict=True)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(q.MS_DOMAIN, 1)])
     model.ir_version = 9
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -175,7 +175,7 @@ def test_int8_greedy_tokens_agree_with_fp32(llama2c_dir: Path, hf_dir: Path) -> 
         assert _teacher_forced_top1(root / "fp32", tokens) == tokens
         for dtype, least in (("int8", 58), ("int4", 24)):
             got = _teacher_forced_top1(root / dtype, tokens)
-            same = sum(a == b for a, b in zip(got, tokens))
+            same = sum(a == b for a, b in zip(got, tokens, strict=True))
             assert same >= least, (root.name, dtype, same)
 
 

@@ -45,7 +45,8 @@ def variant(src: Path, out: Path, dtype: str, spec: q.QuantSpec) -> Path:
     import shutil
     for f in m.tokenizer_files():
         shutil.copyfile(src / f, out / f)
-    _write_manifest(out, m.config, dtype, m.tokenizer, m.name, m.source, write_parts(m.config, models(), out, dtype, spec), spec)
+    parts = write_parts(m.config, models(), out, dtype, spec)
+    _write_manifest(out, m.config, dtype, m.tokenizer, m.name, m.source, parts, spec)
     return out
 
 
@@ -98,8 +99,8 @@ def main() -> None:
         lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
         ppl = float(np.exp(np.mean(lse - lg[np.arange(len(targets)), targets])))
         agree = float(np.mean(lg.argmax(-1) == ref.argmax(-1)))
-        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ppl_ref - 1):+.2f}% | {100 * agree:.1f}% | {nbytes / 1e6:.2f} MB |",
-              flush=True)
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ppl_ref - 1):+.2f}% | {100 * agree:.1f}% "
+              f"| {nbytes / 1e6:.2f} MB |", flush=True)
 
     lse = np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1)) + ref.max(-1)
     ppl_ref = float(np.exp(np.mean(lse - ref[np.arange(len(targets)), targets])))

@@ -21,8 +21,8 @@ import onnx
 
 from meshllm.errors import ModelError
 from meshllm.model import graphs
-from meshllm.model.config import ModelConfig
 from meshllm.model import quantize as q
+from meshllm.model.config import ModelConfig
 from meshllm.model.manifest import DTYPES, Manifest, Part, PartCost, file_entry, load_manifest, verify_files
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ def check_block_size_fits(cfg: ModelConfig, block_size: int) -> None:
     for what, k in (("dim", cfg.dim), ("attention width (heads x head_dim)", cfg.q_dim), ("ffn_dim", cfg.ffn_dim)):
         if k % block_size:
             fits = [b for b in (16, 32, 64, 128, 256) if all(x % b == 0 for x in (cfg.dim, cfg.q_dim, cfg.ffn_dim))]
-            hint = f"use --block-size {max(b for b in fits if b <= block_size) if any(b <= block_size for b in fits) else fits[0]}" \
-                if fits else "no block size from 16 to 256 divides every weight: quantization is not possible"
+            hint = (f"use --block-size {max(fits)}" if fits
+                    else "no block size from 16 to 256 divides every weight: quantization is not possible")
             raise q.QuantizeError(f"block size {block_size} does not divide the model's {what} {k} "
                                   f"(the rows of its weight matrices); {hint}")
 
@@ -307,8 +307,8 @@ def quantize_model_dir(
         for f in src.tokenizer_files():
             shutil.copyfile(model_dir / f, tmp / f)
         parts = write_parts(cfg, models(), tmp, dtype, spec)
-        manifest = _write_manifest(tmp, cfg, dtype, src.tokenizer, src.name, {**src.source, "quantized_from": src.dtype},
-                                   parts, spec)
+        source = {**src.source, "quantized_from": src.dtype}
+        manifest = _write_manifest(tmp, cfg, dtype, src.tokenizer, src.name, source, parts, spec)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

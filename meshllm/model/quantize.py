@@ -195,7 +195,7 @@ class SharedTable:
         arrays = [self.blocks.data, self.blocks.scales]
         if self.blocks.zero_points is not None:
             arrays.append(self.blocks.zero_points)
-        return [numpy_helper.from_array(a, n) for a, n in zip(arrays, self.names)]
+        return [numpy_helper.from_array(a, n) for a, n in zip(arrays, self.names, strict=True)]
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -293,8 +293,8 @@ def quantize_part(model: onnx.ModelProto, spec: QuantSpec, part: str,
             rw.drop(init)
             # (V, nb, bytes) gathered by rows, blocks along the last axis: scales need a trailing 1
             scales3 = node.name + ".scales3"
-            nodes.append(helper.make_node("Unsqueeze", [names[1], rw.add(node.name + ".axis", np.array([-1], np.int64))],
-                                          [scales3], name=node.name + ".unsqueeze"))
+            axis = rw.add(node.name + ".axis", np.array([-1], np.int64))
+            nodes.append(helper.make_node("Unsqueeze", [names[1], axis], [scales3], name=node.name + ".unsqueeze"))
             gathered = node.name + ".blocks"
             nodes.append(helper.make_node("GatherBlockQuantized", [names[0], node.input[1], scales3], [gathered],
                                           name=node.name + ".gbq", domain=MS_DOMAIN, bits=blocks.bits,
