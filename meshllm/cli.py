@@ -32,11 +32,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     from meshllm.model.export import export
 
     m = export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-               max_seq_len=args.max_seq_len, overwrite=args.overwrite, name=args.name)
+               max_seq_len=args.max_seq_len, overwrite=args.overwrite, name=args.name,
+               block_size=args.block_size, accuracy_level=args.accuracy_level)
     size = sum(f.size for f in m.files.values())
     c = m.config
     print(f"exported {m.name}: {c.arch}, {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads}, "
-          f"vocab {c.vocab_size}, context {c.max_seq_len}, {m.dtype}, {size / 1e6:.1f} MB -> {args.out}")
+          f"vocab {c.vocab_size}, context {c.max_seq_len}, {_dtype_text(m)}, {size / 1e6:.1f} MB -> {args.out}")
+    return 0
+
+
+def _dtype_text(m: Any) -> str:
+    qz = m.quantization
+    if not qz:
+        return str(m.dtype)
+    return f"{m.dtype} (block {qz['block_size']}, accuracy level {qz['accuracy_level']})"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from meshllm.model.export import quantize_model_dir
+
+    m = quantize_model_dir(args.model_dir, args.out, dtype=args.dtype, block_size=args.block_size,
+                           accuracy_level=args.accuracy_level, overwrite=args.overwrite)
+    size = sum(f.size for f in m.files.values())
+    held = sum(int(p.runtime_bytes or 0) for p in m.parts)
+    print(f"quantized {m.name}: {_dtype_text(m)}, {size / 1e6:.1f} MB of files, {held / 1e6:.1f} MB of weights "
+          f"at run time -> {args.out}")
     return 0
 
 
@@ -44,9 +64,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from meshllm.model.pull import pull
 
     m, out = pull(args.model_id, args.out, dtype=args.dtype, revision=args.revision,
-                  max_seq_len=args.max_seq_len, overwrite=args.overwrite)
+                  max_seq_len=args.max_seq_len, overwrite=args.overwrite, block_size=args.block_size,
+                  accuracy_level=args.accuracy_level)
     size = sum(f.size for f in m.files.values())
-    print(f"pulled {args.model_id}: {m.config.n_layers} layers, {m.dtype}, {size / 1e6:.0f} MB -> {out}")
+    print(f"pulled {args.model_id}: {m.config.n_layers} layers, {_dtype_text(m)}, {size / 1e6:.0f} MB -> {out}")
     return 0
 
 
@@ -349,6 +370,19 @@ def _mesh_options(p: argparse.ArgumentParser) -> None:
                    "(default: this machine's LAN address)")
 
 
+def _dtype_options(p: argparse.ArgumentParser, quantized_only: bool = False) -> None:
+    # no argparse choices: the library checks the value and fails with one line
+    if quantized_only:
+        p.add_argument("--dtype", required=True, metavar="{int4,int8}", help="weight type")
+    else:
+        p.add_argument("--dtype", default="fp32", metavar="{fp32,fp16,int4,int8}",
+                       help="weight storage type (int4/int8: block-quantized, see docs/inference.md)")
+    p.add_argument("--block-size", type=int, help="int4/int8: weights per quantization block, a power of two "
+                   ">= 16 dividing every weight's rows (default 32)")
+    p.add_argument("--accuracy-level", type=int, help="int4/int8: 4 = int8 activations, the fast CPU kernels "
+                   "(default); 1 = float32 compute")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshllm", description="Serve an LLM on a mesh of small devices.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -358,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="llama2.c .bin file or Hugging Face model directory")
     e.add_argument("out", help="output model directory")
     e.add_argument("--tokenizer", help="tokenizer file (llama2.c tokenizer.bin, or tokenizer.json)")
-    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weight storage type")
+    _dtype_options(e)
     e.add_argument("--max-seq-len", type=int, help="cap the context length (default: the checkpoint's)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("--name", help="model name recorded in the manifest (default: the checkpoint's name)")
@@ -367,11 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     pu = sub.add_parser("pull", help="download a Hugging Face checkpoint (online devices) and export it")
     pu.add_argument("model_id", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct (see README for known models)")
     pu.add_argument("--out", help="model directory to write (default: models/<name>-<dtype>)")
-    pu.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    _dtype_options(pu)
     pu.add_argument("--revision", help="branch, tag or commit on the hub")
     pu.add_argument("--max-seq-len", type=int, help="cap the context length (KV memory grows with it)")
     pu.add_argument("--overwrite", action="store_true")
     pu.set_defaults(func=cmd_pull)
+
+    qz = sub.add_parser("quantize", help="make an int4 or int8 copy of an exported fp32/fp16 model directory")
+    qz.add_argument("model_dir", help="meshllm model directory (fp32 or fp16)")
+    qz.add_argument("out", help="output model directory")
+    _dtype_options(qz, quantized_only=True)
+    qz.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    qz.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate text from a prompt in this process")
     g.add_argument("prompt")

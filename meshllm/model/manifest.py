@@ -21,7 +21,10 @@ from meshllm.model.config import ModelConfig
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "meshllm-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized dtypes, "quantization", per-part "runtime_bytes"
+OLDEST_FORMAT_VERSION = 1  # version 1 lacks runtime_bytes: it is the cost's float32 size
+#: Weight storage types of a model directory (fp16 is upcast to float32 when loaded).
+DTYPES = ("fp32", "fp16", "int4", "int8")
 ACTIVATION_DTYPE_BYTES = 4  # activations and KV caches are float32 at run time
 
 
@@ -67,7 +70,7 @@ class PartCost:
     flops_per_token: int  # weight matmuls, 2 FLOPs per multiply-add
     attn_flops_per_token_per_ctx: int  # extra FLOPs per token for each cached position
     weight_bytes: int  # as stored on disk
-    runtime_weight_bytes: int  # as held in memory at run time (float32)
+    runtime_weight_bytes: int  # as held in memory at run time (float32, or the quantized blocks)
     kv_bytes_per_token: int  # K and V cache per token (float32)
     activation_bytes_per_token: int  # hidden state leaving the part
 
@@ -75,8 +78,15 @@ class PartCost:
 @dataclass(frozen=True)
 class Part:
     name: str  # "embed", "layer.<i>", "head"
-    files: tuple[str, ...]  # the .onnx graph first, then its external weight data
+    files: tuple[str, ...]  # the .onnx graph first, then its external weight data (a tied head: the embed's too)
     cost: PartCost
+    #: Bytes of weights the part holds in memory once loaded: quantized blocks as stored, fp16 as float32.
+    #: A tied head counts the embedding table it shares, so a segment with both counts it twice.
+    runtime_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime_bytes is None:
+            object.__setattr__(self, "runtime_bytes", self.cost.runtime_weight_bytes)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,8 @@ class Manifest:
     files: dict[str, FileEntry]
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: for int4/int8: bits, block_size, accuracy_level, symmetric, table_bits (see meshllm.model.quantize)
+    quantization: dict[str, Any] | None = None
 
     # --- parts --------------------------------------------------------
 
@@ -116,6 +128,10 @@ class Manifest:
     def tokenizer_files(self) -> list[str]:
         return [self.tokenizer[k] for k in TOKENIZER_FILE_KEYS if self.tokenizer.get(k)]
 
+    def segment_runtime_bytes(self, start: int, stop: int) -> int:
+        """Weight bytes a segment holds in memory (the sum of its parts' ``runtime_bytes``)."""
+        return sum(int(p.runtime_bytes or 0) for p in self.segment_parts(start, stop))
+
     @property
     def layer_costs(self) -> list[PartCost]:
         return [self.part(f"layer.{i}").cost for i in range(self.config.n_layers)]
@@ -130,7 +146,9 @@ class Manifest:
             "dtype": self.dtype,
             "config": self.config.to_json(),
             "tokenizer": self.tokenizer,
-            "parts": [{"name": p.name, "files": list(p.files), "cost": asdict(p.cost)} for p in self.parts],
+            "quantization": self.quantization,
+            "parts": [{"name": p.name, "files": list(p.files), "cost": asdict(p.cost), "runtime_bytes": p.runtime_bytes}
+                      for p in self.parts],
             "files": {k: asdict(v) for k, v in sorted(self.files.items())},
             "source": self.source,
         }
@@ -140,11 +158,20 @@ class Manifest:
         if d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a meshllm model manifest (format={d.get('format')!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: manifest format version {version} is not supported: it was written by a newer "
+                f"meshllm (this one reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); upgrade meshllm"
+            )
+        if not isinstance(version, int) or isinstance(version, bool) or version < OLDEST_FORMAT_VERSION:
             raise ManifestError(
                 f"{where}: manifest format version {version!r} is not supported "
-                f"(this meshllm reads version {FORMAT_VERSION}); re-export the model with this meshllm"
+                f"(this meshllm reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); "
+                f"re-export the model with this meshllm"
             )
+        if d.get("dtype") not in DTYPES:
+            raise ManifestError(f"{where}: unknown weight dtype {d.get('dtype')!r} (this meshllm knows "
+                                f"{', '.join(DTYPES)})")
         try:
             manifest = cls(
                 name=d["name"],
@@ -152,12 +179,16 @@ class Manifest:
                 dtype=d["dtype"],
                 tokenizer=d["tokenizer"],
                 parts=tuple(
-                    Part(p["name"], tuple(p["files"]), PartCost(**p["cost"])) for p in d["parts"]
+                    Part(p["name"], tuple(p["files"]), PartCost(**p["cost"]), _opt_int(p.get("runtime_bytes")))
+                    for p in d["parts"]
                 ),
                 files={k: FileEntry(**v) for k, v in d["files"].items()},
                 source=d.get("source", {}),
                 format_version=version,
+                quantization=d.get("quantization"),
             )
+            if manifest.quantization is not None and not isinstance(manifest.quantization, dict):
+                raise TypeError("quantization is not an object")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         manifest.check_names(where)
@@ -176,6 +207,14 @@ class Manifest:
 
     def save(self, model_dir: Path) -> None:
         (model_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def _opt_int(v: object) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"runtime_bytes {v!r} is not a byte count")
+    return v
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,345 @@
+"""Weight-only block quantization to onnxruntime's ``MatMulNBits`` and ``GatherBlockQuantized``.
+
+Decode on small CPUs is bound by memory bandwidth, so the bytes of the weights
+decide its speed and how many devices a model needs. This module turns the
+float weights of a part graph into 4- or 8-bit blocks (numpy only,
+deterministic), and rewrites the graph so that onnxruntime runs them without
+ever widening them back to float32:
+
+* every ``MatMul`` whose weight is an initializer (possibly behind the ``Cast``
+  of an fp16 export) becomes ``com.microsoft.MatMulNBits``;
+* the embedding ``Gather`` becomes ``com.microsoft.GatherBlockQuantized``,
+  reading the very same bytes as a ``MatMulNBits`` would, so that a tied LM head
+  and the embedding share one table on disk.
+
+Layout (``MatMulNBits``, weight ``W`` of the graph is ``(K, N)``, quantized as
+``W.T``, blocks along K): data uint8 ``(N, K/block, block*bits/8)`` with two
+4-bit values per byte (low nibble first), scales float32 ``(N, K/block)``,
+optional zero points uint8 ``(N, ceil(K/block*bits/8))``; without zero points
+the kernel uses the midpoint (8 or 128). A block size must divide K: padding
+would quantize zeros into the last block and hide a shape error, so it is
+refused instead.
+
+Symmetric blocks (no zero points) follow llama.cpp: 4 bits take
+``scale = m / -8`` where ``m`` is the block's value of largest magnitude (so
+it maps exactly onto -8 and all 16 levels are used), 8 bits
+``scale = max|w| / 127``. Asymmetric blocks map ``[min(w, 0), max(w, 0)]``
+onto ``[0, 2^bits - 1]`` with a zero point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from meshllm.errors import ModelError
+
+MS_DOMAIN = "com.microsoft"
+
+#: Quantized dtypes and their bits.
+QUANT_DTYPES = {"int4": 4, "int8": 8}
+ACCURACY_LEVELS = (1, 4)  # fp32 compute, int8 activations (the fast CPU kernels)
+DEFAULT_BLOCK_SIZE = 32
+
+
+class QuantizeError(ModelError):
+    """Weights or a graph cannot be quantized as asked (block size, dtype, already quantized)."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model is quantized; recorded in the manifest.
+
+    ``table_bits`` is for the embedding table and the LM head (which share one
+    table when the embeddings are tied); ``bits`` for every other projection.
+    """
+
+    bits: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = 4
+    symmetric: bool = True
+    table_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or self.table_bits not in (None, 4, 8):
+            raise QuantizeError(f"bits must be 4 or 8, got {self.bits}/{self.table_bits}")
+        check_block_size(self.block_size)
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise QuantizeError(f"--accuracy-level must be one of {ACCURACY_LEVELS} (1 = fp32 compute, "
+                                f"4 = int8 activations), got {self.accuracy_level}")
+
+    @property
+    def head_bits(self) -> int:
+        return self.table_bits or self.bits
+
+    @classmethod
+    def for_dtype(cls, dtype: str, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 4) -> QuantSpec:
+        """The scheme meshllm uses for ``dtype`` (chosen by measurement: docs/inference.md)."""
+        if dtype not in QUANT_DTYPES:
+            raise QuantizeError(f"{dtype!r} is not a quantized dtype (choose from {', '.join(QUANT_DTYPES)})")
+        return cls(QUANT_DTYPES[dtype], block_size, accuracy_level, symmetric=True, table_bits=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                "symmetric": self.symmetric, "table_bits": self.head_bits}
+
+
+def check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise QuantizeError(f"--block-size must be a power of two >= 16 (onnxruntime's MatMulNBits), "
+                            f"got {block_size!r}")
+
+
+# --- blocks ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A float matrix ``(N, K)`` quantized in blocks along K, in ``MatMulNBits`` layout."""
+
+    data: np.ndarray  # uint8 (N, K / block_size, block_size * bits / 8)
+    scales: np.ndarray  # float32 (N, K / block_size)
+    zero_points: np.ndarray | None  # uint8 (N, ceil(n_blocks * bits / 8)), or None: the midpoint
+    bits: int
+    block_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.data.shape[1] * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, the first in the low nibble."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack4(p: np.ndarray, n: int) -> np.ndarray:
+    q = np.empty((*p.shape[:-1], p.shape[-1] * 2), np.uint8)
+    q[..., 0::2], q[..., 1::2] = p & 0x0F, p >> 4
+    return q[..., :n]
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Blocks:
+    """Quantizes ``w`` (N, K) in blocks of ``block_size`` along K."""
+    check_block_size(block_size)
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise QuantizeError(f"can only quantize matrices, got shape {w.shape}")
+    n, k = w.shape
+    if k % block_size:
+        divisors = [b for b in (16, 32, 64, 128, 256) if k % b == 0]
+        raise QuantizeError(f"block size {block_size} does not divide the {k} rows of a weight matrix "
+                            f"(use --block-size {divisors[-1] if divisors else '...'}"
+                            f"{'' if divisors else ': none of 16..256 divides it'})")
+    blocks = w.reshape(n, k // block_size, block_size)
+    levels = (1 << bits) - 1
+    zp: np.ndarray | None
+    if symmetric:
+        if bits == 4:  # the value of largest magnitude maps exactly onto -8
+            idx = np.abs(blocks).argmax(axis=-1)[..., None]
+            scale = np.take_along_axis(blocks, idx, axis=-1)[..., 0] / -8.0
+        else:
+            scale = np.abs(blocks).max(axis=-1) / 127.0
+        mid = np.full(scale.shape, 1 << (bits - 1), np.float32)
+        zp = None
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0)
+        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        scale = (hi - lo) / levels
+        mid = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, levels).astype(np.float32)
+        zp = mid.astype(np.uint8)
+    scale = scale.astype(np.float32)
+    inv = np.where(scale == 0, 0.0, 1.0 / np.where(scale == 0, 1.0, scale)).astype(np.float32)
+    q = np.clip(np.round(blocks * inv[..., None]) + mid[..., None], 0, levels).astype(np.uint8)
+    if bits == 4:
+        q = _pack4(q)
+        if zp is not None:
+            zp = _pack4(zp)
+    return Blocks(np.ascontiguousarray(q), scale, zp, bits, block_size)
+
+
+def dequantize_blocks(b: Blocks) -> np.ndarray:
+    """The float32 matrix (N, K) that ``b`` stands for: the reference the kernels must match."""
+    n, nb = b.scales.shape
+    q = _unpack4(b.data, b.block_size) if b.bits == 4 else b.data
+    if b.zero_points is None:
+        zp = np.full((n, nb), 1 << (b.bits - 1), np.float32)
+    else:
+        zp = (_unpack4(b.zero_points, nb) if b.bits == 4 else b.zero_points).astype(np.float32)
+    return ((q.astype(np.float32) - zp[..., None]) * b.scales[..., None]).reshape(n, nb * b.block_size)
+
+
+# --- graph rewrite -----------------------------------------------------------
+
+
+@dataclass
+class SharedTable:
+    """The quantized embedding table of a model, for a tied head to read the same bytes."""
+
+    source: np.ndarray  # float32 (V, D) it was made from
+    blocks: Blocks
+    names: tuple[str, ...]  # data, scales[, zero points] initializer names
+
+    def tensors(self) -> list[TensorProto]:
+        arrays = [self.blocks.data, self.blocks.scales]
+        if self.blocks.zero_points is not None:
+            arrays.append(self.blocks.zero_points)
+        return [numpy_helper.from_array(a, n) for a, n in zip(arrays, self.names, strict=True)]
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node)
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers[i] = self.consumers.get(i, 0) + 1
+        for o in g.output:
+            self.consumers[o.name] = self.consumers.get(o.name, 0) + 1
+        self.new_inits: list[TensorProto] = []
+        self.dropped_inits: set[str] = set()
+        self.dropped_nodes: set[str] = set()  # by first output
+
+    def weight(self, name: str) -> tuple[str, np.ndarray] | None:
+        """(initializer name, float32 array) behind ``name``: an initializer or a Cast of one to float."""
+        if name in self.inits:
+            t = self.inits[name]
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                return name, numpy_helper.to_array(t).astype(np.float32)
+            return None
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Cast" and node.input[0] in self.inits:
+            found = self.weight(node.input[0])
+            if found is not None and self.consumers.get(name) == 1:
+                self.dropped_nodes.add(node.output[0])
+                return found
+        return None
+
+    def drop(self, init: str) -> None:
+        if self.consumers.get(init, 0) <= 1:
+            self.dropped_inits.add(init)
+
+    def add(self, name: str, arr: np.ndarray) -> str:
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def add_blocks(self, base: str, b: Blocks) -> tuple[str, ...]:
+        names = [self.add(f"{base}.q{b.bits}", b.data), self.add(f"{base}.scales", b.scales)]
+        if b.zero_points is not None:
+            names.append(self.add(f"{base}.zp", b.zero_points))
+        return tuple(names)
+
+    def matmul_nbits(self, node: onnx.NodeProto, names: tuple[str, ...], b: Blocks, spec: QuantSpec) -> onnx.NodeProto:
+        n, k = b.shape
+        return helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + ".nbits",
+                                domain=MS_DOMAIN, K=k, N=n, bits=b.bits, block_size=b.block_size,
+                                accuracy_level=spec.accuracy_level)
+
+
+def quantize_part(model: onnx.ModelProto, spec: QuantSpec, part: str,
+                  table: SharedTable | None = None) -> tuple[onnx.ModelProto, SharedTable | None]:
+    """A copy of part graph ``model`` (weights loaded) with its weights quantized.
+
+    ``part`` is "embed", "head" or "layer.<i>": the embedding table and the head use
+    ``spec.head_bits``. Returns the new graph and, for the embedding, the quantized
+    table; pass that table back for the head: if the head's weight is the same
+    matrix (tied embeddings), the head reads the table's initializers (same names)
+    instead of holding its own.
+    """
+    if is_quantized(model):
+        raise QuantizeError(f"part {part!r} is already quantized")
+    rw = _Rewriter(model)
+    nodes: list[onnx.NodeProto] = []
+    made: SharedTable | None = None
+    for original in model.graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        if node.op_type == "MatMul" and (w := rw.weight(node.input[1])) is not None:
+            init, arr = w  # (K, N)
+            bits = spec.head_bits if part == "head" else spec.bits
+            if table is not None and part == "head" and table.source.shape == arr.T.shape \
+                    and np.array_equal(table.source, arr.T):
+                names, blocks = table.names, table.blocks
+                rw.new_inits.extend(table.tensors())
+                made = table
+            else:
+                blocks = quantize_blocks(arr.T, bits, spec.block_size, spec.symmetric)
+                names = rw.add_blocks(init, blocks)
+            rw.drop(init)
+            nodes.append(rw.matmul_nbits(node, names, blocks, spec))
+        elif node.op_type == "Gather" and part == "embed" and (w := rw.weight(node.input[0])) is not None:
+            init, arr = w  # (V, D)
+            blocks = quantize_blocks(arr, spec.head_bits, spec.block_size, symmetric=True)
+            names = rw.add_blocks(init, blocks)
+            made = SharedTable(arr, blocks, names)
+            rw.drop(init)
+            # (V, nb, bytes) gathered by rows, blocks along the last axis: scales need a trailing 1
+            scales3 = node.name + ".scales3"
+            axis = rw.add(node.name + ".axis", np.array([-1], np.int64))
+            nodes.append(helper.make_node("Unsqueeze", [names[1], axis], [scales3], name=node.name + ".unsqueeze"))
+            gathered = node.name + ".blocks"
+            nodes.append(helper.make_node("GatherBlockQuantized", [names[0], node.input[1], scales3], [gathered],
+                                          name=node.name + ".gbq", domain=MS_DOMAIN, bits=blocks.bits,
+                                          block_size=blocks.block_size, gather_axis=0, quantize_axis=2))
+            nodes.append(helper.make_node("Reshape", [gathered, rw.add(node.name + ".shape",
+                                                                       np.array([0, 0, -1], np.int64))],
+                                          list(node.output), name=node.name + ".reshape"))
+        else:
+            nodes.append(node)
+    nodes = [n for n in nodes if n.output[0] not in rw.dropped_nodes]
+    # what stays float (norms, biases) is stored as float32: a quantized graph has no Cast left
+    kept: list[TensorProto] = []
+    upcast: dict[str, str] = {}
+    for t in model.graph.initializer:
+        if t.name in rw.dropped_inits:
+            continue
+        if t.data_type == TensorProto.FLOAT16:
+            t = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+            upcast[t.name] = t.name
+        kept.append(t)
+    final: list[onnx.NodeProto] = []
+    rename: dict[str, str] = {}
+    for n in nodes:
+        if n.op_type == "Cast" and n.input[0] in upcast:
+            rename[n.output[0]] = n.input[0]
+            continue
+        final.append(n)
+    for n in final:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    graph = helper.make_graph(final, model.graph.name, list(model.graph.input), list(model.graph.output),
+                              initializer=kept + rw.new_inits)
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name=model.producer_name)
+    out.ir_version = model.ir_version
+    return out, made
+
+
+def initializer_bytes(model: onnx.ModelProto, *, skip_prefix: tuple[str, ...] = ("rope.",)) -> int:
+    """Bytes of the part's initializers as held at run time (fp16 is upcast to float32 at load)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.name.startswith(skip_prefix):
+            continue
+        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        item = {TensorProto.FLOAT16: 4, TensorProto.UINT8: 1, TensorProto.INT64: 8}.get(t.data_type, 4)
+        total += n * item
+    return total

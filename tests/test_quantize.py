@@ -1,0 +1,275 @@
+"""int4/int8 weights: the block layout against onnxruntime's kernels, quantized exports split across
+segments and across a real 2-node mesh, the bundled model quantized, and bad input refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from meshllm.model import quantize as q
+from meshllm.model.export import export, quantize_model_dir
+from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c
+from meshllm.model.manifest import FORMAT_VERSION, load_manifest
+from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin
+from meshllm.runtime.generate import LocalModel
+from meshllm.runtime.sampling import SamplingParams
+from meshllm.runtime.segment import Segment
+from tests.hf_models import write_hf_model
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "tiny-austen"
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+PROMPT = [1, 5, 9, 33, 120]
+
+
+# --- the layout against the kernels ----------------------------------------------
+
+
+def _run(nodes: list[onnx.NodeProto], inits: list[np.ndarray], names: list[str], feeds: dict[str, np.ndarray],
+         outs: list[str]) -> list[np.ndarray]:
+    graph = helper.make_graph(
+        nodes, "t",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT if v.dtype == np.float32 else TensorProto.INT64, v.shape)
+         for k, v in feeds.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+        initializer=[numpy_helper.from_array(a, n) for a, n in zip(inits, names, strict=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(q.MS_DOMAIN, 1)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(outs, feeds)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,block", [(48, 64, 16), (100, 128, 32), (33, 256, 64), (7, 384, 128), (64, 96, 32)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocks_match_matmulnbits_and_gather(bits: int, n: int, k: int, block: int, symmetric: bool) -> None:
+    rng = np.random.default_rng(n * k + bits)
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    w[0, :block] = 0.0  # an all-zero block has scale 0
+    b = q.quantize_blocks(w, bits, block, symmetric)
+    again = q.quantize_blocks(w, bits, block, symmetric)
+    assert b.data.tobytes() == again.data.tobytes() and b.scales.tobytes() == again.scales.tobytes()  # deterministic
+    assert b.data.shape == (n, k // block, block * bits // 8) and b.scales.shape == (n, k // block)
+    ref = q.dequantize_blocks(b)
+    # rounding error at most half a step (one step where symmetric 4-bit clips the opposite extreme)
+    step = np.repeat(b.scales, block, axis=1)
+    assert np.all(np.abs(ref - w) <= np.abs(step) * (1.0 if symmetric and bits == 4 else 0.5) + 1e-6)
+    x = rng.normal(size=(2, 3, k)).astype(np.float32)
+    ids = rng.integers(0, n, size=(2, 3))
+    inputs = ["x", "B", "S"] + (["Z"] if b.zero_points is not None else [])
+    arrays = [b.data, b.scales] + ([b.zero_points] if b.zero_points is not None else [])
+    nodes = [helper.make_node("MatMulNBits", inputs, ["y"], domain=q.MS_DOMAIN, K=k, N=n, bits=bits,
+                              block_size=block, accuracy_level=1)]
+    outs = ["y"]
+    if symmetric:  # the embedding's gather reads the same bytes (scales get a trailing axis)
+        nodes += [helper.make_node("Unsqueeze", ["S", "ax"], ["S3"]),
+                  helper.make_node("GatherBlockQuantized", ["B", "ids", "S3"], ["g"], domain=q.MS_DOMAIN, bits=bits,
+                                   block_size=block, gather_axis=0, quantize_axis=2)]
+        arrays.append(np.array([-1], np.int64))
+        inputs.append("ax")
+        outs.append("g")
+    feeds = {"x": x, "ids": ids} if symmetric else {"x": x}
+    got = _run(nodes, arrays, inputs[1:], feeds, outs)
+    expect = x @ ref.T
+    np.testing.assert_allclose(got[0], expect, atol=1e-4 * np.abs(expect).max())
+    if symmetric:
+        np.testing.assert_array_equal(got[1].reshape(2, 3, k), ref[ids])
+
+
+def test_a_block_size_that_does_not_divide_the_rows_is_refused() -> None:
+    with pytest.raises(q.QuantizeError, match="block size 32 does not divide the 112 rows"):
+        q.quantize_blocks(np.ones((4, 112), np.float32), 4, 32)
+    for bad in (8, 24, 0, -32):
+        with pytest.raises(q.QuantizeError, match="power of two >= 16"):
+            q.quantize_blocks(np.ones((4, 64), np.float32), 4, bad)
+
+
+# --- quantized exports run split like in one piece ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama2c_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("l2c")
+    cfg = make_llama2c_config(128, 256, 4, 8, 2, 512, 128, shared_classifier=True)
+    write_llama2c(root / "m.bin", cfg, random_llama2c_weights(cfg, seed=5))
+    write_tokenizer_bin(root / "tokenizer.bin", *random_llama2c_vocab(512, seed=5))
+    for dtype in ("fp32", "int4", "int8"):
+        export(root / "m.bin", root / dtype, dtype=dtype)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hfq")
+    write_hf_model(root / "hf", "llama", layers=3, tied=False)
+    export(root / "hf", root / "fp32")
+    for dtype in ("int4", "int8"):  # ffn_dim 112: block 16
+        export(root / "hf", root / dtype, dtype=dtype, block_size=16)
+    return root
+
+
+def _greedy(model: Path, split: tuple[int, ...] = (), n: int = 24) -> list[int]:
+    return LocalModel(model, split=split).generate(PROMPT, SamplingParams(max_tokens=n, temperature=0)).token_ids
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("which", ["llama2c", "hf"])
+def test_quantized_export_split_equals_one_process(which: str, dtype: str, llama2c_dir: Path, hf_dir: Path) -> None:
+    root = llama2c_dir if which == "llama2c" else hf_dir
+    m = load_manifest(root / dtype)
+    assert m.dtype == dtype and m.format_version == FORMAT_VERSION
+    assert m.quantization is not None and m.quantization["bits"] == int(dtype[3:])
+    whole = _greedy(root / dtype)
+    assert len(whole) > 8
+    for split in ((1,), (1, 2), (2,)):
+        assert _greedy(root / dtype, split) == whole, split
+    # each part holds its quantized bytes, far below float32
+    f32 = load_manifest(root / "fp32")
+    ratio = sum(p.runtime_bytes for p in m.parts) / sum(p.runtime_bytes for p in f32.parts)
+    assert ratio < (0.2 if dtype == "int4" else 0.33), ratio
+    graphs = [onnx.load(str(root / dtype / p.files[0]), load_external_data=False) for p in m.parts]
+    ops = {n.op_type for m_ in graphs for n in m_.graph.node}
+    assert "MatMul" not in ops and "MatMulNBits" in ops and "GatherBlockQuantized" in ops
+
+
+def test_tied_head_reads_the_embedding_table(llama2c_dir: Path) -> None:
+    m = load_manifest(llama2c_dir / "int4")
+    head, embed = m.part("head"), m.part("embed")
+    assert "embed.onnx.data" in head.files and "head.onnx.data" not in m.files
+    table = m.files["embed.onnx.data"].size
+    assert head.runtime_bytes >= table * 0.9  # counts the table it reads
+    # a last stage alone (no embedding in its segment) loads the table from the embedding's file
+    assert _greedy(llama2c_dir / "int4", (3,)) == _greedy(llama2c_dir / "int4")
+    assert embed.runtime_bytes > 0
+
+
+def _teacher_forced_top1(model: Path, tokens: list[int]) -> list[int]:
+    seg = Segment(model)
+    seg.open(0)
+    out = [int(seg.prefill(0, np.array(PROMPT))[0].argmax())]
+    out += [int(seg.decode([0], np.array([t]))[0].argmax()) for t in tokens[:-1]]
+    return out
+
+
+def test_int8_greedy_tokens_agree_with_fp32(llama2c_dir: Path, hf_dir: Path) -> None:
+    """Each position of fp32's greedy continuation (64 tokens, no stop), fed to both: the quantized model's
+    top-1 equals fp32's greedy token at most positions. Measured: int8 63/64 (llama2c) and 60/64 (HF);
+    int4 41/64 and 30/64 only: random weights have no structure for 4 bits to keep (the bundled, trained
+    model keeps 89% of its top-1 at int4: docs/inference.md)."""
+    for root in (llama2c_dir, hf_dir):
+        seg = Segment(root / "fp32")
+        seg.open(0)
+        tokens = [int(seg.prefill(0, np.array(PROMPT))[0].argmax())]
+        while len(tokens) < 64:
+            tokens.append(int(seg.decode([0], np.array([tokens[-1]]))[0].argmax()))
+        assert _teacher_forced_top1(root / "fp32", tokens) == tokens
+        for dtype, least in (("int8", 58), ("int4", 24)):
+            got = _teacher_forced_top1(root / dtype, tokens)
+            same = sum(a == b for a, b in zip(got, tokens, strict=True))
+            assert same >= least, (root.name, dtype, same)
+
+
+def test_fp16_claims_its_float32_memory(hf_dir: Path, tmp_path: Path) -> None:
+    m16 = export(hf_dir / "hf", tmp_path / "fp16", dtype="fp16")
+    m32 = load_manifest(hf_dir / "fp32")
+    assert [p.runtime_bytes for p in m16.parts] == [p.runtime_bytes for p in m32.parts]
+    assert sum(e.size for e in m16.files.values()) < 0.6 * sum(e.size for e in m32.files.values())
+
+
+def test_old_manifests_still_load_with_runtime_bytes(hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v1"
+    shutil.copytree(hf_dir / "fp32", out)
+    d = json.loads((out / "manifest.json").read_text())
+    d["format_version"] = 1
+    d.pop("quantization")
+    for p in d["parts"]:
+        p.pop("runtime_bytes")
+    (out / "manifest.json").write_text(json.dumps(d))
+    m = load_manifest(out)
+    assert [p.runtime_bytes for p in m.parts] == [p.cost.runtime_weight_bytes for p in m.parts]
+
+
+# --- the bundled model, the CLI, bad input ---------------------------------------------------
+
+
+def meshllm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshllm", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_quantize_the_bundled_model_and_generate(tmp_path: Path) -> None:
+    p = meshllm("quantize", str(BUNDLED), str(tmp_path / "q4"), "--dtype", "int4")
+    assert p.returncode == 0, p.stderr
+    assert "int4 (block 32, accuracy level 4)" in p.stdout
+    m = load_manifest(tmp_path / "q4")
+    assert m.source["quantized_from"] == "fp32" and m.quantization == {
+        "bits": 4, "block_size": 32, "accuracy_level": 4, "symmetric": True, "table_bits": 4}
+    g = meshllm("generate", "--model", str(tmp_path / "q4"), "--temperature", "0", "--max-tokens", "24", "--json",
+                "It is a truth universally acknowledged")
+    assert g.returncode == 0, g.stderr
+    out = json.loads(g.stdout)
+    assert len(out["token_ids"]) == 24 and len(out["text"].split()) > 5
+    ref = LocalModel(BUNDLED).generate("It is a truth universally acknowledged", GREEDY).token_ids
+    assert out["token_ids"][:4] == ref[:4]  # measured: the first 4 agree, then a near-tie goes the other way
+
+
+def _one_line_error(args: list[str], out: Path, expect: str) -> None:
+    p = meshllm(*args)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meshllm: error: ") and expect in lines[0], p.stderr
+    assert not out.exists()
+    assert not [x for x in out.parent.iterdir() if x.name.startswith(f".{out.name}.")]  # no temporary left
+
+
+def test_bad_input_is_one_line_and_writes_nothing(hf_dir: Path, llama2c_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hf = str(hf_dir / "hf")
+    _one_line_error(["export", hf, str(out), "--dtype", "int3"], out, "--dtype 'int3' is not supported")
+    _one_line_error(["quantize", str(BUNDLED), str(out), "--dtype", "fp16"], out, "int4 or int8")
+    _one_line_error(["quantize", str(BUNDLED), str(out), "--dtype", "q4"], out, "not supported")
+    _one_line_error(["export", hf, str(out), "--dtype", "int4"], out,
+                    "block size 32 does not divide the model's ffn_dim 112")
+    _one_line_error(["export", hf, str(out), "--dtype", "int4", "--block-size", "24"], out, "power of two >= 16")
+    _one_line_error(["quantize", str(BUNDLED), str(out), "--dtype", "int8", "--block-size", "128"], out,
+                    "block size 128 does not divide the model's dim 192")
+    _one_line_error(["quantize", str(BUNDLED), str(out), "--dtype", "int8", "--accuracy-level", "2"], out,
+                    "--accuracy-level must be one of")
+    _one_line_error(["export", hf, str(out), "--block-size", "32"], out, "apply to int4/int8")
+    _one_line_error(["quantize", str(llama2c_dir / "int4"), str(out), "--dtype", "int8"], out, "already quantized")
+    newer = tmp_path / "newer"
+    shutil.copytree(hf_dir / "fp32", newer)
+    d = json.loads((newer / "manifest.json").read_text())
+    d["format_version"] = FORMAT_VERSION + 1
+    (newer / "manifest.json").write_text(json.dumps(d))
+    _one_line_error(["quantize", str(newer), str(out), "--dtype", "int4", "--block-size", "16"], out,
+                    f"format version {FORMAT_VERSION + 1} is not supported: it was written by a newer meshllm")
+    _one_line_error(["generate", "--model", str(newer), "hi"], out, "upgrade meshllm")
+
+
+# --- a real mesh ---------------------------------------------------------------------------
+
+
+def test_int4_model_on_a_two_node_mesh_equals_one_process(tmp_path: Path) -> None:
+    from tests.mesh_harness import mosquitto
+    from tests.serving_harness import ask_raw, random_model, replica, serving_mesh, tokens_of
+
+    model = quantize_model_dir(random_model(tmp_path / "m"), tmp_path / "int4", dtype="int4")
+    assert model.dtype == "int4"
+    prompts = ["Once upon a time", "the cat sat"]
+    expected = [LocalModel(tmp_path / "int4").generate(p, GREEDY).token_ids for p in prompts]
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "mixed", [("n1", 0, 2), ("n2", 2, 4)])]}
+    mesh = f"t-quant-{secrets.token_hex(3)}"
+    with mosquitto() as broker, serving_mesh(mesh, broker, tmp_path / "int4", ["n1", "n2"], plan, tmp_path):
+        reqs = [{"id": f"r{i}", "prompt": p, "max_tokens": 24, "temperature": 0} for i, p in enumerate(prompts)]
+        streams = asyncio.run(ask_raw(broker, mesh, reqs))
+    assert [tokens_of(s) for s in streams] == expected
