@@ -33,7 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     m = export(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
                max_seq_len=args.max_seq_len, overwrite=args.overwrite, name=args.name,
-               block_size=args.block_size, accuracy_level=args.accuracy_level)
+               block_size=args.block_size, accuracy_level=args.accuracy_level, kv_dtype=args.kv_dtype)
     size = sum(f.size for f in m.files.values())
     c = m.config
     print(f"exported {m.name}: {c.arch}, {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads}, "
@@ -52,7 +52,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from meshllm.model.export import quantize_model_dir
 
     m = quantize_model_dir(args.model_dir, args.out, dtype=args.dtype, block_size=args.block_size,
-                           accuracy_level=args.accuracy_level, overwrite=args.overwrite)
+                           accuracy_level=args.accuracy_level, overwrite=args.overwrite, kv_dtype=args.kv_dtype)
     size = sum(f.size for f in m.files.values())
     held = sum(int(p.runtime_bytes or 0) for p in m.parts)
     print(f"quantized {m.name}: {_dtype_text(m)}, {size / 1e6:.1f} MB of files, {held / 1e6:.1f} MB of weights "
@@ -145,7 +145,8 @@ async def _node_main(args: argparse.Namespace) -> int:
         from meshllm.gateway.cli import check_exposure
 
         check_exposure(args.gateway[0], os.environ.get("MESHLLM_API_KEY"), args.open)
-    member = ServingNode(cfg, threads=args.threads, kv_dtype=args.kv_dtype) if cfg.model else Node(cfg)  # validates the configuration
+    # constructing the node validates the configuration, before anything starts
+    member = ServingNode(cfg, threads=args.threads, kv_dtype=args.kv_dtype) if cfg.model else Node(cfg)
     if cfg.secret is None:
         logging.getLogger("meshllm").warning(OPEN_WARNING.format(mesh=cfg.mesh))
     stop = asyncio.Event()
@@ -396,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-seq-len", type=int, help="cap the context length (default: the checkpoint's)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.add_argument("--name", help="model name recorded in the manifest (default: the checkpoint's name)")
+    e.add_argument("--kv-dtype", choices=["fp32", "fp16"], help="the model's default KV cache dtype (fp16: half "
+                   "the memory per sequence and half the bytes per KV hand-off; a node may override it)")
     e.set_defaults(func=cmd_export)
 
     pu = sub.add_parser("pull", help="download a Hugging Face checkpoint (online devices) and export it")
@@ -412,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("out", help="output model directory")
     _dtype_options(qz, quantized_only=True)
     qz.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    qz.add_argument("--kv-dtype", choices=["fp32", "fp16"], help="the model's default KV cache dtype (fp16: half "
+                   "the memory per sequence and half the bytes per KV hand-off; a node may override it)")
     qz.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate text from a prompt in this process")

@@ -20,7 +20,7 @@ BUNDLED = ROOT / "models" / "tiny-austen"
 
 # Set to True once `meshllm quantize` (issue 15, quantized export) is merged: then int8 and int4 must be
 # measured by both tools, and a tool that skips them fails these tests.
-QUANTIZE_LANDED = False
+QUANTIZE_LANDED = True
 
 
 def tool(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Set to True once `meshllm quantize` (issue 15, item 1) is merged: the tests that quantize a real
 # export then run (and fail if the subcommand is missing) instead of skipping.
-QUANTIZE_LANDED = False
+QUANTIZE_LANDED = True
 
 MB = 1e6
 CFG = ModelConfig(arch="llama", dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, ffn_dim=2048,

@@ -10,6 +10,8 @@ half-written model behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import shutil
 import tempfile
@@ -226,12 +228,15 @@ def export(
     overwrite: bool = False,
     block_size: int | None = None,
     accuracy_level: int | None = None,
+    kv_dtype: str | None = None,
 ) -> Manifest:
     spec = quant_spec(dtype, block_size, accuracy_level)
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not overwrite:
         raise ModelError(f"output directory {out} already exists (remove it or pass --overwrite)")
     cfg, weights, kind = read_checkpoint(checkpoint, max_seq_len)
+    if kv_dtype is not None:  # the model's default KV cache dtype (a node may override it)
+        cfg = dataclasses.replace(cfg, kv_dtype=kv_dtype)
     graphs.check_supported(cfg)
     if spec is not None:
         check_block_size_fits(cfg, spec.block_size)
@@ -267,6 +272,7 @@ def quantize_model_dir(
     block_size: int | None = None,
     accuracy_level: int | None = None,
     overwrite: bool = False,
+    kv_dtype: str | None = None,
 ) -> Manifest:
     """``meshllm quantize``: an exported fp32/fp16 model directory becomes an int4/int8 one in ``out``.
 
@@ -283,7 +289,8 @@ def quantize_model_dir(
     if src.dtype in q.QUANT_DTYPES or src.quantization is not None:
         raise q.QuantizeError(f"{model_dir} is already quantized ({src.dtype}); quantize the fp32 or fp16 "
                               f"model it came from, or export the checkpoint again with --dtype {dtype}")
-    cfg = src.config
+    cfg = src.config if kv_dtype is None else dataclasses.replace(src.config, kv_dtype=kv_dtype)
+    graphs.check_supported(cfg)
     check_block_size_fits(cfg, spec.block_size)
     if out.resolve() == model_dir.resolve():
         raise ModelError(f"output directory {out} is the model directory itself; choose another")

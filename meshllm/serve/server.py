@@ -345,6 +345,16 @@ class ServingNode:
         except LayoutError as e:
             log.error("%s: refusing plan v%s: %s", self.node_id, plan.get("version"), e)
             return
+        mine = self.manifest.dtype if self.manifest is not None else None
+        if plan.get("dtype") is not None and mine is not None and plan["dtype"] != mine \
+                and layout.replica_of(self.node_id) is not None:
+            # the plan's sizes (and its planner's files) are of another dtype: this node's stage would not be
+            # what the plan placed; stay out of it, say so once, and tell the planner through readiness
+            why = (f"plan v{layout.version} is for {plan['dtype']} weights but this node's model files are {mine}; "
+                   "give every node the same export (meshllm quantize) of the model")
+            log.error("%s: %s", self.node_id, why)
+            await self._announce({"pv": layout.version, "r": None, "error": why})
+            return
         self.spawn(self._deploy(layout))
 
     async def _deploy(self, layout: Layout) -> None:
