@@ -35,7 +35,6 @@ from meshllm.logs import RateLimitedLog
 from meshllm.profile import Link
 
 log = logging.getLogger(__name__)
-rlog = RateLimitedLog(log)  # keyed by the peer's address
 
 # Reader buffer: large frames (KV blocks) arrive in few wake-ups instead of 64 KiB at a time.
 STREAM_LIMIT = 8 << 20
@@ -58,6 +57,7 @@ class DataPlane:
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.host, self.port = host, port
         self.key = key  # mesh secret's HMAC key: connections must pass the handshake first
+        self._rlog = RateLimitedLog(log)  # this server's log budget, keyed by the peer's address
         self.delay_s = delay_s  # emulated one-way link delay, applied to every reply
         self.max_conns, self.max_conns_per_peer = max_conns, max_conns_per_peer
         self.max_pending_per_peer, self.pending_timeout = max_pending_per_peer, pending_timeout
@@ -98,8 +98,8 @@ class DataPlane:
         if len(pending) >= self.max_pending_per_peer:
             oldest, _ = pending.popitem(last=False)
             self.evicted += 1
-            rlog.warning(host, "closing the oldest of %d unproven data-plane connections from %s to admit a new one",
-                         len(pending) + 1, host)
+            self._rlog.warning(host, "closing the oldest of %d unproven data-plane connections from %s to admit a "
+                               "new one", len(pending) + 1, host)
             oldest.close()
         task = asyncio.current_task()
         assert task is not None
@@ -137,9 +137,9 @@ class DataPlane:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except FrameError as e:
-            rlog.warning(host, "closing data-plane connection from %s: %s", peer, e)
+            self._rlog.warning(host, "closing data-plane connection from %s: %s", peer, e)
         except Exception:  # a handler's bug: it costs this connection, never the node
-            rlog.exception(host, "closing data-plane connection from %s: handling a %s frame failed", peer,
+            self._rlog.exception(host, "closing data-plane connection from %s: handling a %s frame failed", peer,
                            _short(kind))
         finally:
             self._conns.discard(task)
@@ -160,8 +160,9 @@ class DataPlane:
 
     def _refuse(self, writer: asyncio.StreamWriter, peer: object, host: str) -> None:
         self.refused += 1
-        rlog.warning(host, "refusing data-plane connection from %s: %d open from %s and %d in all (limits %d and %d)",
-                     peer, self._per_peer[host], host, len(self._writers), self.max_conns_per_peer, self.max_conns)
+        self._rlog.warning(host, "refusing data-plane connection from %s: %d open from %s and %d in all "
+                           "(limits %d and %d)", peer, self._per_peer[host], host, len(self._writers),
+                           self.max_conns_per_peer, self.max_conns)
         writer.close()
 
     async def _ping(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
