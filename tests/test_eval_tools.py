@@ -40,9 +40,10 @@ def test_heldout_split_is_the_one_the_bundled_model_was_validated_on() -> None:
 
 def test_eval_quality_reports_perplexity_and_agreement_per_dtype() -> None:
     r = tool("tools/eval_quality.py", "--max-tokens", "510", "--batch", "2", "--json")
-    assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     rows = {x["dtype"]: x for x in res["results"]}
+    # the exit status says whether every dtype met its goal (512 tokens are too few to decide that here)
+    assert r.returncode == (1 if any(x["meets_goal"] is False for x in rows.values()) else 0), r.stderr
     assert res["tokens"] >= 510 and res["windows"] == 2 and res["context"] == 256
     assert 20 < rows["fp32"]["perplexity"] < 200  # a trained model, on text it did not see (card: 63.8)
     assert rows["fp32"]["top1_agreement_pct"] == 100.0
