@@ -434,8 +434,8 @@ def fuzz_frames(draw: st.DrawFn, kind: str) -> FuzzFrame:
 
 
 def _spec(t: str) -> list[str]:
-    from meshllm.serve.protocol import _SPEC
-    return list(_SPEC[t])
+    from meshllm.serve.protocol import WIRE_FIELDS
+    return list(WIRE_FIELDS[t])
 
 
 def _encode_any(v: Any) -> bytes:

@@ -26,6 +26,7 @@ from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, request_of
 from meshllm.serve.layout import Layout
 from meshllm.serve.scheduler import Job, Scheduler
+from meshllm.serve.protocol import Done
 from tests.serving_harness import replica
 
 # two PREFILL/DECODE-split replicas and a MIXED one, small slots so that queues form
@@ -216,7 +217,7 @@ class Bench:
 
     def finish(self, key: str) -> None:
         """A stage ended the run ``key``: its done frame (over TCP) and, independently, its journal clear (MQTT)."""
-        self.dispatcher.on_done({"t": "done", "id": key, "pr": 0, "dr": 0})
+        self.dispatcher.on_done(Done(key, 0, 0, "stop"))
 
     def late_clear(self, rid: str) -> None:
         cleared = self.journal.on_job(rid, b"")

@@ -45,6 +45,7 @@ from meshllm.errors import MeshError
 from meshllm.serve import api
 from meshllm.serve.journal import JobRecord, Route, request_of
 from meshllm.serve.messages import Cancel, PayloadError
+from meshllm.serve.protocol import Bounce, CancelStream, Done, Prefill, Release, RequestMeta, Resume
 from meshllm.serve.scheduler import Job, Scheduler
 
 if TYPE_CHECKING:
@@ -290,9 +291,9 @@ class Dispatcher:
                             job.id)
             if not sched.owns(job):  # moved (resumed) while its route was being journaled: the mover sends it
                 return
-            frame = {"t": "prefill", "pv": layout.version, "r": prefill.id, "id": job.key,
-                     "x": np.asarray(job.prompt, np.int64), "meta": meta}
-            await server.send(prefill.first.node_id, frame)
+            frame = Prefill(layout.version, prefill.id, job.key, np.asarray(job.prompt, np.int64),
+                            RequestMeta.decode(meta, f"request {job.id}"))
+            await server.send(prefill.first.node_id, frame.encode())
             sent = True
         except MeshError as e:
             error = e
@@ -352,35 +353,38 @@ class Dispatcher:
 
     # --- completion and cancellation --------------------------------------
 
-    def on_done(self, frame: dict[str, Any]) -> None:
+    def on_done(self, done: Done) -> None:
         """A ``done`` frame (keyed by attempt: a late one from a replaced attempt changes nothing)."""
-        key = str(frame["id"])
+        self._ended(done.key)
+
+    def _ended(self, key: str) -> None:
+        """The run ``key`` ended (its done frame, or its journal record cleared): free its slots."""
         rid = request_of(key)
         sched = self.scheduler
         held = sched.held(rid) if sched is not None else None
         if held is not None and held.key != key:
             return
         rec = self.journal.jobs.get(rid)
-        if sched is not None and rec is not None and rec.key == key and frame.get("t") == "done":
+        if sched is not None and rec is not None and rec.key == key:
             self._close(rec)  # before its clear arrives: never restated to a new broker
         if sched is not None:
             self._dispatch_all(sched.done(rid))
 
-    async def on_bounce(self, frame: dict[str, Any]) -> None:
+    async def on_bounce(self, bounce: Bounce) -> None:
         """A node got a prompt or begin for a stage it does not hold: move the request (its current attempt)."""
-        key = str(frame["id"])
+        key = bounce.key
         rid = request_of(key)
         rec = self.journal.jobs.get(rid)
         if (not self.node.is_planner or self.scheduler is None or rec is None or rec.route is None
                 or rec.key != key):
             return
-        await self._resume(rec, set(self.node.membership.ids), why=str(frame["why"]))
+        await self._resume(rec, set(self.node.membership.ids), why=bounce.why)
 
     def on_journal_cleared(self, rec: JobRecord) -> None:
         """The journal dropped an ended request (every node follows it, so a planner to be knows it ended too):
         also a 'done' for a planner that missed the frame."""
         self._close(rec)
-        self.on_done({"t": "done", "id": rec.key})
+        self._ended(rec.key)
 
     async def on_cancel(self, msg: aiomqtt.Message) -> None:
         if not self.node.is_planner or msg.retain:
@@ -410,7 +414,7 @@ class Dispatcher:
             return
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
-                await server.send(rec.route.decode_nodes[-1], {"t": "cancel", "id": rec.key})
+                await server.send(rec.route.decode_nodes[-1], CancelStream(rec.key).encode())
 
     async def restate_journal(self) -> None:
         """On a new broker session the planner writes back the journal it follows: a broker that was
@@ -474,7 +478,7 @@ class Dispatcher:
         for nodes, r in ((route.prefill_nodes, route.prefill_r), (route.decode_nodes, route.decode_r)):
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):
-                    await server.send(n, {"t": "release", "pv": route.pv, "r": r, "id": old_key})
+                    await server.send(n, Release(route.pv, r, old_key).encode())
         progress = self.journal.progress_of(rec)
         max_tokens = int(rec.meta["sampling"]["max_tokens"])
         log.warning("%s: resuming %s (%s), from token %d", self.node.node_id, rec.id,
@@ -495,7 +499,7 @@ class Dispatcher:
         the tokens it already streamed."""
         meta = dict(rec.meta)
         if tokens:
-            meta["resume"] = {"tokens": tokens, "sampler": sampler}
+            meta["resume"] = Resume(tuple(tokens), sampler).encode()
         await self._requeue(Job(rec.id, str(rec.meta["reply_to"]), len(rec.prompt) + len(tokens),
                                 attempt=rec.attempt if attempt is None else attempt, prompt=rec.prompt + tokens,
                                 meta=meta))

@@ -32,7 +32,6 @@ from typing import Any
 
 import aiomqtt
 
-from meshllm.dataplane.codec import FrameError
 from meshllm.dataplane.links import PeerLinks, PeerUnreachable
 from meshllm.errors import GenerationError, MeshError, ModelError
 from meshllm.mesh.node import Node, NodeConfig
@@ -41,6 +40,7 @@ from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
+from meshllm.serve.protocol import Begin, Bounce, CancelStream, Done, KvBlock, Prefill, Release, Step
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, Progress
 from meshllm.serve.layout import Layout, LayoutError
@@ -254,8 +254,7 @@ class ServingNode:
         topics = self.node.topics
         await self.publish_retained(topics.progress(request_id), "")
         await self.publish_retained(topics.job(request_id), "")
-        frame = {"t": "done", "id": key, "pr": int(meta["prefill_r"]), "dr": int(meta["decode_r"]),
-                 "finish": finish_reason}
+        frame = Done(key, int(meta["prefill_r"]), int(meta["decode_r"]), finish_reason).encode()
         planner = self.node.election.leader
         if planner:
             try:
@@ -270,49 +269,51 @@ class ServingNode:
             await self._dispatch(msg)
         return handle
 
-    async def _dispatch(self, frame: dict[str, Any]) -> None:
-        try:
-            protocol.check(frame)
-        except FrameError:
-            raise
-        t = frame["t"]
-        if t == "done":
+    async def _dispatch(self, wire: dict[str, Any]) -> None:
+        """Decodes a serving frame (a malformed one raises FrameError: the data plane drops that connection)
+        and hands it to the scheduler or to the runner of its plan version and replica."""
+        frame = protocol.decode(wire)
+        if isinstance(frame, Done):
             self.dispatcher.on_done(frame)
             return
-        if t == "bounce":
+        if isinstance(frame, Bounce):
             await self.dispatcher.on_bounce(frame)
             return
-        if t == "cancel":
+        if isinstance(frame, CancelStream):
             for runner in self.runners.values():
-                runner.on_cancel(frame["id"])
+                runner.on_cancel(frame.key)
             return
-        runner = self.runners.get((frame["pv"], frame["r"]))
+        runner = self.runners.get((frame.plan_version, frame.replica))
         if runner is None:
             # A frame for a stage this node does not hold (any more): a plan changed under it. Never close
             # the connection for it (it carries other requests' frames); a prompt or a begin goes back to
             # the planner, which moves the request; a step or KV block belongs to a request being moved.
-            why = f"no stage of plan v{frame['pv']} replica {frame['r']} on {self.node_id}"
-            if t in ("prefill", "begin") and self.node.election.leader:
-                log.warning("%s: %s frame for %s bounced: %s", self.node_id, t, frame["id"], why)
+            why = f"no stage of plan v{frame.plan_version} replica {frame.replica} on {self.node_id}"
+            if isinstance(frame, (Prefill, Begin)) and self.node.election.leader:
+                log.warning("%s: %s frame for %s bounced: %s", self.node_id, frame.WIRE_TYPE, frame.key, why)
                 with contextlib.suppress(MeshError):
-                    await self.send(self.node.election.leader, {"t": "bounce", "id": frame["id"], "why": why})
-            elif t not in ("release",):
-                log.info("%s: dropped a %s frame: %s", self.node_id, t, why)
+                    await self.send(self.node.election.leader, Bounce(frame.key, why).encode())
+            elif not isinstance(frame, Release):
+                log.info("%s: dropped a %s frame: %s", self.node_id, frame.WIRE_TYPE, why)
             return
+        # The runner takes wire maps: a fresh one made from the decoded frame, so that nothing the runner
+        # changes (its meta) is shared with the sender, even for a frame this node sent itself.
+        fresh = frame.encode()
         try:
-            if t == "prefill":
-                runner.on_prefill(frame)
-            elif t == "step":
-                runner.on_step(frame)
-            elif t == "kv":
-                runner.on_kv(frame)
-            elif t == "begin":
-                await runner.on_begin(frame)
-            elif t == "release":
-                runner.on_release(frame)
+            if isinstance(frame, Prefill):
+                runner.on_prefill(fresh)
+            elif isinstance(frame, Step):
+                runner.on_step(fresh)
+            elif isinstance(frame, KvBlock):
+                runner.on_kv(fresh)
+            elif isinstance(frame, Begin):
+                await runner.on_begin(fresh)
+            elif isinstance(frame, Release):
+                runner.on_release(fresh)
         except GenerationError as e:
             # one request's problem: log it and keep the connection, which carries other requests
-            log.error("%s: %s frame for %s refused: %s", self.node_id, t, frame.get("id") or frame.get("ids"), e)
+            log.error("%s: %s frame for %s refused: %s", self.node_id, frame.WIRE_TYPE,
+                      ", ".join(frame.keys) if isinstance(frame, Step) else frame.key, e)
 
     async def _publish_stats(self, every_s: float = 1.0) -> None:
         """Live load figures for dashboards (the gateway's mesh page): not retained, once a second."""
