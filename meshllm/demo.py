@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import signal
@@ -27,6 +28,7 @@ from meshllm.errors import MeshError
 from meshllm.mesh.access import app_login, with_login
 from meshllm.mesh.broker import EmbeddedBroker
 from meshllm.mesh.status import read_state
+from meshllm.plan.plan import PublishedPlan
 from meshllm.secret import SECRET_ENV, generate_secret
 
 # name, compute slow-down, memory cap: a mini-PC, an old laptop, a Raspberry Pi 5, a Raspberry Pi 4
@@ -45,15 +47,16 @@ def bundled_model() -> Path:
     return found[0]
 
 
-def render_plan(plan: dict[str, Any]) -> str:
-    lines = [f"plan v{plan.get('version')} ({plan.get('method', 'pinned')}), {len(plan['replicas'])} replica(s)"
-             + (f", idle: {', '.join(plan['idle'])}" if plan.get("idle") else "")]
-    for r in plan["replicas"]:
-        stages = "  ->  ".join(f"{s['node_id']}[{s['start']}-{s['stop'] - 1}]" for s in r["stages"])
-        lines.append(f"  replica {r['id']} {str(r['role']).upper():<8} {stages}")
-    m = plan.get("metrics") or {}
-    if m.get("mean_wait_s") is not None:
-        lines.append(f"  predicted mean wait {m['mean_wait_s']:.2f} s at {m.get('rate', 0):.2f} req/s")
+def render_plan(published: PublishedPlan) -> str:
+    plan = published.plan
+    lines = [f"plan v{plan.version} ({plan.method}), {len(plan.replicas)} replica(s)"
+             + (f", idle: {', '.join(plan.idle)}" if plan.idle else "")]
+    for r in plan.replicas:
+        stages = "  ->  ".join(f"{s.node_id}[{s.start}-{s.stop - 1}]" for s in r.stages)
+        lines.append(f"  replica {r.id} {r.role.value.upper():<8} {stages}")
+    m = plan.metrics
+    if published.predicted and math.isfinite(m.mean_wait_s):
+        lines.append(f"  predicted mean wait {m.mean_wait_s:.2f} s at {m.rate:.2f} req/s")
     return "\n".join(lines)
 
 
@@ -99,7 +102,7 @@ class _Mesh:
                 raise MeshError(f"a node exited early (status {p.returncode}); logs in {self.log_dir}")
 
 
-async def _wait_ready(m: _Mesh, broker: str, timeout: float) -> dict[str, Any]:
+async def _wait_ready(m: _Mesh, broker: str, timeout: float) -> PublishedPlan:
     from meshllm.serve.client import Client  # noqa: F401  (import errors surface before waiting)
 
     deadline = time.monotonic() + timeout
@@ -110,11 +113,10 @@ async def _wait_ready(m: _Mesh, broker: str, timeout: float) -> dict[str, Any]:
         for node_id in sorted(set(st["members"]) - shown):
             print(f"  {node_id} joined the mesh", file=m.out, flush=True)
             shown.add(node_id)
-        plan = st["plan"]
-        if plan and len(st["members"]) == m.n:
-            ready = await _ready_nodes(broker, m.mesh, plan["version"])
-            needed = {s["node_id"] for r in plan["replicas"] for s in r["stages"]}
-            if needed <= ready:
+        plan = PublishedPlan.decode(st["plan"]) if st["plan"] else None  # a malformed plan: PlanError, one line
+        if plan is not None and len(st["members"]) == m.n:
+            ready = await _ready_nodes(broker, m.mesh, plan.version)
+            if plan.stage_nodes <= ready:
                 return plan
         await asyncio.sleep(0.3)
     raise MeshError(f"the mesh was not ready within {timeout:.0f} s; logs in {m.log_dir}")

@@ -24,6 +24,8 @@ import aiomqtt
 
 from meshllm.mesh.broker import BrokerURL
 from meshllm.mesh.topics import Topics
+from meshllm.plan.errors import PlanError
+from meshllm.plan.plan import PublishedPlan, Replica
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class MeshView:
     stats: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # node -> (arrival, record)
     planner: str | None = None
     term: int = 0
-    plan: dict[str, Any] | None = None
+    plan: PublishedPlan | None = None
     synced: bool = False  # the retained state has been read at least once since connecting
 
     # --- input ---------------------------------------------------------
@@ -78,7 +80,11 @@ class MeshView:
             self.planner = str(data["node"]) if data and data.get("node") is not None else None
             self.term = int(data.get("term", 0)) if data and isinstance(data.get("term"), int) else 0
         elif rest == "plan":
-            self.plan = data if data and isinstance(data.get("replicas"), list) else None
+            try:
+                self.plan = PublishedPlan.decode(data) if data else None
+            except PlanError as e:
+                log.warning("mesh %s: ignoring the published plan: %s", self.mesh, e)
+                self.plan = None
         else:
             kind, _, node = rest.partition("/")
             if kind not in _KINDS or not node or "/" in node:
@@ -104,22 +110,20 @@ class MeshView:
 
     # --- questions -----------------------------------------------------
 
-    def replicas(self) -> list[dict[str, Any]]:
-        plan = self.plan or {}
-        return [r for r in plan.get("replicas", []) if isinstance(r, dict) and isinstance(r.get("stages"), list)]
+    def replicas(self) -> tuple[Replica, ...]:
+        return self.plan.plan.replicas if self.plan is not None else ()
 
-    def replica_ready(self, r: dict[str, Any]) -> bool:
+    def replica_ready(self, r: Replica) -> bool:
         """Every stage of the replica is a member and reports this plan version and replica loaded."""
-        version = (self.plan or {}).get("version")
-        for s in r["stages"]:
-            node = s.get("node_id")
-            rec = self.ready.get(node, {})
-            if node not in self.members or rec.get("pv") != version or rec.get("r") != r.get("id"):
+        version = self.plan.version if self.plan is not None else None
+        for s in r.stages:
+            rec = self.ready.get(s.node_id, {})
+            if s.node_id not in self.members or rec.get("pv") != version or rec.get("r") != r.id:
                 return False
-        return bool(r["stages"])
+        return bool(r.stages)
 
     def ready_replicas(self) -> list[int]:
-        return sorted(r["id"] for r in self.replicas() if self.replica_ready(r))
+        return sorted(r.id for r in self.replicas() if self.replica_ready(r))
 
     def unavailable_reason(self) -> str | None:
         """Why no request can be served now, or None when a prefill and a decode replica are ready."""
@@ -132,7 +136,7 @@ class MeshView:
         if self.plan is None:
             return "the mesh has no plan yet"
         ready = [r for r in self.replicas() if self.replica_ready(r)]
-        roles = {str(r.get("role")).lower() for r in ready}
+        roles = {r.role.value for r in ready}
         if not ready or not (roles & {"prefill", "mixed"}) or not (roles & {"decode", "mixed"}):
             return "no replica of the plan is ready yet (nodes are loading their layers)"
         return None
@@ -144,8 +148,8 @@ class MeshView:
         if self.model_override is not None:
             names.append(self.model_override.id)
             names.extend(sorted(self.model_override.aliases))
-        if self.plan and isinstance(self.plan.get("model"), str) and self.plan["model"]:
-            names.append(self.plan["model"])
+        if self.plan is not None and self.plan.plan.model:
+            names.append(self.plan.plan.model)
         for key in ("model_name", "model"):
             names.extend(sorted({str(m[key]) for m in self.members.values() if isinstance(m.get(key), str)
                                  and m[key]}))
@@ -156,7 +160,7 @@ class MeshView:
     def context_length(self) -> int | None:
         """The longest sequence (prompt + answer) every replica can hold: the smallest KV context
         the plan reserves, capped by the model's own (from ``--model`` or the members' records)."""
-        limits = [int(r["context"]) for r in self.replicas() if isinstance(r.get("context"), int) and r["context"] > 0]
+        limits = [r.context for r in self.replicas() if r.context > 0]
         model_max = [int(m["context_length"]) for m in self.members.values()
                      if isinstance(m.get("context_length"), int) and m["context_length"] > 0]
         if self.model_override is not None and self.model_override.context_length:
@@ -175,23 +179,23 @@ class MeshView:
         replicas: list[dict[str, Any]] = []
         for r in self.replicas():
             stages = []
-            for i, s in enumerate(r["stages"]):
-                node = s.get("node_id")
-                st = live.get(node, {})
-                stages.append({"node_id": node, "start": s.get("start"), "stop": s.get("stop"), "index": i,
-                               "ready": (self.ready.get(node, {}).get("pv") == plan.get("version") if plan else False),
-                               "member": node in self.members, "inbox": st.get("inbox"), "active": st.get("active"),
-                               "tokens_per_s": st.get("tokens_per_s"), "busy_s": st.get("busy_s")})
+            for i, s in enumerate(r.stages):
+                st = live.get(s.node_id, {})
+                stages.append({"node_id": s.node_id, "start": s.start, "stop": s.stop, "index": i,
+                               "ready": plan is not None and self.ready.get(s.node_id, {}).get("pv") == plan.version,
+                               "member": s.node_id in self.members, "inbox": st.get("inbox"),
+                               "active": st.get("active"), "tokens_per_s": st.get("tokens_per_s"),
+                               "busy_s": st.get("busy_s")})
             rates = [s["tokens_per_s"] for s in stages if isinstance(s["tokens_per_s"], (int, float))]
             inboxes = [s["inbox"] for s in stages if isinstance(s["inbox"], int)]
             stage_active = [s["active"] for s in stages if isinstance(s["active"], int)]
             replicas.append({
-                "id": r.get("id"), "role": str(r.get("role", "")).lower(), "slots": r.get("slots"),
-                "context": r.get("context"), "ready": self.replica_ready(r), "stages": stages,
+                "id": r.id, "role": r.role.value, "slots": r.slots,
+                "context": r.context, "ready": self.replica_ready(r), "stages": stages,
                 "tokens_per_s": round(sum(rates), 2) if rates else None,
                 "queue": sum(inboxes) if inboxes else None,  # work items waiting in the stages' inboxes
-                "active": active.get(str(r.get("id")), max(stage_active) if stage_active else None),
-                "predicted": {"prefill_rate": r.get("prefill_rate"), "decode_token_rate": r.get("decode_token_rate")},
+                "active": active.get(str(r.id), max(stage_active) if stage_active else None),
+                "predicted": {"prefill_rate": r.prefill_rate, "decode_token_rate": r.decode_token_rate},
             })
         members: dict[str, dict[str, Any]] = {}
         for node, m in sorted(self.members.items()):
@@ -212,10 +216,10 @@ class MeshView:
             "model": {"id": model.id, "context_length": model.context_length} if model else None,
             "members": members,
             "plan": None if plan is None else {
-                "version": plan.get("version"), "term": plan.get("term"), "method": plan.get("method"),
-                "pinned": bool(plan.get("pinned")), "n_layers": plan.get("n_layers"), "replicas": replicas,
-                "idle": [n for n in self.members if all(n != s["node_id"] for r in replicas for s in r["stages"])],
-                "metrics": plan.get("metrics"),
+                "version": plan.version, "term": plan.term, "method": plan.plan.method,
+                "pinned": plan.pinned, "n_layers": plan.plan.n_layers, "replicas": replicas,
+                "idle": [n for n in self.members if n not in plan.stage_nodes],
+                "metrics": plan.plan.metrics.to_json() if plan.predicted else None,
             },
             "scheduler": sched,
             "unavailable": self.unavailable_reason(),

@@ -19,6 +19,8 @@ from meshllm.mesh.broker import BrokerError, BrokerURL, existing_broker, port_op
 from meshllm.mesh.discovery import Discovery
 from meshllm.mesh.payloads import loads_object
 from meshllm.mesh.topics import Topics
+from meshllm.plan.errors import PlanError
+from meshllm.plan.plan import PublishedPlan
 
 
 async def find_broker(mesh: str, interface: str | None, timeout: float = 5.0) -> str:
@@ -76,11 +78,15 @@ def render(state: dict[str, Any]) -> str:
             f"{node_id:<24} {p.get('flops', 0) / 1e9:>8.1f} {p.get('mem_bandwidth_Bps', 0) / 1e9:>6.1f} "
             f"{p.get('mem_bytes', 0) / 1e9:>7.1f} {m.get('host', '?') + ':' + str(m.get('port', '?')):<22} "
             f"{'hosts' if m.get('hosts_broker') else ''}{' (emulated)' if p.get('emulated') else ''}")
-    plan = state.get("plan")
     lines.append("")
-    if plan:
-        lines.append(f"plan v{plan.get('version', '?')} (term {plan.get('term')}), "
-                     f"{len(plan.get('replicas', []))} replicas")
+    if state.get("plan"):
+        try:
+            published = PublishedPlan.decode(state["plan"])
+        except PlanError as e:
+            lines.append(f"a malformed plan is published: {e}")
+        else:
+            lines.append(f"plan v{published.version} (term {published.term}), {len(published.plan.replicas)} "
+                         "replicas")
     else:
         lines.append("no plan yet")
     return "\n".join(lines)

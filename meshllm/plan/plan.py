@@ -160,37 +160,107 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], where: str = "plan") -> Plan:
-        if d.get("format") != PLAN_FORMAT:
-            raise PlanError(f"{where}: not a meshllm plan (format={d.get('format')!r})")
-        if d.get("format_version") != PLAN_FORMAT_VERSION:
-            raise PlanError(f"{where}: plan format version {d.get('format_version')!r} is not supported "
-                            f"(this meshllm reads version {PLAN_FORMAT_VERSION}); re-plan with this meshllm")
+    def from_json(cls, d: Mapping[str, Any], where: str = "plan", *, complete: bool = True) -> Plan:
+        """The plan of its JSON, validated; raises :class:`PlanError` with one line saying what is wrong.
+
+        ``complete=False`` reads a plan as a mesh publishes it, which may be a plan file written by hand and
+        pinned with ``--plan-file``: the format stamp, if given, must be right, and the predicted figures
+        (stage times, rates, metrics, workload) and the idle list may be left out; what is left out reads as
+        unpredicted (NaN or infinite figures, rates of 0, 4 slots, the model's own context)."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"{where}: a plan is a JSON object, got {type(d).__name__}")
+        if complete or d.get("format") is not None:
+            if d.get("format") != PLAN_FORMAT:
+                raise PlanError(f"{where}: not a meshllm plan (format={d.get('format')!r})")
+        if complete or d.get("format_version") is not None:
+            if d.get("format_version") != PLAN_FORMAT_VERSION:
+                raise PlanError(f"{where}: plan format version {d.get('format_version')!r} is not supported "
+                                f"(this meshllm reads version {PLAN_FORMAT_VERSION}); re-plan with this meshllm")
+
+        def get(m: Mapping[str, Any], key: str, default: Any) -> Any:
+            return m[key] if complete else m.get(key, default)
+
         try:
+            if not isinstance(d["replicas"], list):
+                raise TypeError("replicas must be a list")
             replicas = tuple(
                 Replica(
-                    id=int(r["id"]), role=Role(r["role"]), slots=int(r["slots"]), context=int(r["context"]),
-                    bottleneck_s=_unnum(r["bottleneck_s"]), latency_s=_unnum(r["latency_s"]),
-                    prefill_rate=float(r["prefill_rate"]), decode_token_rate=float(r["decode_token_rate"]),
+                    id=int(r["id"]), role=Role(str(r["role"]).lower()), slots=max(1, int(get(r, "slots", 4))),
+                    context=int(get(r, "context", 0)),
+                    bottleneck_s=_unnum(get(r, "bottleneck_s", None)), latency_s=_unnum(get(r, "latency_s", None)),
+                    prefill_rate=float(get(r, "prefill_rate", 0.0) or 0.0),
+                    decode_token_rate=float(get(r, "decode_token_rate", 0.0) or 0.0),
                     order_exact=bool(r.get("order_exact", True)),
-                    stages=tuple(Stage(str(s["node_id"]), int(s["start"]), int(s["stop"]), float(s["run_s"]),
-                                       float(s["send_s"]), float(s["memory_bytes"]), float(s["memory_capacity"]))
+                    stages=tuple(Stage(str(s["node_id"]), int(s["start"]), int(s["stop"]),
+                                       *(float(get(s, k, math.nan)) for k in _STAGE_FIGURES))
                                  for s in r["stages"]),
                 )
                 for r in d["replicas"]
             )
+            workload = get(d, "workload", None)
+            metrics = get(d, "metrics", None)
             plan = cls(
-                version=int(d["version"]), model=str(d["model"]), n_layers=int(d["n_layers"]),
-                method=str(d["method"]), workload=Workload.from_json(d["workload"], f"{where}.workload"),
-                replicas=replicas, idle=tuple(str(n) for n in d["idle"]),
-                metrics=Metrics.from_json(d["metrics"]), seed=d.get("seed"),
+                version=int(d["version"]), model=str(get(d, "model", "")), n_layers=int(d["n_layers"]),
+                method=str(get(d, "method", "pinned")),
+                workload=UNSTATED_WORKLOAD if workload is None else Workload.from_json(workload,
+                                                                                      f"{where}.workload"),
+                replicas=replicas, idle=tuple(str(n) for n in get(d, "idle", ())),
+                metrics=UNPREDICTED if metrics is None else Metrics.from_json(metrics), seed=d.get("seed"),
                 notes=tuple(d.get("notes", ())), extra=dict(d.get("extra") or {}),
-                dtype=str(d.get("dtype", "fp32")),  # plans from before quantized models were all fp32-sized
+                dtype=str(d.get("dtype") or "fp32"),  # plans from before quantized models were all fp32-sized
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
         plan.validate()
         return plan
+
+
+_STAGE_FIGURES = ("run_s", "send_s", "memory_bytes", "memory_capacity")
+# What a plan written by hand leaves out reads as: a workload of 128-token prompts (the mean that routing
+# assumes for turning predicted prompts/s into tokens/s) and metrics that predict nothing.
+UNSTATED_WORKLOAD = Workload.simple(128.0, 128.0, 1.0, name="unstated")
+UNPREDICTED = Metrics(math.nan, math.nan, False, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
+                      math.nan, math.nan, math.nan)
+
+
+@dataclass(frozen=True)
+class PublishedPlan:
+    """A plan as a mesh publishes it on its retained ``plan`` topic, the one form every reader of that topic
+    decodes (the serving layout, the gateway's view, ``meshllm status``, the demo): the plan, stamped with the
+    term and id of the planner that published it; ``pinned`` when it came from ``--plan-file``; ``predicted``
+    False when it carries no metrics (a plan file written by hand); ``weights_dtype`` the weights' dtype the
+    plan was sized for, None when a plan file written by hand does not say (then any node's files will do)."""
+
+    plan: Plan
+    term: int | None = None
+    planner: str | None = None
+    pinned: bool = False
+    predicted: bool = True
+    weights_dtype: str | None = None
+
+    @classmethod
+    def decode(cls, d: Any) -> PublishedPlan:
+        """The published plan of the topic's JSON object; raises :class:`PlanError` (one line) for a malformed
+        one, which a reader refuses as a whole rather than half-use."""
+        plan = Plan.from_json(d, "published plan", complete=False)
+        term, planner = d.get("term"), d.get("planner")
+        if term is not None and (not isinstance(term, int) or isinstance(term, bool) or term < 0):
+            raise PlanError(f"published plan v{plan.version}: term must be a non-negative integer, got {term!r}")
+        if planner is not None and not isinstance(planner, str):
+            raise PlanError(f"published plan v{plan.version}: planner must be a node id, got {planner!r}")
+        dtype = d.get("dtype")
+        if dtype is not None and not isinstance(dtype, str):
+            raise PlanError(f"published plan v{plan.version}: dtype must be a string, got {dtype!r}")
+        return cls(plan, term, planner, bool(d.get("pinned")), isinstance(d.get("metrics"), Mapping), dtype)
+
+    @property
+    def version(self) -> int:
+        return self.plan.version
+
+    @property
+    def stage_nodes(self) -> set[str]:
+        """The nodes that hold a stage of the plan."""
+        return {n for r in self.plan.replicas for n in r.node_ids}
 
 
 def should_replace(old: Plan | None, new: Plan, margin: float = DEFAULT_MARGIN) -> bool:

@@ -1,31 +1,25 @@
 """What a plan asks of the serving layer: replicas, their roles and stages. Pure values.
 
-Read from the plan JSON that the planner publishes (see ``meshllm.plan.plan``);
-only the fields serving needs, validated so that a malformed plan is refused
-as a whole instead of half-deployed.
+Built from the typed :class:`~meshllm.plan.plan.Plan` of the plan the planner
+publishes (decoded once by :meth:`~meshllm.plan.plan.PublishedPlan.decode`, as
+every other reader of the plan topic does); only the fields serving needs, and
+a plan serving cannot use (no replica that prefills or none that decodes) is
+refused as a whole instead of half-deployed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from meshllm.errors import MeshError
-
-ROLES = ("prefill", "decode", "mixed")
+from meshllm.plan.errors import PlanError
+from meshllm.plan.plan import Plan, PublishedPlan, Role
 
 
 class LayoutError(MeshError):
     """A plan that cannot be served as written."""
-
-
-def _mean_input(plan: dict[str, Any]) -> float:
-    """Mean prompt length of the plan's workload (to turn predicted prompts/s into tokens/s)."""
-    if "workload" not in plan:
-        return 128.0
-    from meshllm.plan.workload import Workload
-
-    return max(Workload.from_json(plan["workload"]).input.mean, 1.0)
 
 
 @dataclass(frozen=True)
@@ -91,33 +85,22 @@ class Layout:
         return {s.node_id for r in self.replicas.values() for s in r.stages}
 
     @classmethod
-    def from_plan(cls, plan: dict[str, Any]) -> Layout:
-        try:
-            n_layers = int(plan["n_layers"])
-            mean_in = _mean_input(plan)
-            replicas: dict[int, ReplicaLayout] = {}
-            for r in plan["replicas"]:
-                role = str(r["role"]).lower()
-                if role not in ROLES:
-                    raise LayoutError(f"replica {r.get('id')}: unknown role {role!r}")
-                stages = tuple(StageLayout(str(s["node_id"]), int(s["start"]), int(s["stop"])) for s in r["stages"])
-                pos = 0
-                for s in stages:
-                    if s.start != pos or s.stop <= s.start:
-                        raise LayoutError(f"replica {r['id']}: layers are not contiguous at {s.start}")
-                    pos = s.stop
-                if pos != n_layers:
-                    raise LayoutError(f"replica {r['id']}: covers {pos} of {n_layers} layers")
-                rid = int(r["id"])
-                replicas[rid] = ReplicaLayout(
-                    rid, role, stages, max(1, int(r.get("slots", 4))), int(r.get("context", 0)),
-                    float(r.get("prefill_rate", 0.0) or 0.0) * mean_in, float(r.get("decode_token_rate", 0.0) or 0.0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise LayoutError(f"malformed plan: {type(e).__name__}: {e}") from None
-        layout = cls(int(plan["version"]), n_layers, replicas)
-        nodes = [s.node_id for r in replicas.values() for s in r.stages]
-        if len(nodes) != len(set(nodes)):
-            raise LayoutError("a node appears in two stages")
-        if not any(r.does_prefill for r in replicas.values()) or not any(r.does_decode for r in replicas.values()):
+    def from_plan(cls, plan: Plan | PublishedPlan | Mapping[str, Any]) -> Layout:
+        """The layout of a typed plan (a published plan's JSON is decoded first); raises LayoutError."""
+        if isinstance(plan, Mapping):
+            try:
+                plan = PublishedPlan.decode(plan)
+            except PlanError as e:
+                raise LayoutError(str(e)) from None
+        if isinstance(plan, PublishedPlan):
+            plan = plan.plan
+        mean_in = max(plan.workload.input.mean, 1.0)  # to turn predicted prompts/s into tokens/s
+        replicas = {r.id: ReplicaLayout(
+            r.id, r.role.value, tuple(StageLayout(s.node_id, s.start, s.stop) for s in r.stages), r.slots,
+            r.context, r.prefill_rate * mean_in, r.decode_token_rate) for r in plan.replicas}
+        if len(replicas) != len(plan.replicas):
+            raise LayoutError(f"plan v{plan.version}: two replicas have one id")
+        roles = {r.role for r in plan.replicas}
+        if not roles & {Role.PREFILL, Role.MIXED} or not roles & {Role.DECODE, Role.MIXED}:
             raise LayoutError("a plan needs replicas that prefill and replicas that decode")
-        return layout
+        return cls(plan.version, plan.n_layers, replicas)

@@ -38,6 +38,8 @@ from meshllm.mesh.node import Node, NodeConfig
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
+from meshllm.plan.errors import PlanError
+from meshllm.plan.plan import PublishedPlan
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
 from meshllm.serve.protocol import Begin, Bounce, CancelStream, Done, KvBlock, Prefill, Release, Step
@@ -342,16 +344,17 @@ class ServingNode:
 
     async def _on_plan(self, plan: dict[str, Any]) -> None:
         try:
-            layout = Layout.from_plan(plan)
-        except LayoutError as e:
+            published = PublishedPlan.decode(plan)
+            layout = Layout.from_plan(published)
+        except (PlanError, LayoutError) as e:
             log.error("%s: refusing plan v%s: %s", self.node_id, plan.get("version"), e)
             return
         mine = self.manifest.dtype if self.manifest is not None else None
-        if plan.get("dtype") is not None and mine is not None and plan["dtype"] != mine \
-                and layout.replica_of(self.node_id) is not None:
+        dtype = published.weights_dtype
+        if dtype is not None and mine is not None and dtype != mine and layout.replica_of(self.node_id) is not None:
             # the plan's sizes (and its planner's files) are of another dtype: this node's stage would not be
             # what the plan placed; stay out of it, say so once, and tell the planner through readiness
-            why = (f"plan v{layout.version} is for {plan['dtype']} weights but this node's model files are {mine}; "
+            why = (f"plan v{layout.version} is for {dtype} weights but this node's model files are {mine}; "
                    "give every node the same export (meshllm quantize) of the model")
             log.error("%s: %s", self.node_id, why)
             await self._announce({"pv": layout.version, "r": None, "error": why})
