@@ -15,8 +15,22 @@ from meshllm.dataplane import codec
 from meshllm.dataplane.codec import FrameError
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve import protocol
-from meshllm.serve.protocol import (MAX_BATCH_IDS, MAX_KEY_CHARS, MAX_SAMPLER_STATE_CHARS, WIRE_FIELDS, Begin,
-                                    Bounce, CancelStream, Done, KvBlock, Prefill, Release, RequestMeta, Resume, Step)
+from meshllm.serve.protocol import (
+    MAX_BATCH_IDS,
+    MAX_KEY_CHARS,
+    MAX_SAMPLER_STATE_CHARS,
+    WIRE_FIELDS,
+    Begin,
+    Bounce,
+    CancelStream,
+    Done,
+    KvBlock,
+    Prefill,
+    Release,
+    RequestMeta,
+    Resume,
+    Step,
+)
 
 U63 = st.integers(0, 2**63 - 1)
 I64 = st.integers(-(2**63), 2**63 - 1)  # plan versions and replica ids only route (a wrong one finds no stage)

@@ -25,8 +25,8 @@ from meshllm.serve import api
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, request_of
 from meshllm.serve.layout import Layout
-from meshllm.serve.scheduler import Job, Scheduler
 from meshllm.serve.protocol import Done
+from meshllm.serve.scheduler import Job, Scheduler
 from tests.serving_harness import replica
 
 # two PREFILL/DECODE-split replicas and a MIXED one, small slots so that queues form

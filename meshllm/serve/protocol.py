@@ -40,7 +40,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -60,7 +60,6 @@ ROUTE_LOW = -(2**63)
 KV_WIRE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # a KV block travels in its cache's dtype
 X_DTYPES = (np.dtype(np.int64), np.dtype(np.float32))  # token ids, or hidden states
 
-F = TypeVar("F", bound="_Frame")
 
 
 # --- field checks (each raises FrameError naming the frame, the field and what was wrong) ---------------------
@@ -435,7 +434,7 @@ class Bounce(_Frame):
         return cls(_key(w, d), _str(w, d, "why", MAX_TEXT_CHARS, empty=True))
 
 
-Frame = Union[Prefill, Step, KvBlock, Begin, Release, CancelStream, Done, Bounce]
+Frame = Prefill | Step | KvBlock | Begin | Release | CancelStream | Done | Bounce
 FRAME_TYPES: dict[str, type[Frame]] = {c.WIRE_TYPE: c for c in (Prefill, Step, KvBlock, Begin, Release,  # type: ignore[misc]
                                                                  CancelStream, Done, Bounce)}
 # the wire fields of each frame type (besides "t"), for tools and tests that build frames by hand

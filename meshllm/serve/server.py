@@ -36,18 +36,18 @@ from meshllm.dataplane.links import PeerLinks, PeerUnreachable
 from meshllm.errors import GenerationError, MeshError, ModelError
 from meshllm.mesh.node import Node, NodeConfig
 from meshllm.model.manifest import Manifest
-from meshllm.runtime.sampling import Sampler
-from meshllm.runtime.segment import Segment
 from meshllm.plan.errors import PlanError
 from meshllm.plan.plan import PublishedPlan
+from meshllm.runtime.sampling import Sampler
+from meshllm.runtime.segment import Segment
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
-from meshllm.serve.protocol import Begin, Bounce, CancelStream, Done, KvBlock, Prefill, Release, Step
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, Progress
 from meshllm.serve.layout import Layout, LayoutError
 from meshllm.serve.messages import PayloadError, Readiness, Replay
 from meshllm.serve.model_files import ModelFiles, Source, sources
+from meshllm.serve.protocol import Begin, Bounce, CancelStream, Done, KvBlock, Prefill, Release, Step
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import Pace, StageRunner
 
