@@ -146,9 +146,22 @@ def measure_single(model_dir: Path, steps: int, threads: int | None) -> dict[str
         seg.prefill(10 + r, rng.integers(3, vocab, 512))
         times.append(time.perf_counter() - t)
         seg.close(10 + r)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     return {"decode_ms_pos16": d16, "decode_ms_pos480": d480, "prefill_tps_512": 512 / statistics.median(times),
             "peak_rss_bytes": float(peak)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Not ``getrusage``: on Linux its ``ru_maxrss`` carries the parent's
+    peak over fork and exec, so every child reported the parent's (the benchmark's own) peak. ``VmHWM`` belongs
+    to the address space that exec made."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def measure_batch(model_dir: Path, steps: int, threads: int | None) -> dict[str, float]:
