@@ -54,12 +54,13 @@ def test_bad_kv_blocks_never_keep_a_cache_slot(model: Path) -> None:
     k = np.zeros((2, 5, 16), np.float32)
     for i in range(10):  # more than the segment's slots
         with pytest.raises(MeshError):
-            stage.on_kv({"id": f"bad{i}", "layer": 3, "k": k, "vv": k})  # a layer this stage does not hold
+            asyncio.run(stage.on_kv({"id": f"bad{i}", "layer": 3, "k": k, "vv": k}))  # a layer not held here
         with pytest.raises(MeshError):
-            stage.on_kv({"id": f"bad{i}", "layer": 0, "k": k[:, :, :8], "vv": k[:, :, :8]})  # wrong shape
+            asyncio.run(stage.on_kv({"id": f"bad{i}", "layer": 0, "k": k[:, :, :8], "vv": k[:, :, :8]}))  # bad shape
+    stage.executor.submit(lambda: None).result()  # the segment's owner has run the queued closes
     assert stage.segment.open_sequences == [] and not stage.active
     good = np.zeros((stage.segment.config.n_kv_heads, 5, stage.segment.config.head_dim), np.float32)
-    stage.on_kv({"id": "ok", "layer": 0, "k": good, "vv": good})  # a real hand-off still finds a slot
+    asyncio.run(stage.on_kv({"id": "ok", "layer": 0, "k": good, "vv": good}))  # a real hand-off finds a slot
     assert stage.segment.open_sequences == ["ok"]
 
 
@@ -97,7 +98,7 @@ def test_a_failing_item_does_not_stop_the_stage_loop(model: Path) -> None:
         stage.inbox.put_nowait(_Item("prefill", "boom", None, {}))  # type: ignore[arg-type]  # x is not an array
         good = np.zeros((stage.segment.config.n_kv_heads, 3, stage.segment.config.head_dim), np.float32)
         for layer in (0, 1):
-            stage.on_kv({"id": "r", "layer": layer, "k": good, "vv": good})
+            await stage.on_kv({"id": "r", "layer": layer, "k": good, "vv": good})
         stage.on_step({"ids": ["r"], "x": np.array([5], np.int64)})
         for _ in range(300):
             if fabric.sent:

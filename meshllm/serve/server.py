@@ -305,7 +305,7 @@ class ServingNode:
             elif t == "step":
                 runner.on_step(frame)
             elif t == "kv":
-                runner.on_kv(frame)
+                await runner.on_kv(frame)
             elif t == "begin":
                 await runner.on_begin(frame)
             elif t == "release":

@@ -15,18 +15,26 @@ or, at the replica's last stage, become tokens:
   the reply topic and feeds each new token back to the first stage.
 
 KV caches stay where their layers are; per token only activations move.
+
+**One owner per segment.** The segment and its KV cache belong to the thread of
+``executor``, which must have exactly one worker: every call that reads or moves
+cache rows (open, import, export, prefill, decode, close) is queued there, in the
+order the event loop issues it, so a KV block or a release that arrives during a
+decode step waits behind it instead of landing in a row being moved. The
+bookkeeping around it (``active``, held steps, sequences) belongs to the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -41,6 +49,7 @@ from meshllm.serve.sequence import SequenceState
 log = logging.getLogger(__name__)
 
 MAX_INBOX = 4096  # work items queued at a stage; the scheduler keeps far fewer in flight
+T = TypeVar("T")
 MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
 
 
@@ -77,7 +86,7 @@ class StageRunner:
                  executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
-        self.executor = executor
+        self.executor = executor  # one worker: the segment's owner (see the module's docstring)
         self.compute_scale = compute_scale
         self.pace = pace
         self.is_first = index == 0
@@ -124,7 +133,7 @@ class StageRunner:
             else:
                 self._put(item)
 
-    def on_kv(self, frame: dict[str, Any]) -> None:
+    async def on_kv(self, frame: dict[str, Any]) -> None:
         rid, layer = frame["id"], frame["layer"]
         if layer not in self.segment.layers:
             raise GenerationError(f"kv frame for layer {layer}; this stage holds layers {self.segment.layers}")
@@ -132,15 +141,22 @@ class StageRunner:
             raise GenerationError(f"kv frame for {rid!r}, whose KV is complete here (sent twice?)")
         opened = rid not in self.active
         if opened:
-            self.segment.open(rid)
             self.active.add(rid)
             self._kv_missing[rid] = len(self.segment.layers)
+        seg = self.segment
+
+        def write() -> None:
+            if opened:
+                seg.open(rid)
+            seg.import_kv(rid, layer, frame["k"], frame["vv"])
         try:
-            self.segment.import_kv(rid, layer, frame["k"], frame["vv"])
+            await self._on_segment(write)
         except MeshError:
             if opened:  # a bad first block must not keep a cache slot
                 self.on_release({"id": rid})
             raise
+        if rid not in self._kv_missing:  # released while the block was being written (its close is queued)
+            return
         self._kv_missing[rid] -= 1
         if self._kv_missing[rid] == 0:
             del self._kv_missing[rid]
@@ -165,7 +181,10 @@ class StageRunner:
         self.active.discard(rid)
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
-        self.segment.close(rid)
+        try:
+            self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
+        except RuntimeError:  # the node is shutting down: the segment goes with it
+            pass
 
     def on_cancel(self, rid: str) -> None:
         state = self.sequences.get(rid)
@@ -200,14 +219,21 @@ class StageRunner:
             self.inbox.put_nowait(d)
         await self._decode([b for b in batch if b.rid in self.active])
 
+    async def _on_segment(self, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the segment's owner thread, after every segment call queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
     async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, seqs: list[str]) -> np.ndarray:
         """Runs ``fn`` on the segment's thread; emulating a slower device, stretches the run to its time there
         (``n`` tokens of a prompt, or a decode batch of ``n``, for ``seqs`` at their current lengths)."""
-        pace = self.pace
-        # the context only matters to pacing: not computed on the ordinary path
-        context = sum(self.segment.length(s) for s in seqs) / len(seqs) if pace is not None else 0.0
+        pace, seg = self.pace, self.segment
+
+        def run() -> tuple[float, np.ndarray]:
+            # the context only matters to pacing: not computed on the ordinary path
+            context = sum(seg.length(s) for s in seqs) / len(seqs) if pace is not None else 0.0
+            return context, fn()
         t = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        context, out = await self._on_segment(run)
         took = time.perf_counter() - t
         if pace is not None:
             await asyncio.sleep(max(0.0, pace(kind, n, context) - took))
@@ -222,11 +248,16 @@ class StageRunner:
         if self.is_first:
             meta["t_prefill_start"] = time.time()
         try:
-            if rid not in self.active:
-                self.segment.open(rid)
-                self.active.add(rid)
+            opened = rid not in self.active
+            self.active.add(rid)
+            seg = self.segment
+
+            def prefill() -> np.ndarray:
+                if opened:
+                    seg.open(rid)
+                return seg.prefill(rid, item.x)
             n = int(item.x.shape[1] if item.x.ndim >= 2 else item.x.size)  # (S,) ids or (1, S, dim) hidden
-            out = await self._compute(lambda: self.segment.prefill(rid, item.x), "prefill", n, [rid])
+            out = await self._compute(prefill, "prefill", n, [rid])
         except MeshError as e:
             await self._fail(rid, meta, api.CONTEXT_LENGTH if "context" in str(e) else api.INTERNAL, str(e))
             return
@@ -254,11 +285,16 @@ class StageRunner:
         """Ships this stage's KV for ``rid`` to the DECODE stages holding the same layers, then frees it."""
         decode = self.layout.replicas[meta["decode_r"]]
         for layer in self.segment.layers:
-            k, v = self.segment.export_kv(rid, layer)
+            k, v = await self._on_segment(functools.partial(self._export, rid, layer))
             await self.fabric.send(decode.holder(layer).node_id,
                                    {"t": "kv", "pv": self.layout.version, "r": decode.id, "id": rid,
-                                    "layer": layer, "k": np.ascontiguousarray(k), "vv": np.ascontiguousarray(v)})
+                                    "layer": layer, "k": k, "vv": v})
         self.on_release({"id": rid})
+
+    def _export(self, rid: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of one layer's KV (on the owner thread: a view would see rows that a later call moves)."""
+        k, v = self.segment.export_kv(rid, layer)
+        return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
     async def _decode(self, batch: list[_Item]) -> None:
         if not batch:  # every request of the batch was released meanwhile (cancelled, failed)
