@@ -64,9 +64,9 @@ class Fabric:
         pass
 
 
-def meta_for(rid: str, prompt: np.ndarray, max_tokens: int) -> dict[str, Any]:
+def meta_for(rid: str, prompt: np.ndarray, max_tokens: int, replica: int = 1) -> dict[str, Any]:
     return {"reply_to": f"replies/{rid}", "request_id": rid, "prompt_len": int(prompt.size),
-            "last_prompt_token": int(prompt[-1]), "prefill_r": 1, "decode_r": 1,
+            "last_prompt_token": int(prompt[-1]), "prefill_r": replica, "decode_r": replica,
             "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None,
                          "stop": []}}
 
@@ -128,7 +128,7 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
             live.add(rid)
             meta = meta_for(rid, prompt, max_tokens)
             if rng.random() < 0.5:  # a new prompt, prefilled here
-                stage.on_prefill({"id": rid, "x": prompt, "meta": meta})
+                await stage.on_prefill({"id": rid, "x": prompt, "meta": meta})
                 continue
             for layer, (k, v) in enumerate(kv):  # a prompt prefilled elsewhere: its KV arrives layer by layer
                 await stage.on_kv({"id": rid, "layer": layer, "k": k, "vv": v})
@@ -154,4 +154,5 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
             wrong.append((rid, fabric.ended.get(rid), errors, got[:8], tokens[:8]))
     assert steps >= 1000, f"only {steps} decode steps ran"
     assert not wrong, f"{len(wrong)} of {n_seq} sequences went wrong ({steps} steps), e.g. {wrong[:3]}"
+    stage.executor.submit(lambda: None).result()  # the segment's owner has run the closes queued
     assert seg.open_sequences == [] and not stage.active, "cache slots leaked"

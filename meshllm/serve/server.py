@@ -304,15 +304,15 @@ class ServingNode:
             return
         try:
             if t == "prefill":
-                runner.on_prefill(frame)
+                await runner.on_prefill(frame)
             elif t == "step":
-                runner.on_step(frame)
+                await runner.on_step(frame)
             elif t == "kv":
                 await runner.on_kv(frame)
             elif t == "begin":
                 await runner.on_begin(frame)
             elif t == "release":
-                runner.on_release(frame)
+                await runner.on_release_frame(frame)
         except GenerationError as e:
             # one request's problem: log it and keep the connection, which carries other requests
             log.error("%s: %s frame for %s refused: %s", self.node_id, t, frame.get("id") or frame.get("ids"), e)

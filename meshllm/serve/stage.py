@@ -22,6 +22,13 @@ cache rows (open, import, export, prefill, decode, close) is queued there, in th
 order the event loop issues it, so a KV block or a release that arrives during a
 decode step waits behind it instead of landing in a row being moved. The
 bookkeeping around it (``active``, held steps, sequences) belongs to the event loop.
+
+**Every failure is answered.** Whatever fails while a request is here (its step,
+its sampling, its reply, a full inbox) ends that request alone: an error reply on
+its reply topic and a release of its KV at every stage of the replica. A stage
+that does not hold the request's reply stream (any but the last) asks the last
+stage to answer, with an ``error`` field in the release it sends there. Only a
+lost peer is left to the planner, which resumes the request on a healthy replica.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from meshllm.dataplane.codec import FrameError
-from meshllm.errors import GenerationError, MeshError
+from meshllm.dataplane.links import PeerUnreachable
+from meshllm.errors import ContextLengthError, GenerationError, MeshError
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
@@ -83,7 +91,8 @@ class _Item:
 
 class StageRunner:
     def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
-                 executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None) -> None:
+                 executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None,
+                 max_inbox: int = MAX_INBOX) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
         self.executor = executor  # one worker: the segment's owner (see the module's docstring)
@@ -91,7 +100,9 @@ class StageRunner:
         self.pace = pace
         self.is_first = index == 0
         self.is_last = index == len(replica.stages) - 1
-        self.inbox: asyncio.Queue[_Item] = asyncio.Queue(MAX_INBOX)
+        # bounded by _put: prompts up to max_inbox, steps of the sequences held here have a reserve above it
+        self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.max_inbox = max_inbox
         self.active: set[str] = set()  # requests with KV on this stage
         self._kv_missing: dict[str, int] = {}  # DECODE: layers of a handed-off prompt not yet received
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
@@ -106,20 +117,29 @@ class StageRunner:
 
     # --- frames in ----------------------------------------------------
 
-    def _put(self, item: _Item) -> None:
-        try:
+    async def _put(self, item: _Item) -> None:
+        """Queues work; a full inbox answers "busy" for that request alone (the connection that brought it
+        carries other requests' frames and stays open). New prompts fill it only up to ``max_inbox``: the
+        rest (two steps per cache slot) is kept for the steps of sequences in flight, which a burst of
+        prompts must not crowd out."""
+        limit = self.max_inbox + (0 if item.kind == "prefill" else 2 * self.segment.max_batch)
+        if self.inbox.qsize() < limit:
             self.inbox.put_nowait(item)
-        except asyncio.QueueFull:
-            raise FrameError(f"stage inbox full ({self.inbox.maxsize} items): refusing more work") from None
+        else:
+            why = f"stage {self.index} of replica {self.replica.id} is busy ({self.inbox.qsize()} items queued)"
+            if item.kind == "prefill":
+                await self._fail(item.rid, api.BUSY, why, item.meta)
+            elif item.rid in self.active:
+                await self._fail(item.rid, api.BUSY, why)
 
-    def on_prefill(self, frame: dict[str, Any]) -> None:
+    async def on_prefill(self, frame: dict[str, Any]) -> None:
         rid = frame["id"]
         if rid in self.active or rid in self._prefilling:  # the same request dispatched twice must not run twice
             raise GenerationError(f"prefill for {rid!r}, which is already here (sent twice?)")
-        self._put(_Item("prefill", rid, frame["x"], frame["meta"]))
         self._prefilling.add(rid)
+        await self._put(_Item("prefill", rid, frame["x"], frame["meta"]))
 
-    def on_step(self, frame: dict[str, Any]) -> None:
+    async def on_step(self, frame: dict[str, Any]) -> None:
         x = frame["x"]
         for i, rid in enumerate(frame["ids"]):
             item = _Item("step", rid, x[i:i + 1])
@@ -130,8 +150,8 @@ class StageRunner:
                 if len(held) >= MAX_HELD_PER_ID or len(self._held) > self.segment.max_batch * 4:
                     raise FrameError(f"step for {rid!r} that has no KV here: too many such steps held")
                 held.append(item)
-            else:
-                self._put(item)
+            elif rid in self.active or rid in self._prefilling:  # (a step for nothing held here is dropped)
+                await self._put(item)
 
     async def on_kv(self, frame: dict[str, Any]) -> None:
         rid, layer = frame["id"], frame["layer"]
@@ -161,7 +181,7 @@ class StageRunner:
         if self._kv_missing[rid] == 0:
             del self._kv_missing[rid]
             for item in self._held.pop(rid, []):
-                self._put(item)
+                await self._put(item)
 
     async def on_begin(self, frame: dict[str, Any]) -> None:
         """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
@@ -171,20 +191,37 @@ class StageRunner:
         sampling = SamplingParams(**meta["sampling"])
         state = self.fabric.make_sequence(frame["id"], meta, Sampler.restore(sampling, frame["sampler"]))
         self.sequences[frame["id"]] = state
-        await self._emit(state, frame["token"])
+        try:
+            await self._emit(state, frame["token"])
+        except PeerUnreachable as e:
+            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+        except Exception as e:
+            await self._fail(state.id, *self._error(e))
 
-    def on_release(self, frame: dict[str, Any]) -> None:
+    async def on_release_frame(self, frame: dict[str, Any]) -> None:
+        """A release from another stage; with an ``error`` (``{"code", "message"}``) that stage failed the
+        request, and this one, holding its reply stream, answers it."""
+        state = self.on_release(frame)
+        err = frame.get("error")
+        if state is not None and isinstance(err, dict):
+            code, message = str(err.get("code", api.INTERNAL))[:64], str(err.get("message", ""))[:500]
+            await self._answer(state.id, state.meta, code, message)
+
+    def on_release(self, frame: dict[str, Any]) -> SequenceState | None:
         """Frees a request's KV; at a last stage it also drops its stream without a word (the request
-        ended, or it moved to another replica after a fault and must not stream from here again)."""
+        ended, or it moved to another replica after a fault and must not stream from here again) and
+        returns it."""
         rid = frame["id"]
-        self.sequences.pop(rid, None)
+        state = self.sequences.pop(rid, None)
         self.active.discard(rid)
+        self._prefilling.discard(rid)  # (a prompt still queued here is dropped when its turn comes)
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
         try:
             self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
         except RuntimeError:  # the node is shutting down: the segment goes with it
             pass
+        return state
 
     def on_cancel(self, rid: str) -> None:
         state = self.sequences.get(rid)
@@ -196,10 +233,8 @@ class StageRunner:
     async def run(self) -> None:
         while True:
             try:
-                await self._step()
-            except MeshError as e:  # one request's failure must not stop the stage for the others
-                log.error("stage %s of replica %d: %s", self.index, self.replica.id, e)
-            except Exception:  # nor may a bug: log it and go on with the next item
+                await self._step()  # answers the failures of its requests itself
+            except Exception:  # a bug outside any one request: log it and go on with the next item
                 log.exception("stage %s of replica %d: a work item failed", self.index, self.replica.id)
 
     async def _step(self) -> None:
@@ -244,23 +279,29 @@ class StageRunner:
 
     async def _prefill(self, item: _Item) -> None:
         rid, meta = item.rid, item.meta
+        if rid not in self._prefilling:  # released (failed, cancelled, moved) while it waited
+            return
         self._prefilling.discard(rid)
+        try:
+            await self._prefill_one(rid, item.x, meta)
+        except PeerUnreachable as e:
+            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+        except Exception as e:
+            await self._fail(rid, *self._error(e), meta)
+
+    async def _prefill_one(self, rid: str, x: np.ndarray, meta: dict[str, Any]) -> None:
         if self.is_first:
             meta["t_prefill_start"] = time.time()
-        try:
-            opened = rid not in self.active
-            self.active.add(rid)
-            seg = self.segment
+        opened = rid not in self.active
+        self.active.add(rid)
+        seg = self.segment
 
-            def prefill() -> np.ndarray:
-                if opened:
-                    seg.open(rid)
-                return seg.prefill(rid, item.x)
-            n = int(item.x.shape[1] if item.x.ndim >= 2 else item.x.size)  # (S,) ids or (1, S, dim) hidden
-            out = await self._compute(prefill, "prefill", n, [rid])
-        except MeshError as e:
-            await self._fail(rid, meta, api.CONTEXT_LENGTH if "context" in str(e) else api.INTERNAL, str(e))
-            return
+        def prefill() -> np.ndarray:
+            if opened:
+                seg.open(rid)
+            return seg.prefill(rid, x)
+        n = int(x.shape[1] if x.ndim >= 2 else x.size)  # (S,) ids or (1, S, dim) hidden
+        out = await self._compute(prefill, "prefill", n, [rid])
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                    {"t": "prefill", "pv": self.layout.version, "r": self.replica.id, "id": rid,
@@ -303,21 +344,49 @@ class StageRunner:
         x = np.concatenate([b.x for b in batch], axis=0)
         if self.is_first:
             x = x.reshape(len(ids))
-        out = await self._compute(lambda: self.segment.decode(ids, x), "decode", len(ids), ids)
+        try:
+            out = await self._compute(functools.partial(self.segment.decode, ids, x), "decode", len(ids), ids)
+        except Exception as e:
+            if len(ids) == 1:
+                await self._fail(ids[0], *self._error(e))
+                return
+            ids, out = await self._decode_apart(ids, x)  # find the request at fault; the others go on
+            if not ids:
+                return
         if not self.is_last:
-            await self.fabric.send(self.replica.stages[self.index + 1].node_id,
-                                   {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids, "x": out})
+            try:
+                await self.fabric.send(self.replica.stages[self.index + 1].node_id,
+                                       {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids,
+                                        "x": out})
+            except PeerUnreachable as e:
+                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
             return
         feed: list[tuple[str, int]] = []
         for row, rid in enumerate(ids):
             state = self.sequences.get(rid)
             if state is None:
                 continue
-            token = state.sampler(out[row])
-            if await self._emit(state, token, send=False):
-                feed.append((rid, token))
+            try:
+                token = state.sampler(out[row])
+                if await self._emit(state, token, send=False):
+                    feed.append((rid, token))
+            except Exception as e:  # this request's sampling or reply: it alone ends
+                await self._fail(rid, *self._error(e))
         if feed:
             await self._feed(feed)
+
+    async def _decode_apart(self, ids: list[str], x: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """A batch failed: runs its requests one by one, failing those that fail alone."""
+        ok: list[str] = []
+        outs: list[np.ndarray] = []
+        for i, rid in enumerate(ids):
+            try:
+                outs.append(await self._compute(functools.partial(self.segment.decode, [rid], x[i:i + 1]),
+                                                "decode", 1, [rid]))
+                ok.append(rid)
+            except Exception as e:
+                await self._fail(rid, *self._error(e))
+        return ok, (np.concatenate(outs, axis=0) if outs else np.empty(0))
 
     async def _emit(self, state: SequenceState, token: int, send: bool = True) -> bool:
         """Publishes ``token`` for a request; returns True if it continues (and feeds it back when ``send``)."""
@@ -333,9 +402,12 @@ class StageRunner:
         frame = {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": [p[0] for p in pairs],
                  "x": np.array([p[1] for p in pairs], np.int64)}
         if self.is_first:  # a one-stage replica feeds itself
-            self.on_step(frame)
-        else:
+            await self.on_step(frame)
+            return
+        try:
             await self.fabric.send(self.replica.first.node_id, frame)
+        except PeerUnreachable as e:
+            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
 
     async def _finish(self, state: SequenceState) -> None:
         self.sequences.pop(state.id, None)
@@ -348,15 +420,40 @@ class StageRunner:
                 await _quietly(self.fabric.send(s.node_id, frame))
         await self.fabric.finished(state.id, state.meta, state.finish_reason or "stop")
 
-    async def _fail(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
-        await self.fabric.publish(meta["reply_to"], api.error_reply(str(meta.get("request_id", rid)), code, message))
-        await self.fabric.finished(rid, meta, "error")
+    def _error(self, e: BaseException | None) -> tuple[str, str]:
+        """The reply code and message for a request that failed here with ``e``."""
+        if isinstance(e, ContextLengthError):
+            return api.CONTEXT_LENGTH, str(e)
+        if isinstance(e, MeshError):
+            log.error("stage %s of replica %d: %s", self.index, self.replica.id, e)
+            return api.INTERNAL, str(e)
+        log.error("stage %s of replica %d: a request failed", self.index, self.replica.id, exc_info=e)
+        return api.INTERNAL, f"stage {self.index} of replica {self.replica.id} failed: {type(e).__name__}"
+
+    async def _fail(self, rid: str, code: str, message: str, meta: dict[str, Any] | None = None) -> None:
+        """Ends request ``rid`` with an error reply and frees its KV at every stage of the replica. The reply
+        comes from here if this stage holds the request's stream or ``meta``, else from the last stage."""
+        state = self.sequences.get(rid)
+        meta = state.meta if state is not None else meta
+        if meta is not None:
+            await self._answer(rid, meta, code, message)
         for s in self.replica.stages:
-            frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
+            frame: dict[str, Any] = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
+            if meta is None and s is self.replica.stages[-1]:
+                frame["error"] = {"code": code, "message": message}
             if s.node_id == self.fabric.node_id:
                 self.on_release(frame)
             else:
                 await _quietly(self.fabric.send(s.node_id, frame))
+
+    async def _answer(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
+        if not isinstance(meta.get("reply_to"), str):  # (a frame that never had a reply topic: nobody to tell)
+            log.error("stage %s of replica %d: %s failed, no reply topic: %s", self.index, self.replica.id, rid,
+                      message)
+            return
+        await _quietly(self.fabric.publish(meta["reply_to"],
+                                           api.error_reply(str(meta.get("request_id", rid)), code, message)))
+        await _quietly(self.fabric.finished(rid, meta, "error"))
 
 
 async def _quietly(aw: Awaitable[None]) -> None:
