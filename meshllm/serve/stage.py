@@ -37,7 +37,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_INBOX = 4096  # work items queued at a stage; the scheduler keeps far fewer in flight
 T = TypeVar("T")
+GATHER_FIRST_S, GATHER_MAX_S = 0.02, 0.1  # a batch waits for its stragglers at most one round, and this long
 MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
 
 
@@ -107,6 +107,9 @@ class StageRunner:
         self._kv_missing: dict[str, int] = {}  # DECODE: layers of a handed-off prompt not yet received
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
         self._prefilling: set[str] = set()  # prompts queued here
+        self._decoding: set[str] = set()  # sequences that ran a decode step here: a batch waits for them
+        self._last_step: dict[str, float] = {}  # when each sequence last ran here
+        self._round_s = GATHER_FIRST_S  # how long a sequence takes to come back here (moving average)
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
         self.busy_s = 0.0
         self.tokens_out = 0
@@ -217,6 +220,8 @@ class StageRunner:
         self._prefilling.discard(rid)  # (a prompt still queued here is dropped when its turn comes)
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
+        self._decoding.discard(rid)
+        self._last_step.pop(rid, None)
         try:
             self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
         except RuntimeError:  # the node is shutting down: the segment goes with it
@@ -242,17 +247,53 @@ class StageRunner:
         if item.kind == "prefill":
             await self._prefill(item)
             return
-        batch = [item]
-        deferred: deque[_Item] = deque()
-        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
-            nxt = self.inbox.get_nowait()
-            if nxt.kind == "step" and nxt.rid not in {b.rid for b in batch}:
-                batch.append(nxt)
-            else:
-                deferred.append(nxt)
-        for d in deferred:  # keep prompts (and a second step of one request) for later, in order
+        batch = {item.rid: item}
+        later: list[_Item] = []
+        self._take_queued(batch, later)
+        await self._gather(batch, later)
+        for d in later:  # prompts (and a second step of one request) wait for the next turn, in order
             self.inbox.put_nowait(d)
-        await self._decode([b for b in batch if b.rid in self.active])
+        await self._decode([b for b in batch.values() if b.rid in self.active])
+
+    def _take_queued(self, batch: dict[str, _Item], later: list[_Item]) -> None:
+        """Adds the steps queued now to ``batch``; anything else goes to ``later``."""
+        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
+            self._add(batch, later, self.inbox.get_nowait())
+
+    def _add(self, batch: dict[str, _Item], later: list[_Item], item: _Item) -> None:
+        if item.kind == "step" and item.rid not in batch and len(batch) < self.segment.max_batch:
+            batch[item.rid] = item
+        else:
+            later.append(item)
+
+    async def _gather(self, batch: dict[str, _Item], later: list[_Item]) -> None:
+        """Waits for the steps of the other sequences decoding here, so that the stage runs every sequence it
+        holds in one batch. Without it, sequences that started apart circulate the pipeline as sub-batches
+        that never meet (each stage forwards a batch as one frame), and batching is lost. The first stage
+        waits, so the others run the batches it forms. The wait ends when
+        they are all here, when a prompt arrives (prompts are not held up), or when the stragglers are
+        overdue (about one round of the pipeline after they last ran here; one that did not come then is not
+        waited for again until it has run here once more)."""
+        if not self.is_first or self.is_last:
+            # batches form at the replica's entrance and travel whole; a later stage that waited too could
+            # wait for a batch that waits for it. A one-stage replica feeds all its sequences back at once.
+            return
+        missing = self._decoding - batch.keys()
+        if not missing or len(batch) >= self.segment.max_batch or later:
+            return  # (prompts waiting go first: a wait would hold them up)
+        loop = asyncio.get_running_loop()
+        # each straggler comes back about one round after it last ran here
+        due = max(self._last_step.get(r, 0.0) for r in missing) + 1.5 * self._round_s
+        deadline = loop.time() + max(0.0, min(GATHER_MAX_S, due - time.monotonic()))
+        try:
+            async with asyncio.timeout_at(deadline):
+                while missing and len(batch) < self.segment.max_batch and not later:
+                    self._add(batch, later, await self.inbox.get())
+                    self._take_queued(batch, later)
+                    missing -= batch.keys()
+                    missing &= self._decoding  # (released meanwhile)
+        except TimeoutError:
+            self._decoding -= missing
 
     async def _on_segment(self, fn: Callable[[], T]) -> T:
         """Runs ``fn`` on the segment's owner thread, after every segment call queued before it."""
@@ -353,6 +394,7 @@ class StageRunner:
             ids, out = await self._decode_apart(ids, x)  # find the request at fault; the others go on
             if not ids:
                 return
+        self._ran(ids)
         if not self.is_last:
             try:
                 await self.fabric.send(self.replica.stages[self.index + 1].node_id,
@@ -374,6 +416,16 @@ class StageRunner:
                 await self._fail(rid, *self._error(e))
         if feed:
             await self._feed(feed)
+
+    def _ran(self, ids: list[str]) -> None:
+        """Notes that ``ids`` ran here now; their time since the last run is how long a round takes."""
+        now = time.monotonic()
+        rounds = [now - t for rid in ids if (t := self._last_step.get(rid)) is not None]
+        if rounds:
+            self._round_s += 0.2 * (min(rounds) - self._round_s)
+        for rid in ids:
+            self._last_step[rid] = now
+        self._decoding.update(ids)
 
     async def _decode_apart(self, ids: list[str], x: np.ndarray) -> tuple[list[str], np.ndarray]:
         """A batch failed: runs its requests one by one, failing those that fail alone."""
