@@ -33,5 +33,9 @@ class GenerationError(MeshError):
     """A generation request is invalid (context too long, bad sampling values)."""
 
 
+class ContextLengthError(GenerationError):
+    """A sequence would outgrow the context its cache holds (answered ``context_length_exceeded``)."""
+
+
 class SecretError(MeshError):
     """The mesh secret is missing, unreadable or too weak, or a mesh is started neither closed nor open."""

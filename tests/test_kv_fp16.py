@@ -125,12 +125,14 @@ def test_a_kv_block_of_the_wrong_dtype_is_refused_and_costs_only_its_request(mod
     frame = protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "a", "layer": 0, "k": np.ascontiguousarray(k),
                             "vv": np.ascontiguousarray(v)})
     with pytest.raises(GenerationError, match=r"float32.*KV cache is float16 \(--kv-dtype fp16\)"):
-        stage.on_kv(frame)
+        asyncio.run(stage.on_kv(frame))
+    stage.executor.submit(lambda: None).result()  # the segment's owner has run the queued close
     assert stage.segment.open_sequences == [] and not stage.active  # no slot kept
     for layer in range(4):  # the right dtype still goes through, at half the bytes
         k16, v16 = (a.astype(np.float16) for a in prefill.export_kv("a", layer))
         assert k16.nbytes * 2 == np.ascontiguousarray(prefill.export_kv("a", layer)[0]).nbytes
-        stage.on_kv(protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "b", "layer": layer, "k": k16, "vv": v16}))
+        asyncio.run(stage.on_kv(protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "b", "layer": layer, "k": k16,
+                                                "vv": v16})))
     assert stage.segment.open_sequences == ["b"] and stage.segment.length("b") == 4
     with pytest.raises(FrameError):  # k and vv of different dtypes never reach a stage
         protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "c", "layer": 0, "k": k16, "vv": k16.astype(np.float32)})

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from meshllm.errors import GenerationError, ManifestError, ModelError
+from meshllm.errors import ContextLengthError, GenerationError, ManifestError, ModelError
 from meshllm.model import graphs
 from meshllm.model.manifest import Manifest, load_manifest, verify_files
 
@@ -275,7 +275,7 @@ class Segment:
         b = len(seqs)
         total = self._len[lo:lo + b] + n_new
         if int(total.max()) > self.max_seq_len:
-            raise GenerationError(
+            raise ContextLengthError(
                 f"context length exceeded: {int(total.max())} tokens > {self.max_seq_len} (the model's context)"
             )
         io = self._io

@@ -16,7 +16,7 @@ Prefill        prefill   pv r id x meta                                     next
 Step           step      pv r ids (keys) x                                  next stage (a batch)
 KvBlock        kv        pv r id layer k vv (v)                             DECODE stage holding layer
 Begin          begin     pv r id token sampler (sampler_state) meta         DECODE replica's last stage
-Release        release   pv r id                                            every stage of a replica
+Release        release   pv r id [error {code message}]                     every stage of a replica
 CancelStream   cancel    id                                                 the request's last stage
 Done           done      id pr (prefill_replica) dr (decode_replica) finish  the scheduler
 Bounce         bounce    id why                                             the scheduler: a prompt or begin
@@ -52,6 +52,7 @@ MAX_BATCH_IDS = 1024  # request keys in one step frame
 MAX_KEY_CHARS = 256  # a request id (128 characters at most) and its attempt suffix
 MAX_TEXT_CHARS = 1024  # a bounce's reason, a digest
 MAX_SAMPLER_STATE_CHARS = 4096  # a generator's state as JSON is about 150 characters
+MAX_ERROR_CODE_CHARS = 64  # "context_length_exceeded", "internal_error", ...
 MAX_FINISH_CHARS = 32  # "stop", "length", "cancelled", "error"
 MAX_INT = 2**63 - 1  # integers travel as 64-bit msgpack values
 # Plan versions, replica ids and request keys only route a frame: one that matches nothing here finds no stage
@@ -368,14 +369,27 @@ class Release(_Frame):
     plan_version: int
     replica: int
     key: str
+    # a stage that failed the request and does not hold its reply stream asks the last stage to answer it
+    error_code: str | None = None
+    error_message: str | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {"t": "release", "pv": self.plan_version, "r": self.replica, "id": self.key}
+        d: dict[str, Any] = {"t": "release", "pv": self.plan_version, "r": self.replica, "id": self.key}
+        if self.error_code is not None:
+            d["error"] = {"code": self.error_code, "message": self.error_message or ""}
+        return d
 
     @classmethod
     def decode(cls, d: Mapping[str, Any]) -> Release:
         w = "release frame"
-        return cls(_route(w, d, "pv"), _route(w, d, "r"), _key(w, d))
+        err = d.get("error")
+        if err is None:
+            return cls(_route(w, d, "pv"), _route(w, d, "r"), _key(w, d))
+        if not isinstance(err, dict):
+            raise _fail(w, "error", "a map of code and message", err)
+        return cls(_route(w, d, "pv"), _route(w, d, "r"), _key(w, d),
+                   _str(w + " error", err, "code", MAX_ERROR_CODE_CHARS),
+                   _str(w + " error", err, "message", MAX_TEXT_CHARS, empty=True))
 
 
 @dataclass(frozen=True, eq=False)

@@ -78,7 +78,9 @@ class ServingNode:
         self.threads = threads
         self.kv_dtype = kv_dtype  # None: the model's own (ModelConfig.kv_dtype)
         self.links = PeerLinks(key=self.node.key)
+        # the segments' owner (every model step, one at a time) and, apart, loading: a roll-out never stalls decoding
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self.runners: dict[tuple[int, int], StageRunner] = {}
         self._runner_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._segment: tuple[tuple[int, int, int, int], Segment] | None = None
@@ -158,6 +160,7 @@ class ServingNode:
         await self.node.__aexit__(*exc)
         await self.links.__aexit__(*exc)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown(wait=False, cancel_futures=True)
 
     def _route(self, kind: str, handler: Any) -> None:
         self._pending_routes.append((kind, handler))
@@ -303,15 +306,15 @@ class ServingNode:
         fresh = frame.encode()
         try:
             if isinstance(frame, Prefill):
-                runner.on_prefill(fresh)
+                await runner.on_prefill(fresh)
             elif isinstance(frame, Step):
-                runner.on_step(fresh)
+                await runner.on_step(fresh)
             elif isinstance(frame, KvBlock):
-                runner.on_kv(fresh)
+                await runner.on_kv(fresh)
             elif isinstance(frame, Begin):
                 await runner.on_begin(fresh)
             elif isinstance(frame, Release):
-                runner.on_release(fresh)
+                await runner.on_release_frame(fresh)
         except GenerationError as e:
             # one request's problem: log it and keep the connection, which carries other requests
             log.error("%s: %s frame for %s refused: %s", self.node_id, frame.WIRE_TYPE,
@@ -385,14 +388,14 @@ class ServingNode:
             if segment is None:
                 try:
                     await self.files.ensure(self.manifest.segment_files(st.start, st.stop), self._fetch_sources,
-                                            self.executor)
+                                            self.loader)
                 except ModelError as e:  # out of plans from now on (its record says why); one line, no traceback
                     log.error("%s: cannot serve stage %d of plan v%d: %s", self.node_id, index, layout.version, e)
                     await self._announce({"pv": layout.version, "r": None, "error": str(e)})
                     self._retire_old(layout.version)
                     return
                 loop = asyncio.get_running_loop()
-                segment = await loop.run_in_executor(self.executor, lambda: Segment(
+                segment = await loop.run_in_executor(self.loader, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
                     spinning=False, kv_dtype=self.kv_dtype))

@@ -15,23 +15,38 @@ or, at the replica's last stage, become tokens:
   the reply topic and feeds each new token back to the first stage.
 
 KV caches stay where their layers are; per token only activations move.
+
+**One owner per segment.** The segment and its KV cache belong to the thread of
+``executor``, which must have exactly one worker: every call that reads or moves
+cache rows (open, import, export, prefill, decode, close) is queued there, in the
+order the event loop issues it, so a KV block or a release that arrives during a
+decode step waits behind it instead of landing in a row being moved. The
+bookkeeping around it (``active``, held steps, sequences) belongs to the event loop.
+
+**Every failure is answered.** Whatever fails while a request is here (its step,
+its sampling, its reply, a full inbox) ends that request alone: an error reply on
+its reply topic and a release of its KV at every stage of the replica. A stage
+that does not hold the request's reply stream (any but the last) asks the last
+stage to answer, with an ``error`` field in the release it sends there. Only a
+lost peer is left to the planner, which resumes the request on a healthy replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from meshllm.dataplane.codec import FrameError
-from meshllm.errors import GenerationError, MeshError
+from meshllm.dataplane.links import PeerUnreachable
+from meshllm.errors import ContextLengthError, GenerationError, MeshError
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
@@ -41,6 +56,8 @@ from meshllm.serve.sequence import SequenceState
 log = logging.getLogger(__name__)
 
 MAX_INBOX = 4096  # work items queued at a stage; the scheduler keeps far fewer in flight
+T = TypeVar("T")
+GATHER_FIRST_S, GATHER_MAX_S = 0.02, 0.1  # a batch waits for its stragglers at most one round, and this long
 MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
 
 
@@ -74,19 +91,25 @@ class _Item:
 
 class StageRunner:
     def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
-                 executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None) -> None:
+                 executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None,
+                 max_inbox: int = MAX_INBOX) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
-        self.executor = executor
+        self.executor = executor  # one worker: the segment's owner (see the module's docstring)
         self.compute_scale = compute_scale
         self.pace = pace
         self.is_first = index == 0
         self.is_last = index == len(replica.stages) - 1
-        self.inbox: asyncio.Queue[_Item] = asyncio.Queue(MAX_INBOX)
+        # bounded by _put: prompts up to max_inbox, steps of the sequences held here have a reserve above it
+        self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.max_inbox = max_inbox
         self.active: set[str] = set()  # requests with KV on this stage
         self._kv_missing: dict[str, int] = {}  # DECODE: layers of a handed-off prompt not yet received
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
         self._prefilling: set[str] = set()  # prompts queued here
+        self._decoding: set[str] = set()  # sequences that ran a decode step here: a batch waits for them
+        self._last_step: dict[str, float] = {}  # when each sequence last ran here
+        self._round_s = GATHER_FIRST_S  # how long a sequence takes to come back here (moving average)
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
         self.busy_s = 0.0
         self.tokens_out = 0
@@ -97,20 +120,29 @@ class StageRunner:
 
     # --- frames in ----------------------------------------------------
 
-    def _put(self, item: _Item) -> None:
-        try:
+    async def _put(self, item: _Item) -> None:
+        """Queues work; a full inbox answers "busy" for that request alone (the connection that brought it
+        carries other requests' frames and stays open). New prompts fill it only up to ``max_inbox``: the
+        rest (two steps per cache slot) is kept for the steps of sequences in flight, which a burst of
+        prompts must not crowd out."""
+        limit = self.max_inbox + (0 if item.kind == "prefill" else 2 * self.segment.max_batch)
+        if self.inbox.qsize() < limit:
             self.inbox.put_nowait(item)
-        except asyncio.QueueFull:
-            raise FrameError(f"stage inbox full ({self.inbox.maxsize} items): refusing more work") from None
+        else:
+            why = f"stage {self.index} of replica {self.replica.id} is busy ({self.inbox.qsize()} items queued)"
+            if item.kind == "prefill":
+                await self._fail(item.rid, api.BUSY, why, item.meta)
+            elif item.rid in self.active:
+                await self._fail(item.rid, api.BUSY, why)
 
-    def on_prefill(self, frame: dict[str, Any]) -> None:
+    async def on_prefill(self, frame: dict[str, Any]) -> None:
         rid = frame["id"]
         if rid in self.active or rid in self._prefilling:  # the same request dispatched twice must not run twice
             raise GenerationError(f"prefill for {rid!r}, which is already here (sent twice?)")
-        self._put(_Item("prefill", rid, frame["x"], frame["meta"]))
         self._prefilling.add(rid)
+        await self._put(_Item("prefill", rid, frame["x"], frame["meta"]))
 
-    def on_step(self, frame: dict[str, Any]) -> None:
+    async def on_step(self, frame: dict[str, Any]) -> None:
         x = frame["x"]
         for i, rid in enumerate(frame["ids"]):
             item = _Item("step", rid, x[i:i + 1])
@@ -121,10 +153,10 @@ class StageRunner:
                 if len(held) >= MAX_HELD_PER_ID or len(self._held) > self.segment.max_batch * 4:
                     raise FrameError(f"step for {rid!r} that has no KV here: too many such steps held")
                 held.append(item)
-            else:
-                self._put(item)
+            elif rid in self.active or rid in self._prefilling:  # (a step for nothing held here is dropped)
+                await self._put(item)
 
-    def on_kv(self, frame: dict[str, Any]) -> None:
+    async def on_kv(self, frame: dict[str, Any]) -> None:
         rid, layer = frame["id"], frame["layer"]
         if layer not in self.segment.layers:
             raise GenerationError(f"kv frame for layer {layer}; this stage holds layers {self.segment.layers}")
@@ -132,20 +164,27 @@ class StageRunner:
             raise GenerationError(f"kv frame for {rid!r}, whose KV is complete here (sent twice?)")
         opened = rid not in self.active
         if opened:
-            self.segment.open(rid)
             self.active.add(rid)
             self._kv_missing[rid] = len(self.segment.layers)
+        seg = self.segment
+
+        def write() -> None:
+            if opened:
+                seg.open(rid)
+            seg.import_kv(rid, layer, frame["k"], frame["vv"])
         try:
-            self.segment.import_kv(rid, layer, frame["k"], frame["vv"])
+            await self._on_segment(write)
         except MeshError:
             if opened:  # a bad first block must not keep a cache slot
                 self.on_release({"id": rid})
             raise
+        if rid not in self._kv_missing:  # released while the block was being written (its close is queued)
+            return
         self._kv_missing[rid] -= 1
         if self._kv_missing[rid] == 0:
             del self._kv_missing[rid]
             for item in self._held.pop(rid, []):
-                self._put(item)
+                await self._put(item)
 
     async def on_begin(self, frame: dict[str, Any]) -> None:
         """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
@@ -155,17 +194,39 @@ class StageRunner:
         sampling = SamplingParams(**meta["sampling"])
         state = self.fabric.make_sequence(frame["id"], meta, Sampler.restore(sampling, frame["sampler"]))
         self.sequences[frame["id"]] = state
-        await self._emit(state, frame["token"])
+        try:
+            await self._emit(state, frame["token"])
+        except PeerUnreachable as e:
+            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+        except Exception as e:
+            await self._fail(state.id, *self._error(e))
 
-    def on_release(self, frame: dict[str, Any]) -> None:
+    async def on_release_frame(self, frame: dict[str, Any]) -> None:
+        """A release from another stage; with an ``error`` (``{"code", "message"}``) that stage failed the
+        request, and this one, holding its reply stream, answers it."""
+        state = self.on_release(frame)
+        err = frame.get("error")
+        if state is not None and isinstance(err, dict):
+            code, message = str(err.get("code", api.INTERNAL))[:64], str(err.get("message", ""))[:500]
+            await self._answer(state.id, state.meta, code, message)
+
+    def on_release(self, frame: dict[str, Any]) -> SequenceState | None:
         """Frees a request's KV; at a last stage it also drops its stream without a word (the request
-        ended, or it moved to another replica after a fault and must not stream from here again)."""
+        ended, or it moved to another replica after a fault and must not stream from here again) and
+        returns it."""
         rid = frame["id"]
-        self.sequences.pop(rid, None)
+        state = self.sequences.pop(rid, None)
         self.active.discard(rid)
+        self._prefilling.discard(rid)  # (a prompt still queued here is dropped when its turn comes)
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
-        self.segment.close(rid)
+        self._decoding.discard(rid)
+        self._last_step.pop(rid, None)
+        try:
+            self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
+        except RuntimeError:  # the node is shutting down: the segment goes with it
+            pass
+        return state
 
     def on_cancel(self, rid: str) -> None:
         state = self.sequences.get(rid)
@@ -177,10 +238,8 @@ class StageRunner:
     async def run(self) -> None:
         while True:
             try:
-                await self._step()
-            except MeshError as e:  # one request's failure must not stop the stage for the others
-                log.error("stage %s of replica %d: %s", self.index, self.replica.id, e)
-            except Exception:  # nor may a bug: log it and go on with the next item
+                await self._step()  # answers the failures of its requests itself
+            except Exception:  # a bug outside any one request: log it and go on with the next item
                 log.exception("stage %s of replica %d: a work item failed", self.index, self.replica.id)
 
     async def _step(self) -> None:
@@ -188,26 +247,69 @@ class StageRunner:
         if item.kind == "prefill":
             await self._prefill(item)
             return
-        batch = [item]
-        deferred: deque[_Item] = deque()
-        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
-            nxt = self.inbox.get_nowait()
-            if nxt.kind == "step" and nxt.rid not in {b.rid for b in batch}:
-                batch.append(nxt)
-            else:
-                deferred.append(nxt)
-        for d in deferred:  # keep prompts (and a second step of one request) for later, in order
+        batch = {item.rid: item}
+        later: list[_Item] = []
+        self._take_queued(batch, later)
+        await self._gather(batch, later)
+        for d in later:  # prompts (and a second step of one request) wait for the next turn, in order
             self.inbox.put_nowait(d)
-        await self._decode([b for b in batch if b.rid in self.active])
+        await self._decode([b for b in batch.values() if b.rid in self.active])
+
+    def _take_queued(self, batch: dict[str, _Item], later: list[_Item]) -> None:
+        """Adds the steps queued now to ``batch``; anything else goes to ``later``."""
+        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
+            self._add(batch, later, self.inbox.get_nowait())
+
+    def _add(self, batch: dict[str, _Item], later: list[_Item], item: _Item) -> None:
+        if item.kind == "step" and item.rid not in batch and len(batch) < self.segment.max_batch:
+            batch[item.rid] = item
+        else:
+            later.append(item)
+
+    async def _gather(self, batch: dict[str, _Item], later: list[_Item]) -> None:
+        """Waits for the steps of the other sequences decoding here, so that the stage runs every sequence it
+        holds in one batch. Without it, sequences that started apart circulate the pipeline as sub-batches
+        that never meet (each stage forwards a batch as one frame), and batching is lost. The first stage
+        waits, so the others run the batches it forms. The wait ends when
+        they are all here, when a prompt arrives (prompts are not held up), or when the stragglers are
+        overdue (about one round of the pipeline after they last ran here; one that did not come then is not
+        waited for again until it has run here once more)."""
+        if not self.is_first or self.is_last:
+            # batches form at the replica's entrance and travel whole; a later stage that waited too could
+            # wait for a batch that waits for it. A one-stage replica feeds all its sequences back at once.
+            return
+        missing = self._decoding - batch.keys()
+        if not missing or len(batch) >= self.segment.max_batch or later:
+            return  # (prompts waiting go first: a wait would hold them up)
+        loop = asyncio.get_running_loop()
+        # each straggler comes back about one round after it last ran here
+        due = max(self._last_step.get(r, 0.0) for r in missing) + 1.5 * self._round_s
+        deadline = loop.time() + max(0.0, min(GATHER_MAX_S, due - time.monotonic()))
+        try:
+            async with asyncio.timeout_at(deadline):
+                while missing and len(batch) < self.segment.max_batch and not later:
+                    self._add(batch, later, await self.inbox.get())
+                    self._take_queued(batch, later)
+                    missing -= batch.keys()
+                    missing &= self._decoding  # (released meanwhile)
+        except TimeoutError:
+            self._decoding -= missing
+
+    async def _on_segment(self, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the segment's owner thread, after every segment call queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, seqs: list[str]) -> np.ndarray:
         """Runs ``fn`` on the segment's thread; emulating a slower device, stretches the run to its time there
         (``n`` tokens of a prompt, or a decode batch of ``n``, for ``seqs`` at their current lengths)."""
-        pace = self.pace
-        # the context only matters to pacing: not computed on the ordinary path
-        context = sum(self.segment.length(s) for s in seqs) / len(seqs) if pace is not None else 0.0
+        pace, seg = self.pace, self.segment
+
+        def run() -> tuple[float, np.ndarray]:
+            # the context only matters to pacing: not computed on the ordinary path
+            context = sum(seg.length(s) for s in seqs) / len(seqs) if pace is not None else 0.0
+            return context, fn()
         t = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        context, out = await self._on_segment(run)
         took = time.perf_counter() - t
         if pace is not None:
             await asyncio.sleep(max(0.0, pace(kind, n, context) - took))
@@ -218,18 +320,29 @@ class StageRunner:
 
     async def _prefill(self, item: _Item) -> None:
         rid, meta = item.rid, item.meta
+        if rid not in self._prefilling:  # released (failed, cancelled, moved) while it waited
+            return
         self._prefilling.discard(rid)
+        try:
+            await self._prefill_one(rid, item.x, meta)
+        except PeerUnreachable as e:
+            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+        except Exception as e:
+            await self._fail(rid, *self._error(e), meta)
+
+    async def _prefill_one(self, rid: str, x: np.ndarray, meta: dict[str, Any]) -> None:
         if self.is_first:
             meta["t_prefill_start"] = time.time()
-        try:
-            if rid not in self.active:
-                self.segment.open(rid)
-                self.active.add(rid)
-            n = int(item.x.shape[1] if item.x.ndim >= 2 else item.x.size)  # (S,) ids or (1, S, dim) hidden
-            out = await self._compute(lambda: self.segment.prefill(rid, item.x), "prefill", n, [rid])
-        except MeshError as e:
-            await self._fail(rid, meta, api.CONTEXT_LENGTH if "context" in str(e) else api.INTERNAL, str(e))
-            return
+        opened = rid not in self.active
+        self.active.add(rid)
+        seg = self.segment
+
+        def prefill() -> np.ndarray:
+            if opened:
+                seg.open(rid)
+            return seg.prefill(rid, x)
+        n = int(x.shape[1] if x.ndim >= 2 else x.size)  # (S,) ids or (1, S, dim) hidden
+        out = await self._compute(prefill, "prefill", n, [rid])
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                    {"t": "prefill", "pv": self.layout.version, "r": self.replica.id, "id": rid,
@@ -254,11 +367,16 @@ class StageRunner:
         """Ships this stage's KV for ``rid`` to the DECODE stages holding the same layers, then frees it."""
         decode = self.layout.replicas[meta["decode_r"]]
         for layer in self.segment.layers:
-            k, v = self.segment.export_kv(rid, layer)
+            k, v = await self._on_segment(functools.partial(self._export, rid, layer))
             await self.fabric.send(decode.holder(layer).node_id,
                                    {"t": "kv", "pv": self.layout.version, "r": decode.id, "id": rid,
-                                    "layer": layer, "k": np.ascontiguousarray(k), "vv": np.ascontiguousarray(v)})
+                                    "layer": layer, "k": k, "vv": v})
         self.on_release({"id": rid})
+
+    def _export(self, rid: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of one layer's KV (on the owner thread: a view would see rows that a later call moves)."""
+        k, v = self.segment.export_kv(rid, layer)
+        return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
     async def _decode(self, batch: list[_Item]) -> None:
         if not batch:  # every request of the batch was released meanwhile (cancelled, failed)
@@ -267,21 +385,60 @@ class StageRunner:
         x = np.concatenate([b.x for b in batch], axis=0)
         if self.is_first:
             x = x.reshape(len(ids))
-        out = await self._compute(lambda: self.segment.decode(ids, x), "decode", len(ids), ids)
+        try:
+            out = await self._compute(functools.partial(self.segment.decode, ids, x), "decode", len(ids), ids)
+        except Exception as e:
+            if len(ids) == 1:
+                await self._fail(ids[0], *self._error(e))
+                return
+            ids, out = await self._decode_apart(ids, x)  # find the request at fault; the others go on
+            if not ids:
+                return
+        self._ran(ids)
         if not self.is_last:
-            await self.fabric.send(self.replica.stages[self.index + 1].node_id,
-                                   {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids, "x": out})
+            try:
+                await self.fabric.send(self.replica.stages[self.index + 1].node_id,
+                                       {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids,
+                                        "x": out})
+            except PeerUnreachable as e:
+                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
             return
         feed: list[tuple[str, int]] = []
         for row, rid in enumerate(ids):
             state = self.sequences.get(rid)
             if state is None:
                 continue
-            token = state.sampler(out[row])
-            if await self._emit(state, token, send=False):
-                feed.append((rid, token))
+            try:
+                token = state.sampler(out[row])
+                if await self._emit(state, token, send=False):
+                    feed.append((rid, token))
+            except Exception as e:  # this request's sampling or reply: it alone ends
+                await self._fail(rid, *self._error(e))
         if feed:
             await self._feed(feed)
+
+    def _ran(self, ids: list[str]) -> None:
+        """Notes that ``ids`` ran here now; their time since the last run is how long a round takes."""
+        now = time.monotonic()
+        rounds = [now - t for rid in ids if (t := self._last_step.get(rid)) is not None]
+        if rounds:
+            self._round_s += 0.2 * (min(rounds) - self._round_s)
+        for rid in ids:
+            self._last_step[rid] = now
+        self._decoding.update(ids)
+
+    async def _decode_apart(self, ids: list[str], x: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """A batch failed: runs its requests one by one, failing those that fail alone."""
+        ok: list[str] = []
+        outs: list[np.ndarray] = []
+        for i, rid in enumerate(ids):
+            try:
+                outs.append(await self._compute(functools.partial(self.segment.decode, [rid], x[i:i + 1]),
+                                                "decode", 1, [rid]))
+                ok.append(rid)
+            except Exception as e:
+                await self._fail(rid, *self._error(e))
+        return ok, (np.concatenate(outs, axis=0) if outs else np.empty(0))
 
     async def _emit(self, state: SequenceState, token: int, send: bool = True) -> bool:
         """Publishes ``token`` for a request; returns True if it continues (and feeds it back when ``send``)."""
@@ -297,9 +454,12 @@ class StageRunner:
         frame = {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": [p[0] for p in pairs],
                  "x": np.array([p[1] for p in pairs], np.int64)}
         if self.is_first:  # a one-stage replica feeds itself
-            self.on_step(frame)
-        else:
+            await self.on_step(frame)
+            return
+        try:
             await self.fabric.send(self.replica.first.node_id, frame)
+        except PeerUnreachable as e:
+            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
 
     async def _finish(self, state: SequenceState) -> None:
         self.sequences.pop(state.id, None)
@@ -312,15 +472,40 @@ class StageRunner:
                 await _quietly(self.fabric.send(s.node_id, frame))
         await self.fabric.finished(state.id, state.meta, state.finish_reason or "stop")
 
-    async def _fail(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
-        await self.fabric.publish(meta["reply_to"], api.error_reply(str(meta.get("request_id", rid)), code, message))
-        await self.fabric.finished(rid, meta, "error")
+    def _error(self, e: BaseException | None) -> tuple[str, str]:
+        """The reply code and message for a request that failed here with ``e``."""
+        if isinstance(e, ContextLengthError):
+            return api.CONTEXT_LENGTH, str(e)
+        if isinstance(e, MeshError):
+            log.error("stage %s of replica %d: %s", self.index, self.replica.id, e)
+            return api.INTERNAL, str(e)
+        log.error("stage %s of replica %d: a request failed", self.index, self.replica.id, exc_info=e)
+        return api.INTERNAL, f"stage {self.index} of replica {self.replica.id} failed: {type(e).__name__}"
+
+    async def _fail(self, rid: str, code: str, message: str, meta: dict[str, Any] | None = None) -> None:
+        """Ends request ``rid`` with an error reply and frees its KV at every stage of the replica. The reply
+        comes from here if this stage holds the request's stream or ``meta``, else from the last stage."""
+        state = self.sequences.get(rid)
+        meta = state.meta if state is not None else meta
+        if meta is not None:
+            await self._answer(rid, meta, code, message)
         for s in self.replica.stages:
-            frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
+            frame: dict[str, Any] = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
+            if meta is None and s is self.replica.stages[-1]:
+                frame["error"] = {"code": code[:64], "message": message[:500]}  # protocol.Release limits
             if s.node_id == self.fabric.node_id:
                 self.on_release(frame)
             else:
                 await _quietly(self.fabric.send(s.node_id, frame))
+
+    async def _answer(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
+        if not isinstance(meta.get("reply_to"), str):  # (a frame that never had a reply topic: nobody to tell)
+            log.error("stage %s of replica %d: %s failed, no reply topic: %s", self.index, self.replica.id, rid,
+                      message)
+            return
+        await _quietly(self.fabric.publish(meta["reply_to"],
+                                           api.error_reply(str(meta.get("request_id", rid)), code, message)))
+        await _quietly(self.fabric.finished(rid, meta, "error"))
 
 
 async def _quietly(aw: Awaitable[None]) -> None:

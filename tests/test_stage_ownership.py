@@ -1,0 +1,158 @@
+"""One owner per segment: a stage whose KV cache is written by frames (KV imports, releases, new prompts)
+while it runs batched decode steps gives every sequence exactly the tokens of one process.
+
+A real :class:`StageRunner` on a real :class:`Segment` (onnxruntime) of a small random model; frames are
+handed to the stage as the node's data plane hands them (on the event loop, while a decode step runs on
+the segment's thread). The reference is the same model decoding each sequence alone (greedy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from meshllm.model.manifest import load_manifest
+from meshllm.model.tokenizer import load_tokenizer
+from meshllm.runtime.sampling import Sampler
+from meshllm.runtime.segment import Segment
+from meshllm.serve.layout import Layout
+from meshllm.serve.sequence import SequenceState
+from meshllm.serve.stage import StageRunner
+from tests.serving_harness import random_model, replica
+
+SLOTS = 6
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return random_model(tmp_path_factory.mktemp("own"))
+
+
+class Fabric:
+    """The node as a stage sees it; replies are kept per request."""
+
+    node_id = "d1"
+
+    def __init__(self, model: Path) -> None:
+        self.tokenizer = load_tokenizer(model, load_manifest(model).tokenizer)
+        self.replies: dict[str, list[dict[str, Any]]] = {}
+        self.ended: dict[str, str] = {}
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def send(self, node_id: str, frame: dict[str, Any]) -> None:
+        self.sent.append((node_id, frame))
+
+    async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.replies.setdefault(topic, []).append(payload)
+
+    def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
+        return SequenceState(request_id, meta, sampler, self.tokenizer, frozenset(), self.publish)
+
+    async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None:
+        self.ended[request_id] = finish_reason
+
+    def stream_ended(self, seq: SequenceState) -> None:
+        pass
+
+
+def meta_for(rid: str, prompt: np.ndarray, max_tokens: int, replica: int = 1) -> dict[str, Any]:
+    return {"reply_to": f"replies/{rid}", "request_id": rid, "prompt_len": int(prompt.size),
+            "last_prompt_token": int(prompt[-1]), "prefill_r": replica, "decode_r": replica,
+            "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None,
+                         "stop": []}}
+
+
+def reference(seg: Segment, prompt: np.ndarray, n: int) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+    """Greedy tokens of one sequence decoded alone, and its prompt's KV per layer (for an import)."""
+    seg.open("ref")
+    try:
+        logits = seg.prefill("ref", prompt)
+        kv = [tuple(a.copy() for a in seg.export_kv("ref", layer)) for layer in seg.layers]
+        tokens = [int(np.argmax(logits[0]))]
+        while len(tokens) < n:
+            tokens.append(int(np.argmax(seg.decode(["ref"], np.array(tokens[-1:], np.int64))[0])))
+        return tokens, kv  # type: ignore[return-value]
+    finally:
+        seg.close("ref")
+
+
+def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model: Path) -> None:
+    rng = random.Random(7)
+    ref_seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    n_seq = 240
+    seqs = []
+    for i in range(n_seq):
+        prompt = np.array([rng.randrange(3, 512) for _ in range(rng.randrange(2, 24))], np.int64)
+        max_tokens = rng.randrange(4, 48)
+        tokens, kv = reference(ref_seg, prompt, max_tokens)
+        seqs.append((f"s{i}", prompt, max_tokens, tokens, kv))
+
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
+                                                      replica(1, "mixed", [("d1", 0, 4)], slots=SLOTS)]}
+    layout = Layout.from_plan(plan)
+    fabric = Fabric(model)
+    seg = Segment(model, 0, 4, max_batch=SLOTS + 2, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    released: set[str] = set()
+    steps = 0
+    decode = seg.decode
+
+    def counting_decode(ids: Any, x: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return decode(ids, x)
+
+    seg.decode = counting_decode  # type: ignore[method-assign]
+
+    async def go() -> None:
+        task = asyncio.ensure_future(stage.run())
+        live: set[str] = set()
+        deadline = time.monotonic() + 30
+        for rid, prompt, max_tokens, tokens, kv in seqs:
+            while len(live) >= SLOTS and time.monotonic() < deadline:
+                live -= set(fabric.ended) | released
+                if live and rng.random() < 0.05:  # the planner moves a request away: its KV is freed here
+                    victim = rng.choice(sorted(live))
+                    released.add(victim)
+                    stage.on_release({"id": victim})
+                await asyncio.sleep(rng.choice((0, 0, 0.0002, 0.001)))
+            live.add(rid)
+            meta = meta_for(rid, prompt, max_tokens)
+            if rng.random() < 0.5:  # a new prompt, prefilled here
+                await stage.on_prefill({"id": rid, "x": prompt, "meta": meta})
+                continue
+            for layer, (k, v) in enumerate(kv):  # a prompt prefilled elsewhere: its KV arrives layer by layer
+                await stage.on_kv({"id": rid, "layer": layer, "k": k, "vv": v})
+                await asyncio.sleep(0)
+            await stage.on_begin({"t": "begin", "pv": 1, "r": 1, "id": rid, "token": tokens[0], "sampler": None,
+                                  "meta": meta})
+        while time.monotonic() < deadline and len(set(fabric.ended) | released) < n_seq:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: the loop runs between any two lines of a decode step
+    try:
+        asyncio.run(go())
+    finally:
+        sys.setswitchinterval(old)
+    wrong = []
+    for rid, _prompt, _n, tokens, _kv in seqs:
+        got = [m["token_id"] for m in fabric.replies.get(f"replies/{rid}", []) if "token_id" in m]
+        errors = [m["error"] for m in fabric.replies.get(f"replies/{rid}", []) if "error" in m]
+        if errors or (rid not in released and (fabric.ended.get(rid) != "length" or got != tokens)) \
+                or got != tokens[:len(got)]:
+            wrong.append((rid, fabric.ended.get(rid), errors, got[:8], tokens[:8]))
+    assert steps >= 1000, f"only {steps} decode steps ran"
+    assert not wrong, f"{len(wrong)} of {n_seq} sequences went wrong ({steps} steps), e.g. {wrong[:3]}"
+    stage.executor.submit(lambda: None).result()  # the segment's owner has run the closes queued
+    assert seg.open_sequences == [] and not stage.active, "cache slots leaked"
