@@ -456,6 +456,7 @@ WIRE_FIELDS: dict[str, tuple[str, ...]] = {
     "prefill": ("pv", "r", "id", "x", "meta"), "step": ("pv", "r", "ids", "x"),
     "kv": ("pv", "r", "id", "layer", "k", "vv"), "begin": ("pv", "r", "id", "token", "sampler", "meta"),
     "release": ("pv", "r", "id"), "cancel": ("id",), "done": ("id", "pr", "dr", "finish"), "bounce": ("id", "why")}
+OPTIONAL_WIRE_FIELDS: dict[str, tuple[str, ...]] = {"release": ("error",)}  # sent only when set
 
 
 def decode(wire: Mapping[str, Any]) -> Frame:
