@@ -59,7 +59,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         job = Job(rid, f"x/{rid}", n)
         try:
             routed = self.s.admit(job, accepted=accepted)
-        except api.RequestError as e:
+        except api.RequestFailed as e:
             if rid in self.held:
                 assert e.code == api.INVALID_REQUEST
             else:

@@ -30,7 +30,7 @@ import aiomqtt
 
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
-from meshllm.errors import MeshError, SecretError
+from meshllm.errors import MeshError, NodeIdInUse, SecretError
 from meshllm.logs import RateLimitedLog
 from meshllm.logs import clip as _short
 from meshllm.mesh import broker_check
@@ -91,10 +91,6 @@ class _SwitchBroker(Exception):
 
 class _Deaf(Exception):
     """The broker stopped delivering our own heartbeats back to us: leave this session and reconnect."""
-
-
-class NodeIdInUse(MeshError):
-    """Another live process already uses this node id on this mesh."""
 
 
 @dataclass(frozen=True)

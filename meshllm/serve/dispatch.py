@@ -111,11 +111,11 @@ class Dispatcher:
                     continue
                 self.ensure_scheduler()  # no plan yet: say so before tokenizing
                 if self._parsed.qsize() >= MAX_INTAKE:
-                    raise api.RequestError(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to "
+                    raise api.RequestFailed(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to "
                                            "be taken in; try again shortly")
                 self._preparing[req.id] = digest  # before any wait: a copy arriving meanwhile is recognised
                 self._parsed.put_nowait((req, digest))
-            except api.RequestError as e:
+            except api.RequestFailed as e:
                 if e.request_id is None and req is not None:  # e.g. no plan yet: answered all the same
                     e.request_id, e.reply_to = req.id, req.reply_to
                 await self._answer(e)
@@ -141,10 +141,10 @@ class Dispatcher:
             finally:
                 del self._preparing[req.id]
             if req.id in self._cancel_pending:
-                raise api.RequestError(api.CANCELLED, "cancelled by the client", req.id, req.reply_to)
+                raise api.RequestFailed(api.CANCELLED, "cancelled by the client", req.id, req.reply_to)
             if self.node.is_planner:
                 self._accept(req, digest, ids)
-        except api.RequestError as e:
+        except api.RequestFailed as e:
             if e.request_id is None:
                 e.request_id, e.reply_to = req.id, req.reply_to
             await self._answer(e)
@@ -165,7 +165,7 @@ class Dispatcher:
         prompt = req.prompt if req.prompt is not None else tok.apply_chat_template(list(req.messages))
         ids = tok.encode(prompt, bos=req.prompt is not None)
         if not ids:
-            raise api.RequestError(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
+            raise api.RequestFailed(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
         return ids
 
     def _seen(self, req: api.Request, digest: str) -> bool:
@@ -177,7 +177,7 @@ class Dispatcher:
                 # the same request again (a client that reconnected, or sent it again while it waited)
                 log.info("%s: request %s arrived twice; serving it once", self.node.node_id, req.id)
                 return True
-            raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
+            raise api.RequestFailed(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
                                    req.reply_to)
         ended = self._ended_digest(req.id)
         if ended is None:
@@ -189,7 +189,7 @@ class Dispatcher:
                      req.id)
             self.server.spawn(self.server.publish(self.node.topics.replay, {"id": req.id, "from": 0}))
             return True
-        raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} was used by another request that ended "
+        raise api.RequestFailed(api.INVALID_REQUEST, f"request id {req.id!r} was used by another request that ended "
                                f"less than {FINISHED_KEEP_S:g} s ago; give every request a new id", req.id,
                                req.reply_to)
 
@@ -200,7 +200,7 @@ class Dispatcher:
         default = server.manifest.config.max_seq_len if server.manifest else 0
         limit = min((r.context or default for r in sched.layout.replicas.values()), default=default)
         if len(ids) >= limit:
-            raise api.RequestError(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
+            raise api.RequestFailed(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
                                    f"of {limit} tokens", req.id, req.reply_to)
         sampling = req.sampling.to_json()
         if not req.sampling.greedy and sampling["seed"] is None:
@@ -220,7 +220,7 @@ class Dispatcher:
         else:
             server.spawn(self._start(routed))
 
-    async def _answer(self, e: api.RequestError) -> None:
+    async def _answer(self, e: api.RequestFailed) -> None:
         topics = self.node.topics
         topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
         await self.server.publish(topic, e.reply())
@@ -247,7 +247,7 @@ class Dispatcher:
     def ensure_scheduler(self) -> Scheduler:
         layout = self.server.layout
         if layout is None:
-            raise api.RequestError(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
+            raise api.RequestFailed(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
         if self.scheduler is None:
             self.scheduler = Scheduler(layout)
         self.scheduler.layout = layout
@@ -340,7 +340,7 @@ class Dispatcher:
             return  # the next planner queues it again from the journal
         try:
             routed = sched.admit(job, accepted=True)
-        except api.RequestError:
+        except api.RequestFailed:
             log.info("%s: %s was taken over meanwhile", self.node.node_id, job.id)
             return
         if routed is not None:

@@ -10,13 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshllm.errors import MeshError
+from meshllm.errors import LayoutError
 
 ROLES = ("prefill", "decode", "mixed")
-
-
-class LayoutError(MeshError):
-    """A plan that cannot be served as written."""
 
 
 def _mean_input(plan: dict[str, Any]) -> float:

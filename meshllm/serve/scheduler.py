@@ -29,8 +29,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshllm.errors import RequestFailed
 from meshllm.serve import api
-from meshllm.serve.api import RequestError
 from meshllm.serve.journal import frame_key
 from meshllm.serve.layout import Layout
 
@@ -123,7 +123,7 @@ class Scheduler:
         """Returns the job routed for dispatch now, or None if it was queued; raises busy/unavailable
         unless the job was ``accepted`` before (resumed, or taken over from a previous planner)."""
         if self.held(job.id) is not None:
-            raise RequestError(api.INVALID_REQUEST, f"request id {job.id!r} is already in progress", job.id,
+            raise RequestFailed(api.INVALID_REQUEST, f"request id {job.id!r} is already in progress", job.id,
                                job.reply_to)
         if accepted:  # never refused, and ahead of new requests
             if self._dispatch(job):
@@ -131,13 +131,13 @@ class Scheduler:
             self.queue.appendleft(job)
             return None
         if not self.layout.replicas:
-            raise RequestError(api.UNAVAILABLE, "the plan has no replica; try again shortly", job.id, job.reply_to)
+            raise RequestFailed(api.UNAVAILABLE, "the plan has no replica; try again shortly", job.id, job.reply_to)
         # With no replica ready (a plan being deployed, or re-made after a node left) the request waits in
         # the queue like one waiting for a slot: the mesh is recovering, and the queue is bounded.
         if not self.queue and self._dispatch(job):
             return job
         if len(self.queue) >= self.max_queue:
-            raise RequestError(api.BUSY, f"the mesh is busy: {len(self.queue)} requests already queued",
+            raise RequestFailed(api.BUSY, f"the mesh is busy: {len(self.queue)} requests already queued",
                                job.id, job.reply_to)
         self.queue.append(job)
         return None
