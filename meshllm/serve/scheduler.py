@@ -49,10 +49,6 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)  # what stages carry (reply topic, sampling...)
 
     @property
-    def resumed(self) -> bool:
-        return self.attempt > 0
-
-    @property
     def key(self) -> str:
         """The id its frames carry (:func:`meshllm.serve.journal.frame_key`)."""
         return frame_key(self.id, self.attempt)
@@ -104,9 +100,6 @@ class Scheduler:
             return None
         _, p, d = min(options)
         return p, d
-
-    def available(self) -> bool:
-        return any(r in self.ready for r in self.layout.replicas)
 
     def held(self, job_id: str) -> Job | None:
         """The job held under ``job_id``, running or queued."""
