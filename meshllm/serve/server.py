@@ -65,6 +65,9 @@ class ServingNode:
     def __init__(self, config: NodeConfig, *, threads: int | None = None, kv_dtype: str | None = None) -> None:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
+        from meshllm.serve.planning import PlannerDuty, PlannerOptions
+
+        planner_options = PlannerOptions.parse(config.workload, config.plan_file)  # before anything starts
         self.config = config
         self.node = Node(config)
         self.node_id = self.node.node_id
@@ -89,6 +92,7 @@ class ServingNode:
         self.journal = Journal(Sealer.for_secret(config.secret, "journal"))
         self._pending_routes: list[tuple[str, Any]] = []
         self.dispatcher = Dispatcher(self)
+        self.planner = PlannerDuty(self, planner_options)
         # streams that ended here lately, for a client's replay after a broker outage (bounded)
         self._ended: OrderedDict[str, tuple[float, SequenceState]] = OrderedDict()
         self._ready_record: dict[str, Any] | None = None
@@ -138,9 +142,6 @@ class ServingNode:
                 await self.__aexit__(None, None, None)
                 raise
             self._load_model_meta()
-        from meshllm.serve.planning import PlannerDuty
-
-        self.planner = PlannerDuty(self)
         self.spawn(self.planner.run())
         self.spawn(self._publish_stats())
         self.spawn(self._publisher())
