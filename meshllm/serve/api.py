@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshllm.errors import GenerationError, RequestFailed
-from meshllm.runtime.sampling import SamplingParams
+from meshllm.runtime.sampling import DEFAULT_SAMPLING, SamplingParams
 
 SCHEMA_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
@@ -124,7 +124,8 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     if not all(_is_utf8(s) for s in stop if isinstance(s, str)):
         raise fail("'stop' strings must be valid Unicode (they contain an unpaired surrogate)")
     # null means "the default", like an absent field
-    num: dict[str, Any] = {"max_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": None}
+    num: dict[str, Any] = {name: getattr(DEFAULT_SAMPLING, name) for name in ("max_tokens", "temperature", "top_k",
+                                                                              "top_p", "seed")}
     for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
                        ("top_p", float)):
         v = obj.get(name)
