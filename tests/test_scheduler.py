@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -146,6 +146,137 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_scheduler_invariants = SchedulerMachine.TestCase
+
+
+# --- the scheduler's routing policy, one rule at a time -------------------------------------------------------
+
+
+def _layout(*replicas: dict) -> Layout:
+    return Layout.from_plan({"version": 1, "n_layers": 4, "replicas": list(replicas)})
+
+
+def _rep(rid: int, role: str, node: str, slots: int = 4, prefill_rate: float = 1.0) -> dict:
+    return {**replica(rid, role, [(node, 0, 4)], slots=slots), "prefill_rate": prefill_rate}
+
+
+def _sched(layout: Layout, **kw: Any) -> Scheduler:
+    return Scheduler(layout, ready=set(layout.replicas), **kw)
+
+
+def test_a_prompt_goes_to_the_prefill_replica_whose_queued_tokens_clear_soonest() -> None:
+    # prefill 0 does 128 tokens/s, prefill 1 three times that (rates are prompts/s x 128 mean input tokens)
+    s = _sched(_layout(_rep(0, "prefill", "a", prefill_rate=1.0), _rep(1, "prefill", "b", prefill_rate=3.0),
+                       _rep(2, "decode", "c", slots=10)))
+    jobs = [Job(f"r{i}", "x", 100) for i in range(3)]
+    routed = [s.admit(j) for j in jobs]
+    # waits: 100/384 < 100/128; then 200/384 < 100/128; then 300/384 == 100/128, the lower id wins
+    assert [(j.prefill_r, j.decode_r) for j in routed if j is not None] == [(1, 2), (1, 2), (0, 2)]
+    assert s.pending_tokens == {1: 200, 0: 100}
+    s.prefilled("r0")  # its prompt is done: replica 1 clears sooner again
+    assert s.pending_tokens == {1: 100, 0: 100}
+    assert s.admit(Job("r3", "x", 100)).prefill_r == 1
+
+
+def test_decode_goes_to_the_replica_with_the_most_free_slots_for_its_size() -> None:
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=2), _rep(2, "decode", "c", slots=4)))
+    routed = [s.admit(Job(f"r{i}", "x", 1)) for i in range(7)]
+    # shares in use: (0/2, 0/4) -> 1 (lower id); (1/2, 0/4) -> 2; (1/2, 1/4) -> 2; (1/2, 2/4) -> 1; then 2, 2
+    assert [j.decode_r if j is not None else None for j in routed] == [1, 2, 2, 1, 2, 2, None]
+    assert s.active == {1: 2, 2: 4} and [q.id for q in s.queue] == ["r6"]
+
+
+def test_a_mixed_replica_decodes_what_it_prefilled_and_only_up_to_its_slots() -> None:
+    s = _sched(_layout(_rep(0, "mixed", "a", slots=2), _rep(1, "mixed", "b", slots=1)))
+    routed = [s.admit(Job(f"r{i}", "x", 10)) for i in range(4)]
+    assert [(j.prefill_r, j.decode_r) if j is not None else None for j in routed] == [(0, 0), (1, 1), (0, 0), None]
+
+
+def test_waiting_requests_go_in_arrival_order_and_accepted_ones_first() -> None:
+    s = _sched(_layout(_rep(0, "mixed", "a", slots=1)), max_queue=3)
+    assert s.admit(Job("run", "x", 1)) is not None
+    for rid in ("w1", "w2", "w3"):
+        assert s.admit(Job(rid, "x", 1)) is None
+    with pytest.raises(api.RequestFailed) as e:
+        s.admit(Job("w4", "x", 1))
+    assert e.value.code == api.BUSY and "3 requests already queued" in e.value.message
+    assert s.admit(Job("resumed", "x", 1), accepted=True) is None  # never refused, even beyond the bound
+    order = []
+    for done in ("run", "resumed", "w1", "w2", "w3"):
+        order += [j.id for j in s.done(done)]
+    assert order == ["resumed", "w1", "w2", "w3"]
+    assert not s.jobs and not s.queue
+
+
+def test_a_new_request_does_not_overtake_waiting_ones() -> None:
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=1)))
+    s.admit(Job("r0", "x", 1))
+    assert s.admit(Job("r1", "x", 1)) is None
+    s.forget("r0")  # a slot is free, but r1 was first: r2 waits behind it until the queue is drained
+    assert s.admit(Job("r2", "x", 1)) is None
+    assert [j.id for j in s.drain()] == ["r1"] and [q.id for q in s.queue] == ["r2"]
+
+
+def test_replicas_that_are_not_ready_get_nothing_and_requests_wait_for_them() -> None:
+    layout = _layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b"), _rep(2, "mixed", "c"))
+    s = Scheduler(layout, ready={0})  # no decode replica ready: a request waits, it is not refused
+    assert s.admit(Job("r0", "x", 5)) is None
+    s.ready = {2}
+    assert [(j.prefill_r, j.decode_r) for j in s.drain()] == [(2, 2)]
+    s.ready = {0, 1}
+    assert (s.admit(Job("r1", "x", 5)).prefill_r, s.jobs["r1"].decode_r) == (0, 1)
+
+
+def test_a_restored_job_counts_against_its_replica() -> None:
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=1)))
+    s.restore(Job("old", "x", 40, 0, 1))  # dispatched by the previous planner
+    assert s.active == {1: 1} and s.pending_tokens == {}  # its prompt is not waited on
+    assert s.admit(Job("new", "x", 1)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("arrive"), st.integers(1, 300)),
+                          st.tuples(st.just("finish"), st.integers(0, 30)),
+                          st.tuples(st.just("prefilled"), st.integers(0, 30))), max_size=80))
+def test_any_arrivals_and_completions_dispatch_each_request_once_in_order_within_capacity(events: list) -> None:
+    """Never more sequences on a decode replica than its slots; every request dispatched exactly once, in
+    arrival order; whatever was admitted is dispatched once everything before it is done."""
+    layout = _layout(_rep(0, "prefill", "a", prefill_rate=1.0), _rep(1, "prefill", "b", prefill_rate=2.0),
+                     _rep(2, "decode", "c", slots=2), _rep(3, "decode", "d", slots=3), _rep(4, "mixed", "e", slots=1))
+    s = _sched(layout, max_queue=5)
+    capacity = {2: 2, 3: 3, 4: 1}
+    admitted: list[str] = []
+    dispatched: list[str] = []
+    refused = 0
+
+    def record(jobs: list[Job]) -> None:
+        for j in jobs:
+            assert s.owns(j)
+            dispatched.append(j.id)
+
+    for i, (kind, n) in enumerate(events):
+        if kind == "arrive":
+            try:
+                routed = s.admit(Job(f"q{i}", "x", n))
+            except api.RequestFailed as e:
+                assert e.code == api.BUSY and len(s.queue) == 5
+                refused += 1
+                continue
+            admitted.append(f"q{i}")
+            record([routed] if routed is not None else [])
+        elif s.jobs:
+            running = sorted(s.jobs)
+            rid = running[n % len(running)]
+            if kind == "finish":
+                record(s.done(rid))
+            else:
+                s.prefilled(rid)
+        for r, k in s.active.items():
+            assert k <= capacity[r], f"replica {r} runs {k} sequences, it has {capacity[r]} slots"
+        assert s.violations() == []
+    while s.jobs:  # finish everything: what waited is dispatched, nothing twice, nothing left
+        record(s.done(sorted(s.jobs)[0]))
+    assert not s.queue
+    assert dispatched == admitted  # exactly once each, first come first served
 
 
 # --- the dispatcher ---------------------------------------------------------------------------------------------
