@@ -305,6 +305,7 @@ class Bench:
         self.retained: list[tuple[str, str]] = []
         self.failures: list[BaseException] = []
         self.fail_sends = 0
+        self.on_send: Any = None  # called with each frame sent, before it counts as sent
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatcher = Dispatcher(self)  # type: ignore[arg-type]
 
@@ -327,6 +328,8 @@ class Bench:
         if self.fail_sends:
             self.fail_sends -= 1
             raise PeerUnreachable(f"{node_id} is away")
+        if self.on_send is not None:
+            await self.on_send(frame)
         self.sent.append(frame)
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
@@ -353,6 +356,35 @@ class Bench:
         cleared = self.journal.on_job(rid, b"")
         if cleared is not None:
             self.dispatcher.on_journal_cleared(cleared)
+
+    def lose_b(self) -> None:
+        """Node b is gone: r1's route is stranded, and the plan is made again without it."""
+        self.node.membership.ids = ["a"]
+        self.layout = Layout.from_plan({"version": 2, "n_layers": 4, "replicas": [replica(1, "mixed", [("a", 0, 4)])]})
+
+    def broker_job(self, rid: str) -> str | None:
+        """What the broker retains on ``jobs/<rid>`` after every write so far, in order (None: never written)."""
+        writes = [d for t, d in self.retained if t == self.node.topics.job(rid)]
+        return writes[-1] if writes else None
+
+    async def stage_clears(self, rid: str) -> None:
+        """The streaming node's journal clear reaches the broker now (another MQTT client than the planner's)."""
+        self.retained.append((self.node.topics.job(rid), ""))
+
+    async def deliver_journal(self) -> None:
+        """The broker hands the planner every jobs/ message written since the last delivery, in broker order,
+        as ServingNode._on_job does."""
+        start, self._delivered = getattr(self, "_delivered", 0), len(self.retained)
+        for topic, data in self.retained[start:]:
+            if "/jobs/" not in topic:
+                continue
+            rid = topic.rsplit("/", 1)[1]
+            payload = data.encode() if isinstance(data, str) else data
+            cleared = self.journal.on_job(rid, payload)
+            if cleared is not None:
+                self.dispatcher.on_journal_cleared(cleared)
+            elif payload:
+                await self.dispatcher.on_record(rid)
 
     async def settle(self, s: float = 0.3) -> None:
         await asyncio.sleep(s)
@@ -504,3 +536,86 @@ def test_done_frame_and_journal_clear_in_either_order_end_the_request_once(order
     assert [f["id"] for f in b.sent] == ["r1", "r2"]
     sched = b.dispatcher.scheduler
     assert sched is not None and list(sched.jobs) == ["r2"] and sched.active == {0: 1}
+
+
+# --- the journal race of issue 16 item 9: a finished request's record left retained ---------------------------
+
+
+def test_a_request_that_ends_while_it_is_being_resumed_is_not_run_again_nor_journaled() -> None:
+    """Node b is lost while r1's last stage (on a) is streaming its final reply: the planner resumes r1 and
+    silences the old attempt, but the old attempt ends just as the release goes out (its done frame and journal
+    clear arrive while the planner is resuming). Before the fix the resume went on regardless: a second attempt
+    ran and its journal record, written after the clear, stayed retained."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.settle()
+        await b.deliver_journal()
+        assert b.sent_for("r1") == ["r1"] and b.broker_job("r1")
+
+        async def ends_now(frame: dict[str, Any]) -> None:
+            if frame.get("t") == "release" and frame["id"] == "r1":
+                b.finish("r1")
+                await b.stage_clears("r1")
+                await b.deliver_journal()
+        b.on_send = ends_now
+        b.lose_b()
+        await b.settle(0.5)
+        await b.deliver_journal()
+        await b.settle(0.3)
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent if f.get("t") == "prefill"] == ["r1"], "an ended request was run again"
+    assert b.broker_job("r1") == "", "the ended request's journal record is left retained"
+    assert "r1" not in b.journal.jobs
+
+
+def test_a_journal_write_that_lands_after_the_requests_clear_is_cleared_again() -> None:
+    """The planner's write of r1's next attempt and the old attempt's clear come from two MQTT clients: the
+    broker may order the clear first. The planner hears the clear (r1 ended), then its own record after it:
+    that record is the broker's last word, so the planner clears it again."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.settle()
+        await b.deliver_journal()
+
+        async def clear_overtakes(frame: dict[str, Any]) -> None:
+            if frame.get("t") == "prefill" and frame["id"] == "r1@1":
+                # attempt 1's route is journaled; the old attempt's clear reached the broker just before it
+                route = b.retained.pop()
+                await b.stage_clears("r1")
+                b.retained.append(route)
+        b.on_send = clear_overtakes
+        b.lose_b()
+        await b.settle(0.5)
+        await b.deliver_journal()  # the clear, then the route written after it
+        await b.settle(0.3)
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert b.broker_job("r1") == "", "a record written after the request's clear is left retained"
+    assert "r1" not in b.journal.jobs
+
+
+def test_a_stranded_request_that_ends_while_others_are_resumed_is_not_run_again() -> None:
+    """Losing a node strands every request routed over it; the planner resumes them one after the other, and one
+    further down the list may end meanwhile (its last stage was alive). It must not start again from scratch
+    (its checkpoint is gone with its end) with a journal record that stays while the copy runs."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.request("r2")
+        await b.settle()
+        await b.deliver_journal()
+        assert [f["id"] for f in b.sent] == ["r1", "r2"]
+
+        async def r2_ends(frame: dict[str, Any]) -> None:
+            if frame.get("t") == "release" and frame["id"] == "r1":
+                b.finish("r2")
+                await b.stage_clears("r2")
+                await b.deliver_journal()
+        b.on_send = r2_ends
+        b.lose_b()
+        await b.settle(0.5)
+        await b.deliver_journal()
+    b = run(_with_bench(body, slots=2))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent if f.get("t") == "prefill"] == ["r1", "r2", "r1@1"]
+    assert b.broker_job("r2") == "" and "r2" not in b.journal.jobs

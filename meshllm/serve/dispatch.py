@@ -382,6 +382,25 @@ class Dispatcher:
         self._close(rec)
         self.on_done({"t": "done", "id": rec.key})
 
+    async def on_record(self, request_id: str) -> None:
+        """A ``jobs/<id>`` record arrived. The planner journals a request's attempts while the node streaming it
+        clears the record at its end, over two MQTT sessions: the broker may order a write of the planner after
+        the clear. Such a record of a request that ended (this node closed it and holds no attempt of it) is
+        the broker's last word and nobody would clear it: the planner clears it again."""
+        rec = self.journal.jobs.get(request_id)
+        if rec is None or not self.node.is_planner:
+            return
+        sched = self.scheduler
+        if sched is not None and sched.held(request_id) is not None:
+            return
+        if self._ended_digest(request_id) != rec.meta.get("digest"):
+            return
+        log.info("%s: %s ended before its record %s was written; clearing it again", self.node.node_id, request_id,
+                 rec.key)
+        self.journal.jobs.pop(request_id, None)
+        self.journal.progress.pop(request_id, None)
+        await self.node.publish(self.node.topics.job(request_id), "", retain=True)
+
     async def on_cancel(self, msg: aiomqtt.Message) -> None:
         if not self.node.is_planner or msg.retain:
             return
@@ -468,6 +487,8 @@ class Dispatcher:
 
     async def _resume(self, rec: JobRecord, alive: set[str], why: str | None = None) -> None:
         assert rec.route is not None and self.scheduler is not None
+        if not self._current(rec):  # ended (or moved) while earlier requests of the same tending were resumed
+            return
         server, route = self.server, rec.route
         self.scheduler.forget(rec.id)
         old_key = rec.key
@@ -475,6 +496,11 @@ class Dispatcher:
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):
                     await server.send(n, {"t": "release", "pv": route.pv, "r": r, "id": old_key})
+        if not self._current(rec):
+            # it ended meanwhile (the old attempt streamed its final reply just before the release reached it),
+            # or another path moved it: running it again would journal an ended request anew
+            log.info("%s: not resuming %s: it ended or moved meanwhile", self.node.node_id, rec.id)
+            return
         progress = self.journal.progress_of(rec)
         max_tokens = int(rec.meta["sampling"]["max_tokens"])
         log.warning("%s: resuming %s (%s), from token %d", self.node.node_id, rec.id,
@@ -488,6 +514,12 @@ class Dispatcher:
             await server.publish_retained(self.node.topics.job(rec.id), "")
             return
         await self._readmit(rec, progress.tokens, progress.sampler, attempt=rec.attempt + 1)
+
+    def _current(self, rec: JobRecord) -> bool:
+        """Whether ``rec``'s attempt is still the journal's record of its request (by key: the journal replaces
+        a record with the copy the broker hands back)."""
+        current = self.journal.jobs.get(rec.id)
+        return current is not None and current.key == rec.key
 
     async def _readmit(self, rec: JobRecord, tokens: list[int], sampler: str | None, attempt: int | None = None
                        ) -> None:

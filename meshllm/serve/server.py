@@ -489,7 +489,8 @@ class ServingNode:
             return
         if cleared is not None:
             self.dispatcher.on_journal_cleared(cleared)
-        elif payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
+            return
+        if payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
             rec = self.journal.jobs.get(ended[1].request_id)
             if rec is not None and rec.meta.get("digest") == ended[1].meta.get("digest"):
                 # a request that ended here came back into the journal (restated by a planner that had not
@@ -497,6 +498,8 @@ class ServingNode:
                 log.info("%s: clearing the journal record of %s again", self.node_id, rec.id)
                 self.journal.jobs.pop(rec.id, None)
                 await self.publish_retained(str(msg.topic), "")
+        if payload:  # the planner's own late write of a request that ended: see Dispatcher.on_record
+            await self.dispatcher.on_record(self.node.topics.leaf(str(msg.topic)))
 
     async def _on_progress(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else b""
