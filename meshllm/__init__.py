@@ -4,10 +4,16 @@ The public API is small; everything else lives in internal modules.
 """
 
 from meshllm.errors import (
+    BrokerError,
     GenerationError,
     ManifestError,
     MeshError,
     ModelError,
+    PlanError,
+    ReplyError,
+    RequestFailed,
+    RequestTimeout,
+    SecretError,
     TokenizerError,
     UnsupportedModelError,
 )
@@ -17,11 +23,12 @@ from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.runtime.generate import Completion, LocalModel
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.runtime.segment import Segment
-from meshllm.serve.client import Chunk, Client, RequestFailed, Result
+from meshllm.serve.client import Chunk, Client, Result
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerError",
     "Chunk",
     "Client",
     "Completion",
@@ -32,9 +39,13 @@ __all__ = [
     "MeshError",
     "ModelConfig",
     "ModelError",
+    "PlanError",
+    "ReplyError",
     "RequestFailed",
+    "RequestTimeout",
     "Result",
     "SamplingParams",
+    "SecretError",
     "Segment",
     "TokenizerError",
     "UnsupportedModelError",

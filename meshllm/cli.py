@@ -75,8 +75,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from meshllm.runtime.generate import LocalModel
     from meshllm.runtime.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "seed": args.seed, "stop": tuple(args.stop or ())}
+    params = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # else the mesh's defaults
     model = LocalModel(args.model, split=args.split or (), threads=args.threads, kv_dtype=args.kv_dtype)
     if args.json:
         print(json.dumps(model.generate(args.prompt, params).to_json()))
@@ -422,11 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt in this process")
     g.add_argument("prompt")
     g.add_argument("--model", required=True, help="meshllm model directory")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int)
+    from meshllm.runtime.sampling import DEFAULT_SAMPLING as ds
+
+    # no defaults here: those of SamplingParams, which the mesh applies too
+    g.add_argument("--max-tokens", type=int, help=f"most tokens to generate (default: {ds.max_tokens})")
+    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {ds.temperature:g})")
+    g.add_argument("--top-k", type=int, help=f"keep the k most likely tokens (default: {ds.top_k} = all)")
+    g.add_argument("--top-p", type=float, help=f"nucleus sampling cut (default: {ds.top_p:g})")
+    g.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--split", type=_int_list, help="run as segments cut before these layers, e.g. 2,4")
     g.add_argument("--threads", type=int, help="onnxruntime threads per segment (default: all cores)")

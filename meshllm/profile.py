@@ -42,9 +42,6 @@ class DeviceProfile:
     links: dict[str, Link] = field(default_factory=dict)  # peer node_id -> link
     default_link: Link = Link(latency_s=0.5e-3, bandwidth_Bps=1e9 / 8 * 0.9)  # gigabit LAN when unmeasured
 
-    def link_to(self, peer: str) -> Link:
-        return self.links.get(peer, self.default_link)
-
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

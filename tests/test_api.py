@@ -1,6 +1,6 @@
 """The request/reply contract (meshllm/serve/api.py) and its JSON Schemas.
 
-Every payload either parses or raises RequestError with a known code (never
+Every payload either parses or raises RequestFailed with a known code (never
 another exception); the replies api.py builds validate against
 schemas/reply-v1.json; and schemas/request-v1.json accepts exactly what
 parse_request accepts, apart from the limits JSON Schema cannot express.
@@ -33,11 +33,11 @@ def _schema(name: str) -> Draft202012Validator:
 REQUEST_SCHEMA, REPLY_SCHEMA = _schema("request"), _schema("reply")
 
 
-def outcome(payload: bytes | str) -> api.Request | api.RequestError:
-    """parse_request's answer; any exception but RequestError fails the test."""
+def outcome(payload: bytes | str) -> api.Request | api.RequestFailed:
+    """parse_request's answer; any exception but RequestFailed fails the test."""
     try:
         req = api.parse_request(payload, REPLIES)
-    except api.RequestError as e:
+    except api.RequestFailed as e:
         assert e.code in CODES, e.code
         reply = e.reply()
         REPLY_SCHEMA.validate(reply)
@@ -53,9 +53,9 @@ def ok(obj: Any) -> api.Request:
     return r
 
 
-def refused(obj: Any, code: str = api.INVALID_REQUEST, match: str = "") -> api.RequestError:
+def refused(obj: Any, code: str = api.INVALID_REQUEST, match: str = "") -> api.RequestFailed:
     r = outcome(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
-    assert isinstance(r, api.RequestError), f"accepted: {obj!r}"
+    assert isinstance(r, api.RequestFailed), f"accepted: {obj!r}"
     assert r.code == code and match in r.message, (r.code, r.message)
     return r
 
@@ -227,7 +227,7 @@ def test_unpaired_surrogates_are_refused(field: str) -> None:
     assert ok({"id": "r", "prompt": "😀 \u2028 \ufeff \x00 \U0010ffff"}).prompt  # paired, odd but valid
 
 
-# --- fuzz: nothing but RequestError ----------------------------------------------------------
+# --- fuzz: nothing but RequestFailed ----------------------------------------------------------
 
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)  # surrogates included
 JSON_VALUES = st.recursive(
@@ -271,9 +271,9 @@ def test_fuzz_huge_prompts(n: int, ch: str) -> None:
     lone = ch == "\ud83d"  # only JSON's \u escape can carry it: 6 bytes a character, over the size limit
     r = outcome(json.dumps({"id": "r", "prompt": ch * n}, ensure_ascii=lone))
     if lone:
-        assert isinstance(r, api.RequestError) and r.code == api.INVALID_REQUEST
+        assert isinstance(r, api.RequestFailed) and r.code == api.INVALID_REQUEST
     elif n > api.MAX_PROMPT_CHARS:
-        assert isinstance(r, api.RequestError) and r.code == api.CONTEXT_LENGTH
+        assert isinstance(r, api.RequestFailed) and r.code == api.CONTEXT_LENGTH
     else:
         assert isinstance(r, api.Request)
 

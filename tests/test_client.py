@@ -81,7 +81,7 @@ class Responder:
             else:
                 try:
                     req = api.parse_request(msg.payload, self.topics.replies)
-                except api.RequestError as e:
+                except api.RequestFailed as e:
                     await self.send(e.reply_to or f"{self.topics.replies}/_invalid", e.reply())
                     continue
                 self.requests.append(req)
@@ -350,7 +350,7 @@ async def test_invalid_arguments_fail_before_anything_is_sent(broker, mesh) -> N
     async with client(broker, mesh) as c:
         with pytest.raises(RequestFailed) as e:
             c.stream("count 1", temperature=-1)
-        with pytest.raises(api.RequestError) as mesh_says:
+        with pytest.raises(api.RequestFailed) as mesh_says:
             api.parse_request(json.dumps({"id": "x", "prompt": "count 1", "temperature": -1}), "r")
         assert (e.value.code, e.value.message) == (mesh_says.value.code, mesh_says.value.message)
         for bad in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, {"prompt": ""},

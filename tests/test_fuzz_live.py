@@ -202,7 +202,7 @@ class Expect:
 def expect(payload: bytes, replies: str) -> Expect:
     try:
         req = api.parse_request(payload, replies)
-    except api.RequestError as e:
+    except api.RequestFailed as e:
         topic = e.reply_to or (f"{replies}/{e.request_id}" if e.request_id else f"{replies}/_invalid")
         return Expect(payload, topic, e.code)
     return Expect(payload, req.reply_to, None)

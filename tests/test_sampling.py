@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshllm.errors import GenerationError
-from meshllm.runtime.generate import StopStrings
 from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.runtime.stopping import StopStrings
 
 logits_st = st.lists(st.floats(-20, 20, allow_nan=False), min_size=2, max_size=60).map(
     lambda xs: np.array(xs, np.float32))

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -60,7 +60,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         job = Job(rid, f"x/{rid}", n)
         try:
             routed = self.s.admit(job, accepted=accepted)
-        except api.RequestError as e:
+        except api.RequestFailed as e:
             if rid in self.held:
                 assert e.code == api.INVALID_REQUEST
             else:
@@ -149,6 +149,137 @@ SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_co
 test_scheduler_invariants = SchedulerMachine.TestCase
 
 
+# --- the scheduler's routing policy, one rule at a time -------------------------------------------------------
+
+
+def _layout(*replicas: dict) -> Layout:
+    return Layout.from_plan({"version": 1, "n_layers": 4, "replicas": list(replicas)})
+
+
+def _rep(rid: int, role: str, node: str, slots: int = 4, prefill_rate: float = 1.0) -> dict:
+    return {**replica(rid, role, [(node, 0, 4)], slots=slots), "prefill_rate": prefill_rate}
+
+
+def _sched(layout: Layout, **kw: Any) -> Scheduler:
+    return Scheduler(layout, ready=set(layout.replicas), **kw)
+
+
+def test_a_prompt_goes_to_the_prefill_replica_whose_queued_tokens_clear_soonest() -> None:
+    # prefill 0 does 128 tokens/s, prefill 1 three times that (rates are prompts/s x 128 mean input tokens)
+    s = _sched(_layout(_rep(0, "prefill", "a", prefill_rate=1.0), _rep(1, "prefill", "b", prefill_rate=3.0),
+                       _rep(2, "decode", "c", slots=10)))
+    jobs = [Job(f"r{i}", "x", 100) for i in range(3)]
+    routed = [s.admit(j) for j in jobs]
+    # waits: 100/384 < 100/128; then 200/384 < 100/128; then 300/384 == 100/128, the lower id wins
+    assert [(j.prefill_r, j.decode_r) for j in routed if j is not None] == [(1, 2), (1, 2), (0, 2)]
+    assert s.pending_tokens == {1: 200, 0: 100}
+    s.prefilled("r0")  # its prompt is done: replica 1 clears sooner again
+    assert s.pending_tokens == {1: 100, 0: 100}
+    assert s.admit(Job("r3", "x", 100)).prefill_r == 1
+
+
+def test_decode_goes_to_the_replica_with_the_most_free_slots_for_its_size() -> None:
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=2), _rep(2, "decode", "c", slots=4)))
+    routed = [s.admit(Job(f"r{i}", "x", 1)) for i in range(7)]
+    # shares in use: (0/2, 0/4) -> 1 (lower id); (1/2, 0/4) -> 2; (1/2, 1/4) -> 2; (1/2, 2/4) -> 1; then 2, 2
+    assert [j.decode_r if j is not None else None for j in routed] == [1, 2, 2, 1, 2, 2, None]
+    assert s.active == {1: 2, 2: 4} and [q.id for q in s.queue] == ["r6"]
+
+
+def test_a_mixed_replica_decodes_what_it_prefilled_and_only_up_to_its_slots() -> None:
+    s = _sched(_layout(_rep(0, "mixed", "a", slots=2), _rep(1, "mixed", "b", slots=1)))
+    routed = [s.admit(Job(f"r{i}", "x", 10)) for i in range(4)]
+    assert [(j.prefill_r, j.decode_r) if j is not None else None for j in routed] == [(0, 0), (1, 1), (0, 0), None]
+
+
+def test_waiting_requests_go_in_arrival_order_and_accepted_ones_first() -> None:
+    s = _sched(_layout(_rep(0, "mixed", "a", slots=1)), max_queue=3)
+    assert s.admit(Job("run", "x", 1)) is not None
+    for rid in ("w1", "w2", "w3"):
+        assert s.admit(Job(rid, "x", 1)) is None
+    with pytest.raises(api.RequestFailed) as e:
+        s.admit(Job("w4", "x", 1))
+    assert e.value.code == api.BUSY and "3 requests already queued" in e.value.message
+    assert s.admit(Job("resumed", "x", 1), accepted=True) is None  # never refused, even beyond the bound
+    order = []
+    for done in ("run", "resumed", "w1", "w2", "w3"):
+        order += [j.id for j in s.done(done)]
+    assert order == ["resumed", "w1", "w2", "w3"]
+    assert not s.jobs and not s.queue
+
+
+def test_a_new_request_does_not_overtake_waiting_ones() -> None:
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=1)))
+    s.admit(Job("r0", "x", 1))
+    assert s.admit(Job("r1", "x", 1)) is None
+    s.forget("r0")  # a slot is free, but r1 was first: r2 waits behind it until the queue is drained
+    assert s.admit(Job("r2", "x", 1)) is None
+    assert [j.id for j in s.drain()] == ["r1"] and [q.id for q in s.queue] == ["r2"]
+
+
+def test_replicas_that_are_not_ready_get_nothing_and_requests_wait_for_them() -> None:
+    layout = _layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b"), _rep(2, "mixed", "c"))
+    s = Scheduler(layout, ready={0})  # no decode replica ready: a request waits, it is not refused
+    assert s.admit(Job("r0", "x", 5)) is None
+    s.ready = {2}
+    assert [(j.prefill_r, j.decode_r) for j in s.drain()] == [(2, 2)]
+    s.ready = {0, 1}
+    assert (s.admit(Job("r1", "x", 5)).prefill_r, s.jobs["r1"].decode_r) == (0, 1)
+
+
+def test_a_restored_job_counts_against_its_replica() -> None:
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=1)))
+    s.restore(Job("old", "x", 40, 0, 1))  # dispatched by the previous planner
+    assert s.active == {1: 1} and s.pending_tokens == {}  # its prompt is not waited on
+    assert s.admit(Job("new", "x", 1)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("arrive"), st.integers(1, 300)),
+                          st.tuples(st.just("finish"), st.integers(0, 30)),
+                          st.tuples(st.just("prefilled"), st.integers(0, 30))), max_size=80))
+def test_any_arrivals_and_completions_dispatch_each_request_once_in_order_within_capacity(events: list) -> None:
+    """Never more sequences on a decode replica than its slots; every request dispatched exactly once, in
+    arrival order; whatever was admitted is dispatched once everything before it is done."""
+    layout = _layout(_rep(0, "prefill", "a", prefill_rate=1.0), _rep(1, "prefill", "b", prefill_rate=2.0),
+                     _rep(2, "decode", "c", slots=2), _rep(3, "decode", "d", slots=3), _rep(4, "mixed", "e", slots=1))
+    s = _sched(layout, max_queue=5)
+    capacity = {2: 2, 3: 3, 4: 1}
+    admitted: list[str] = []
+    dispatched: list[str] = []
+    refused = 0
+
+    def record(jobs: list[Job]) -> None:
+        for j in jobs:
+            assert s.owns(j)
+            dispatched.append(j.id)
+
+    for i, (kind, n) in enumerate(events):
+        if kind == "arrive":
+            try:
+                routed = s.admit(Job(f"q{i}", "x", n))
+            except api.RequestFailed as e:
+                assert e.code == api.BUSY and len(s.queue) == 5
+                refused += 1
+                continue
+            admitted.append(f"q{i}")
+            record([routed] if routed is not None else [])
+        elif s.jobs:
+            running = sorted(s.jobs)
+            rid = running[n % len(running)]
+            if kind == "finish":
+                record(s.done(rid))
+            else:
+                s.prefilled(rid)
+        for r, k in s.active.items():
+            assert k <= capacity[r], f"replica {r} runs {k} sequences, it has {capacity[r]} slots"
+        assert s.violations() == []
+    while s.jobs:  # finish everything: what waited is dispatched, nothing twice, nothing left
+        record(s.done(sorted(s.jobs)[0]))
+    assert not s.queue
+    assert dispatched == admitted  # exactly once each, first come first served
+
+
 # --- the dispatcher ---------------------------------------------------------------------------------------------
 
 
@@ -175,6 +306,7 @@ class Bench:
         self.retained: list[tuple[str, str]] = []
         self.failures: list[BaseException] = []
         self.fail_sends = 0
+        self.on_send: Any = None  # called with each frame sent, before it counts as sent
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dispatcher = Dispatcher(self)  # type: ignore[arg-type]
 
@@ -197,6 +329,8 @@ class Bench:
         if self.fail_sends:
             self.fail_sends -= 1
             raise PeerUnreachable(f"{node_id} is away")
+        if self.on_send is not None:
+            await self.on_send(frame)
         self.sent.append(frame)
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
@@ -223,6 +357,35 @@ class Bench:
         cleared = self.journal.on_job(rid, b"")
         if cleared is not None:
             self.dispatcher.on_journal_cleared(cleared)
+
+    def lose_b(self) -> None:
+        """Node b is gone: r1's route is stranded, and the plan is made again without it."""
+        self.node.membership.ids = ["a"]
+        self.layout = Layout.from_plan({"version": 2, "n_layers": 4, "replicas": [replica(1, "mixed", [("a", 0, 4)])]})
+
+    def broker_job(self, rid: str) -> str | None:
+        """What the broker retains on ``jobs/<rid>`` after every write so far, in order (None: never written)."""
+        writes = [d for t, d in self.retained if t == self.node.topics.job(rid)]
+        return writes[-1] if writes else None
+
+    async def stage_clears(self, rid: str) -> None:
+        """The streaming node's journal clear reaches the broker now (another MQTT client than the planner's)."""
+        self.retained.append((self.node.topics.job(rid), ""))
+
+    async def deliver_journal(self) -> None:
+        """The broker hands the planner every jobs/ message written since the last delivery, in broker order,
+        as ServingNode._on_job does."""
+        start, self._delivered = getattr(self, "_delivered", 0), len(self.retained)
+        for topic, data in self.retained[start:]:
+            if "/jobs/" not in topic:
+                continue
+            rid = topic.rsplit("/", 1)[1]
+            payload = data.encode() if isinstance(data, str) else data
+            cleared = self.journal.on_job(rid, payload)
+            if cleared is not None:
+                self.dispatcher.on_journal_cleared(cleared)
+            elif payload:
+                await self.dispatcher.on_record(rid)
 
     async def settle(self, s: float = 0.3) -> None:
         await asyncio.sleep(s)
@@ -374,3 +537,86 @@ def test_done_frame_and_journal_clear_in_either_order_end_the_request_once(order
     assert [f["id"] for f in b.sent] == ["r1", "r2"]
     sched = b.dispatcher.scheduler
     assert sched is not None and list(sched.jobs) == ["r2"] and sched.active == {0: 1}
+
+
+# --- the journal race of issue 16 item 9: a finished request's record left retained ---------------------------
+
+
+def test_a_request_that_ends_while_it_is_being_resumed_is_not_run_again_nor_journaled() -> None:
+    """Node b is lost while r1's last stage (on a) is streaming its final reply: the planner resumes r1 and
+    silences the old attempt, but the old attempt ends just as the release goes out (its done frame and journal
+    clear arrive while the planner is resuming). Before the fix the resume went on regardless: a second attempt
+    ran and its journal record, written after the clear, stayed retained."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.settle()
+        await b.deliver_journal()
+        assert b.sent_for("r1") == ["r1"] and b.broker_job("r1")
+
+        async def ends_now(frame: dict[str, Any]) -> None:
+            if frame.get("t") == "release" and frame["id"] == "r1":
+                b.finish("r1")
+                await b.stage_clears("r1")
+                await b.deliver_journal()
+        b.on_send = ends_now
+        b.lose_b()
+        await b.settle(0.5)
+        await b.deliver_journal()
+        await b.settle(0.3)
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent if f.get("t") == "prefill"] == ["r1"], "an ended request was run again"
+    assert b.broker_job("r1") == "", "the ended request's journal record is left retained"
+    assert "r1" not in b.journal.jobs
+
+
+def test_a_journal_write_that_lands_after_the_requests_clear_is_cleared_again() -> None:
+    """The planner's write of r1's next attempt and the old attempt's clear come from two MQTT clients: the
+    broker may order the clear first. The planner hears the clear (r1 ended), then its own record after it:
+    that record is the broker's last word, so the planner clears it again."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.settle()
+        await b.deliver_journal()
+
+        async def clear_overtakes(frame: dict[str, Any]) -> None:
+            if frame.get("t") == "prefill" and frame["id"] == "r1@1":
+                # attempt 1's route is journaled; the old attempt's clear reached the broker just before it
+                route = b.retained.pop()
+                await b.stage_clears("r1")
+                b.retained.append(route)
+        b.on_send = clear_overtakes
+        b.lose_b()
+        await b.settle(0.5)
+        await b.deliver_journal()  # the clear, then the route written after it
+        await b.settle(0.3)
+    b = run(_with_bench(body))
+    assert b.failures == []
+    assert b.broker_job("r1") == "", "a record written after the request's clear is left retained"
+    assert "r1" not in b.journal.jobs
+
+
+def test_a_stranded_request_that_ends_while_others_are_resumed_is_not_run_again() -> None:
+    """Losing a node strands every request routed over it; the planner resumes them one after the other, and one
+    further down the list may end meanwhile (its last stage was alive). It must not start again from scratch
+    (its checkpoint is gone with its end) with a journal record that stays while the copy runs."""
+    async def body(b: Bench) -> None:
+        await b.request("r1")
+        await b.request("r2")
+        await b.settle()
+        await b.deliver_journal()
+        assert [f["id"] for f in b.sent] == ["r1", "r2"]
+
+        async def r2_ends(frame: dict[str, Any]) -> None:
+            if frame.get("t") == "release" and frame["id"] == "r1":
+                b.finish("r2")
+                await b.stage_clears("r2")
+                await b.deliver_journal()
+        b.on_send = r2_ends
+        b.lose_b()
+        await b.settle(0.5)
+        await b.deliver_journal()
+    b = run(_with_bench(body, slots=2))
+    assert b.failures == []
+    assert [f["id"] for f in b.sent if f.get("t") == "prefill"] == ["r1", "r2", "r1@1"]
+    assert b.broker_job("r2") == "" and "r2" not in b.journal.jobs

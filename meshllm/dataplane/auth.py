@@ -17,16 +17,13 @@ import hmac
 import os
 from typing import Any
 
-from meshllm.dataplane.codec import FrameError, encode, read_frame
+from meshllm.dataplane.codec import encode, read_frame
+from meshllm.errors import AuthError
 from meshllm.secret import subkey
 
 NONCE_BYTES = 16
 HANDSHAKE_TIMEOUT = 5.0
 MAX_HANDSHAKE_FRAME = 1024  # bytes; a peer that has not proven membership cannot make a node buffer more
-
-
-class AuthError(FrameError):
-    """The peer does not hold the mesh secret (or broke the handshake)."""
 
 
 def _mac(secret: bytes, role: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:

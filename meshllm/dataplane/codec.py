@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from meshllm.errors import MeshError
+from meshllm.errors import FrameError
 
 ARRAY_EXT = 1
 MAX_FRAME = 256 << 20  # bytes; a KV block of a 1B model's layer for 8k tokens fits
@@ -33,10 +33,6 @@ MAX_RANK = 8
 _U32 = struct.Struct(">I")
 _DTYPES = ["float32", "float16", "int64", "int32", "uint8"]
 _DTYPE_CODE = {np.dtype(d): i for i, d in enumerate(_DTYPES)}
-
-
-class FrameError(MeshError):
-    """A frame is malformed, too large, or of an unknown type."""
 
 
 def encode_buffers(msg: dict[str, Any]) -> list[bytes | memoryview]:

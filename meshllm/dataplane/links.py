@@ -22,13 +22,9 @@ from typing import Any
 from meshllm.dataplane.auth import connect
 from meshllm.dataplane.codec import encode_buffers
 from meshllm.dataplane.server import IDLE_TIMEOUT
-from meshllm.errors import MeshError
+from meshllm.errors import MeshError, PeerUnreachable
 
 log = logging.getLogger(__name__)
-
-
-class PeerUnreachable(MeshError):
-    """A peer's data-plane port cannot be reached."""
 
 
 class _Conn:

@@ -180,10 +180,6 @@ class Upstream:
 # --- completions ----------------------------------------------------------------
 
 
-class _ClientGone(Exception):
-    """The HTTP client disconnected."""
-
-
 class _CompletionResponse(Response):
     """Runs one mesh request and answers it, streamed or whole; cancels it if the HTTP client goes."""
 

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from meshllm.errors import APIError
 from meshllm.serve import api
 from meshllm.serve.client import OVERFLOW, PROTOCOL_ERROR, TIMEOUT
 
@@ -43,22 +44,6 @@ _STATUS: dict[str, tuple[int, str]] = {
     OVERFLOW: (502, "server_error"),
 }
 RETRY_AFTER_S = 2  # what 503 and 429 answers suggest (the Retry-After header, in seconds)
-
-
-class APIError(Exception):
-    """An answer other than 200, as OpenAI words one: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *,
-                 code: str | None = None, param: str | None = None, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.retry_after = retry_after
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after)} if self.retry_after is not None else {}
 
 
 def mesh_error(code: str, message: str) -> APIError:

@@ -30,15 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from meshllm.errors import MeshError
+from meshllm.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_S = 5.0
-
-
-class BrokerError(MeshError):
-    """The broker cannot be reached, or its URL is malformed."""
 
 
 @dataclass(frozen=True)

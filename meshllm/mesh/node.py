@@ -30,7 +30,7 @@ import aiomqtt
 
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
-from meshllm.errors import MeshError, SecretError
+from meshllm.errors import MeshError, NodeIdInUse, SecretError
 from meshllm.logs import RateLimitedLog
 from meshllm.logs import clip as _short
 from meshllm.mesh import broker_check
@@ -93,10 +93,6 @@ class _Deaf(Exception):
     """The broker stopped delivering our own heartbeats back to us: leave this session and reconnect."""
 
 
-class NodeIdInUse(MeshError):
-    """Another live process already uses this node id on this mesh."""
-
-
 @dataclass(frozen=True)
 class Incarnation:
     """Which process a node id's heartbeats and record come from: a random ``instance`` per process, and
@@ -136,7 +132,6 @@ class Node:
         self._main: asyncio.Task[None] | None = None
         self._plan_listeners: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
         self._subscriptions: list[tuple[str, Callable[[aiomqtt.Message], Awaitable[None]]]] = []
-        self._leader_tasks: list[Callable[[Node], Awaitable[None]]] = []
         self._session_listeners: list[Callable[[], Awaitable[None]]] = []
         self._broker_epochs: dict[str, str] = {}  # hosted broker URL -> epoch its host proved (one-time logins)
         self._echo = 0.0  # when our own last heartbeat came back through the broker
@@ -222,18 +217,6 @@ class Node:
     @property
     def is_planner(self) -> bool:
         return self.election.leader == self.node_id
-
-    def view(self) -> dict[str, Any]:
-        """What this node believes about the mesh (``meshllm status`` shows the same)."""
-        return {
-            "node_id": self.node_id,
-            "mesh": self.config.mesh,
-            "broker": self.broker_url,
-            "members": {m.node_id: m.info for m in self.membership.members.values()},
-            "planner": self.election.leader,
-            "term": self.election.term,
-            "plan": self.plan,
-        }
 
     def _record(self) -> dict[str, Any]:
         assert self.profile is not None

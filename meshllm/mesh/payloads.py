@@ -11,13 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from meshllm.errors import MeshError
+from meshllm.errors import PayloadError
 
 MAX_PAYLOAD = 1 << 20  # bytes: member records, planner claims and plans are far smaller
-
-
-class PayloadError(MeshError, ValueError):
-    """An MQTT payload that is not the JSON it should be (too large, malformed, too deeply nested)."""
 
 
 def loads_bounded(payload: bytes | bytearray | str, max_bytes: int = MAX_PAYLOAD) -> Any:

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from meshllm.errors import ModelError
+from meshllm.errors import QuantizeError
 
 MS_DOMAIN = "com.microsoft"
 
@@ -44,10 +44,6 @@ MS_DOMAIN = "com.microsoft"
 QUANT_DTYPES = {"int4": 4, "int8": 8}
 ACCURACY_LEVELS = (1, 4)  # fp32 compute, int8 activations (the fast CPU kernels)
 DEFAULT_BLOCK_SIZE = 32
-
-
-class QuantizeError(ModelError):
-    """Weights or a graph cannot be quantized as asked (block size, dtype, already quantized)."""
 
 
 @dataclass(frozen=True)

@@ -412,15 +412,6 @@ class CostModel:
             cuts[j + 1] = s.stop
         return dev, cuts
 
-    def kv_handoff_matrix(self, src: Sequence[Sequence[StageRef]], dst: Sequence[Sequence[StageRef]],
-                          n_tokens: float) -> np.ndarray:
-        """H[i, j] = :meth:`kv_handoff_time` of ``src[i]`` to ``dst[j]``, for all pairs at once."""
-        k = max(len(p) for p in [*src, *dst])
-        s = [self.stage_layout(p, k) for p in src]
-        d = [self.stage_layout(p, k) for p in dst]
-        return self.kv_handoff_layouts(np.stack([x[0] for x in s]), np.stack([x[1] for x in s]),
-                                       np.stack([x[0] for x in d]), np.stack([x[1] for x in d]), n_tokens)
-
     def kv_handoff_layouts(self, sdev: np.ndarray, scuts: np.ndarray, ddev: np.ndarray, dcuts: np.ndarray,
                            n_tokens: float) -> np.ndarray:
         """The hand-off matrix from layouts (:meth:`stage_layout`, stacked).

@@ -1,9 +1,7 @@
-"""The planner's error type (a :class:`~meshllm.errors.MeshError`, so the CLI prints it as one line)."""
+"""The planner's error type, kept importable from here; it lives in :mod:`meshllm.errors`."""
 
 from __future__ import annotations
 
-from meshllm.errors import MeshError
+from meshllm.errors import PlanError
 
-
-class PlanError(MeshError):
-    """Planner input is invalid (device file, workload spec, model costs) or no plan can serve the model."""
+__all__ = ["PlanError"]

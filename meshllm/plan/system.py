@@ -446,7 +446,3 @@ class SystemModel:
                     seed=seed, notes=tuple(scored.notes) + tuple(notes))
         plan.validate()
         return plan
-
-    def plan_for_groups(self, groups: Iterable[Iterable[int]], method: str, version: int = 1,
-                        seed: int | None = None) -> Plan:
-        return self.to_plan(self.score(groups), method, version, seed)

@@ -1,9 +1,9 @@
 """Generation in one process: a model run as one or more consecutive segments.
 
 :class:`LocalModel` is what ``meshllm generate`` runs, and the reference that
-the mesh must equal token for token: the same segments, the same sampler, the
-same stop rules (EOS ids, llama2.c's stop on BOS, stop strings, max tokens,
-the context length).
+the mesh must equal token for token: the same segments, the same sampler (and
+its defaults, :class:`~meshllm.runtime.sampling.SamplingParams`), the same
+stop rule (:class:`~meshllm.runtime.stopping.StopRule`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import numpy as np
 
 from meshllm.errors import GenerationError
 from meshllm.model.manifest import Manifest, load_manifest, verify_files
-from meshllm.model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from meshllm.model.tokenizer import Tokenizer, load_tokenizer
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
+from meshllm.runtime.stopping import StopRule
 
 
 @dataclass
@@ -52,34 +53,6 @@ class Completion:
                 "decode_tokens_per_second": self.decode_tokens_per_second,
             },
         }
-
-
-class StopStrings:
-    """Finds stop strings in streamed text, holding back what could start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(stops)
-        self.text = ""
-        self.emitted = 0
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Adds text; returns (text safe to emit now, whether a stop string was hit)."""
-        self.text += delta
-        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.text = self.text[self.emitted:cut], self.text[:cut]
-            self.emitted = cut
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = len(self.text) - hold
-        out = self.text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return out, False
-
-    def flush(self) -> str:
-        out = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return out
 
 
 class LocalModel:
@@ -155,41 +128,29 @@ class LocalModel:
                 f"prompt of {len(ids)} tokens does not fit the context of {self.max_seq_len} tokens")
         done = Completion(prompt_ids=ids)
         sampler = Sampler(params)
-        stop_ids = self.config.stop_ids()
-        detok = StreamDecoder(self.tokenizer, prev=ids[-1])
-        stops = StopStrings(params.stop)
+        rule = StopRule(self.tokenizer, self.config.stop_ids(), params.stop, params.max_tokens, len(ids), ids[-1])
         seq = self.open()
         try:
             t0 = time.perf_counter()
             logits = self.prefill(seq, ids)
             done.prefill_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            hit = False
             while True:
                 token = sampler(logits)
-                if token in stop_ids:
-                    done.finish_reason = "stop"
-                    break
-                done.token_ids.append(token)
-                text, hit = stops.push(detok.push(token))
-                done.text += text
-                if text:
-                    yield text, done
-                if hit:
-                    done.finish_reason = "stop"
-                    break
-                if len(done.token_ids) >= params.max_tokens or len(ids) + len(done.token_ids) >= self.max_seq_len:
-                    done.finish_reason = "length"
+                step = rule.push(token, self.max_seq_len)
+                if step.kept:
+                    done.token_ids.append(token)
+                done.text += step.text
+                if step.text:
+                    yield step.text, done
+                if step.finish is not None:
                     break
                 logits = self.decode([seq], [token])[0]
             done.decode_seconds = time.perf_counter() - t1
-            if not hit:  # release what the detokenizer and the stop matcher held back
-                text, hit = stops.push(detok.flush())
-                text += "" if hit else stops.flush()
-                done.finish_reason = "stop" if hit else done.finish_reason
-                done.text += text
-                if text:
-                    yield text, done
+            text, done.finish_reason = rule.finish(step.finish)  # what the stop rule held back
+            done.text += text
+            if text:
+                yield text, done
         finally:
             self.close(seq)
         yield "", done

@@ -18,6 +18,10 @@ from meshllm.errors import GenerationError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples. The field defaults are the only sampling defaults: the mesh (a request
+    that leaves a field out), ``meshllm generate`` and ``meshllm ask`` all take them from here, so the
+    single-process reference samples exactly as the mesh does."""
+
     max_tokens: int = 128
     temperature: float = 0.8  # 0 means greedy
     top_k: int = 0  # 0 means no top-k cut
@@ -53,6 +57,9 @@ class SamplingParams:
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+DEFAULT_SAMPLING = SamplingParams()
 
 
 class Sampler:

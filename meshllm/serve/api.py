@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshllm.errors import GenerationError, MeshError
-from meshllm.runtime.sampling import SamplingParams
+from meshllm.errors import GenerationError, RequestFailed
+from meshllm.runtime.sampling import DEFAULT_SAMPLING, SamplingParams
 
 SCHEMA_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
@@ -58,17 +58,6 @@ INTERNAL = "internal_error"
 CANCELLED = "cancelled"
 
 
-class RequestError(MeshError):
-    """A request the mesh refuses; carries what is needed to answer it."""
-
-    def __init__(self, code: str, message: str, request_id: str | None = None, reply_to: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.request_id, self.reply_to = code, message, request_id, reply_to
-
-    def reply(self) -> dict[str, Any]:
-        return error_reply(self.request_id, self.code, self.message)
-
-
 @dataclass(frozen=True)
 class Request:
     id: str
@@ -91,14 +80,14 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     size = len(payload) if isinstance(payload, (bytes, bytearray)) else len(payload.encode("utf-8", "surrogatepass"))
     if size > MAX_REQUEST_BYTES:
         rid, reply_to = _answerable(payload, size, default_reply)
-        raise RequestError(INVALID_REQUEST, f"request of {size} bytes exceeds {MAX_REQUEST_BYTES} bytes", rid,
+        raise RequestFailed(INVALID_REQUEST, f"request of {size} bytes exceeds {MAX_REQUEST_BYTES} bytes", rid,
                            reply_to)
     obj = _load(payload)
     rid = _request_id(obj)
     reply_to = _reply_topic(obj, rid, default_reply)
 
-    def fail(msg: str, code: str = INVALID_REQUEST) -> RequestError:
-        return RequestError(code, msg, rid, reply_to)
+    def fail(msg: str, code: str = INVALID_REQUEST) -> RequestFailed:
+        return RequestFailed(code, msg, rid, reply_to)
 
     unknown = sorted(set(obj) - FIELDS)
     if unknown:
@@ -135,7 +124,8 @@ def parse_request(payload: bytes | str, default_reply: str) -> Request:
     if not all(_is_utf8(s) for s in stop if isinstance(s, str)):
         raise fail("'stop' strings must be valid Unicode (they contain an unpaired surrogate)")
     # null means "the default", like an absent field
-    num: dict[str, Any] = {"max_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": None}
+    num: dict[str, Any] = {name: getattr(DEFAULT_SAMPLING, name) for name in ("max_tokens", "temperature", "top_k",
+                                                                              "top_p", "seed")}
     for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
                        ("top_p", float)):
         v = obj.get(name)
@@ -171,18 +161,18 @@ def _load(payload: bytes | str) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(INVALID_JSON, f"request is not valid JSON: {e}") from None
+        raise RequestFailed(INVALID_JSON, f"request is not valid JSON: {e}") from None
     except RecursionError:
-        raise RequestError(INVALID_JSON, "request is not valid JSON: nested too deeply") from None
+        raise RequestFailed(INVALID_JSON, "request is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
-        raise RequestError(INVALID_REQUEST, "request must be a JSON object")
+        raise RequestFailed(INVALID_REQUEST, "request must be a JSON object")
     return obj
 
 
 def _request_id(obj: dict[str, Any]) -> str:
     rid = obj.get("id")
     if not isinstance(rid, str) or not _ID.match(rid):
-        raise RequestError(INVALID_REQUEST, "'id' must be a string of 1-128 letters, digits, '_', '.', ':', '-'",
+        raise RequestFailed(INVALID_REQUEST, "'id' must be a string of 1-128 letters, digits, '_', '.', ':', '-'",
                            rid if isinstance(rid, str) and _ID.match(rid or "") else None)
     return rid
 
@@ -191,11 +181,11 @@ def _reply_topic(obj: dict[str, Any], rid: str, default_reply: str) -> str:
     # null means "the default" for every optional field, as OpenAI-style clients send it
     reply_to = obj.get("reply_to") if obj.get("reply_to") is not None else f"{default_reply}/{rid}"
     if not _is_topic(reply_to):
-        raise RequestError(INVALID_REQUEST, f"'reply_to' must be an MQTT topic of 1-{MAX_TOPIC_CHARS} characters, "
+        raise RequestFailed(INVALID_REQUEST, f"'reply_to' must be an MQTT topic of 1-{MAX_TOPIC_CHARS} characters, "
                            "without wildcards, control characters or a leading '$'", rid)
     if reply_to.split("/", 1)[0] == "meshllm" and not reply_to.startswith(f"{default_reply}/"):
         # nodes publish replies with their own broker login: never onto the mesh's state (members, plan...)
-        raise RequestError(INVALID_REQUEST, f"'reply_to' under meshllm/ must be under {default_reply}/", rid)
+        raise RequestFailed(INVALID_REQUEST, f"'reply_to' under meshllm/ must be under {default_reply}/", rid)
     return reply_to
 
 
@@ -207,11 +197,11 @@ def _answerable(payload: bytes | str, size: int, default_reply: str) -> tuple[st
     try:
         obj = _load(payload)
         rid = _request_id(obj)
-    except RequestError:
+    except RequestFailed:
         return None, None
     try:
         return rid, _reply_topic(obj, rid, default_reply)
-    except RequestError:
+    except RequestFailed:
         return rid, None  # answered on the default reply topic of its id
 
 

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from meshllm.cli import add_login_option
+from meshllm.runtime.sampling import DEFAULT_SAMPLING as ds
 
 
 def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,10 +26,10 @@ def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
     add_login_option(a)
     a.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
-    a.add_argument("--max-tokens", type=int, help="most tokens to generate (mesh default: 128)")
-    a.add_argument("--temperature", type=float, help="0 = greedy (mesh default: 0.8)")
-    a.add_argument("--top-p", type=float, help="nucleus sampling cut (mesh default: 1)")
-    a.add_argument("--top-k", type=int, help="keep the k most likely tokens (mesh default: 0 = all)")
+    a.add_argument("--max-tokens", type=int, help=f"most tokens to generate (mesh default: {ds.max_tokens})")
+    a.add_argument("--temperature", type=float, help=f"0 = greedy (mesh default: {ds.temperature:g})")
+    a.add_argument("--top-p", type=float, help=f"nucleus sampling cut (mesh default: {ds.top_p:g})")
+    a.add_argument("--top-k", type=int, help=f"keep the k most likely tokens (mesh default: {ds.top_k} = all)")
     a.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     a.add_argument("--stop", action="append", help="stop string (repeatable)")
     a.add_argument("--json", action="store_true", help="print the result as one JSON object (text, token ids, "

@@ -34,7 +34,7 @@ from typing import Any, TypeGuard
 
 import aiomqtt
 
-from meshllm.errors import MeshError
+from meshllm.errors import PROTOCOL_ERROR, TIMEOUT, MeshError, ReplyError, RequestFailed, RequestTimeout
 from meshllm.mesh.access import with_login
 from meshllm.mesh.broker import BrokerError, BrokerURL
 from meshllm.mesh.status import find_broker
@@ -59,32 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # error codes the client raises itself (the mesh's own codes are re-exported from api above)
-TIMEOUT = "timeout"
-PROTOCOL_ERROR = "protocol_error"
 OVERFLOW = "overflow"
-
-
-class RequestFailed(MeshError):
-    """A request failed: the mesh's ``error`` object, the same refusal found before sending
-    (``invalid_request``, ``context_length_exceeded``), or one of the client-side codes."""
-
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{message} ({code})")
-        self.code, self.message, self.request_id = code, message, request_id
-
-
-class RequestTimeout(RequestFailed):
-    """The mesh did not answer in time (``first_token_timeout`` or ``idle_timeout``)."""
-
-    def __init__(self, message: str, request_id: str | None = None) -> None:
-        super().__init__(TIMEOUT, message, request_id)
-
-
-class ReplyError(RequestFailed):
-    """The reply stream broke the v1 contract (a gap, a malformed message), or fell too far behind."""
-
-    def __init__(self, message: str, request_id: str | None = None, code: str = PROTOCOL_ERROR) -> None:
-        super().__init__(code, message, request_id)
 
 
 @dataclass(frozen=True)
@@ -453,10 +428,7 @@ class Client:
             payload = json.dumps(obj).encode("ascii")
         except (TypeError, ValueError) as e:
             raise RequestFailed(INVALID_REQUEST, f"request is not JSON-serializable: {e}", rid) from None
-        try:
-            req = api.parse_request(payload, self.topics.replies)
-        except api.RequestError as e:
-            raise RequestFailed(e.code, e.message, e.request_id) from None
+        req = api.parse_request(payload, self.topics.replies)  # the mesh's own refusal, raised here
         if rid in self._inflight:
             raise RequestFailed(INVALID_REQUEST, f"request id {rid!r} is already in flight on this client", rid)
         return self._run(req, payload, self.first_token_timeout if first_token_timeout is None else first_token_timeout,

@@ -112,11 +112,11 @@ class Dispatcher:
                     continue
                 self.ensure_scheduler()  # no plan yet: say so before tokenizing
                 if self._parsed.qsize() >= MAX_INTAKE:
-                    raise api.RequestError(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to "
+                    raise api.RequestFailed(api.BUSY, f"the mesh is busy: {MAX_INTAKE} requests already waiting to "
                                            "be taken in; try again shortly")
                 self._preparing[req.id] = digest  # before any wait: a copy arriving meanwhile is recognised
                 self._parsed.put_nowait((req, digest))
-            except api.RequestError as e:
+            except api.RequestFailed as e:
                 if e.request_id is None and req is not None:  # e.g. no plan yet: answered all the same
                     e.request_id, e.reply_to = req.id, req.reply_to
                 await self._answer(e)
@@ -142,10 +142,10 @@ class Dispatcher:
             finally:
                 del self._preparing[req.id]
             if req.id in self._cancel_pending:
-                raise api.RequestError(api.CANCELLED, "cancelled by the client", req.id, req.reply_to)
+                raise api.RequestFailed(api.CANCELLED, "cancelled by the client", req.id, req.reply_to)
             if self.node.is_planner:
                 self._accept(req, digest, ids)
-        except api.RequestError as e:
+        except api.RequestFailed as e:
             if e.request_id is None:
                 e.request_id, e.reply_to = req.id, req.reply_to
             await self._answer(e)
@@ -166,7 +166,7 @@ class Dispatcher:
         prompt = req.prompt if req.prompt is not None else tok.apply_chat_template(list(req.messages))
         ids = tok.encode(prompt, bos=req.prompt is not None)
         if not ids:
-            raise api.RequestError(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
+            raise api.RequestFailed(api.INVALID_REQUEST, "the prompt encodes to no tokens", req.id, req.reply_to)
         return ids
 
     def _seen(self, req: api.Request, digest: str) -> bool:
@@ -178,7 +178,7 @@ class Dispatcher:
                 # the same request again (a client that reconnected, or sent it again while it waited)
                 log.info("%s: request %s arrived twice; serving it once", self.node.node_id, req.id)
                 return True
-            raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
+            raise api.RequestFailed(api.INVALID_REQUEST, f"request id {req.id!r} is already in progress", req.id,
                                    req.reply_to)
         ended = self._ended_digest(req.id)
         if ended is None:
@@ -190,7 +190,7 @@ class Dispatcher:
                      req.id)
             self.server.spawn(self.server.publish(self.node.topics.replay, {"id": req.id, "from": 0}))
             return True
-        raise api.RequestError(api.INVALID_REQUEST, f"request id {req.id!r} was used by another request that ended "
+        raise api.RequestFailed(api.INVALID_REQUEST, f"request id {req.id!r} was used by another request that ended "
                                f"less than {FINISHED_KEEP_S:g} s ago; give every request a new id", req.id,
                                req.reply_to)
 
@@ -201,7 +201,7 @@ class Dispatcher:
         default = server.manifest.config.max_seq_len if server.manifest else 0
         limit = min((r.context or default for r in sched.layout.replicas.values()), default=default)
         if len(ids) >= limit:
-            raise api.RequestError(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
+            raise api.RequestFailed(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
                                    f"of {limit} tokens", req.id, req.reply_to)
         sampling = req.sampling.to_json()
         if not req.sampling.greedy and sampling["seed"] is None:
@@ -221,7 +221,7 @@ class Dispatcher:
         else:
             server.spawn(self._start(routed))
 
-    async def _answer(self, e: api.RequestError) -> None:
+    async def _answer(self, e: api.RequestFailed) -> None:
         topics = self.node.topics
         topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
         await self.server.publish(topic, e.reply())
@@ -248,7 +248,7 @@ class Dispatcher:
     def ensure_scheduler(self) -> Scheduler:
         layout = self.server.layout
         if layout is None:
-            raise api.RequestError(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
+            raise api.RequestFailed(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
         if self.scheduler is None:
             self.scheduler = Scheduler(layout)
         self.scheduler.layout = layout
@@ -341,7 +341,7 @@ class Dispatcher:
             return  # the next planner queues it again from the journal
         try:
             routed = sched.admit(job, accepted=True)
-        except api.RequestError:
+        except api.RequestFailed:
             log.info("%s: %s was taken over meanwhile", self.node.node_id, job.id)
             return
         if routed is not None:
@@ -385,6 +385,25 @@ class Dispatcher:
         also a 'done' for a planner that missed the frame."""
         self._close(rec)
         self._ended(rec.key)
+
+    async def on_record(self, request_id: str) -> None:
+        """A ``jobs/<id>`` record arrived. The planner journals a request's attempts while the node streaming it
+        clears the record at its end, over two MQTT sessions: the broker may order a write of the planner after
+        the clear. Such a record of a request that ended (this node closed it and holds no attempt of it) is
+        the broker's last word and nobody would clear it: the planner clears it again."""
+        rec = self.journal.jobs.get(request_id)
+        if rec is None or not self.node.is_planner:
+            return
+        sched = self.scheduler
+        if sched is not None and sched.held(request_id) is not None:
+            return
+        if self._ended_digest(request_id) != rec.meta.get("digest"):
+            return
+        log.info("%s: %s ended before its record %s was written; clearing it again", self.node.node_id, request_id,
+                 rec.key)
+        self.journal.jobs.pop(request_id, None)
+        self.journal.progress.pop(request_id, None)
+        await self.node.publish(self.node.topics.job(request_id), "", retain=True)
 
     async def on_cancel(self, msg: aiomqtt.Message) -> None:
         if not self.node.is_planner or msg.retain:
@@ -472,6 +491,8 @@ class Dispatcher:
 
     async def _resume(self, rec: JobRecord, alive: set[str], why: str | None = None) -> None:
         assert rec.route is not None and self.scheduler is not None
+        if not self._current(rec):  # ended (or moved) while earlier requests of the same tending were resumed
+            return
         server, route = self.server, rec.route
         self.scheduler.forget(rec.id)
         old_key = rec.key
@@ -479,6 +500,11 @@ class Dispatcher:
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):
                     await server.send(n, Release(route.pv, r, old_key).encode())
+        if not self._current(rec):
+            # it ended meanwhile (the old attempt streamed its final reply just before the release reached it),
+            # or another path moved it: running it again would journal an ended request anew
+            log.info("%s: not resuming %s: it ended or moved meanwhile", self.node.node_id, rec.id)
+            return
         progress = self.journal.progress_of(rec)
         max_tokens = int(rec.meta["sampling"]["max_tokens"])
         log.warning("%s: resuming %s (%s), from token %d", self.node.node_id, rec.id,
@@ -492,6 +518,12 @@ class Dispatcher:
             await server.publish_retained(self.node.topics.job(rec.id), "")
             return
         await self._readmit(rec, progress.tokens, progress.sampler, attempt=rec.attempt + 1)
+
+    def _current(self, rec: JobRecord) -> bool:
+        """Whether ``rec``'s attempt is still the journal's record of its request (by key: the journal replaces
+        a record with the copy the broker hands back)."""
+        current = self.journal.jobs.get(rec.id)
+        return current is not None and current.key == rec.key
 
     async def _readmit(self, rec: JobRecord, tokens: list[int], sampler: str | None, attempt: int | None = None
                        ) -> None:

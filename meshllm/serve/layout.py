@@ -13,13 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshllm.errors import MeshError
+from meshllm.errors import LayoutError
 from meshllm.plan.errors import PlanError
 from meshllm.plan.plan import Plan, PublishedPlan, Role
-
-
-class LayoutError(MeshError):
-    """A plan that cannot be served as written."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshllm.errors import ManifestError, MeshError, ModelError
+from meshllm.errors import ManifestError, MeshError, ModelError, NoModelSource
 from meshllm.model.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
 from meshllm.model.tokenizer import Tokenizer, load_tokenizer
 from meshllm.serve.fetch import fetch_file, missing_files, serve_fetch
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 START_WAIT_S = 60.0  # a node with an empty model directory waits this long for a peer holding the model
 DEPLOY_WAIT_S = 5.0  # at deploy the members are known: a short grace for a peer's record to arrive
 WAIT_LOG_S = 10.0  # while waiting for a peer, say so this often
-
-
-class _NoPeer(ModelError):
-    """No member holds the model to fetch from."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +115,7 @@ class ModelFiles:
         while not (found := peers(self.model_sha)):
             now = time.monotonic()
             if now - start > wait_s:
-                raise _NoPeer(f"no peer holds the model files ({', '.join(files[:3])}"
+                raise NoModelSource(f"no peer holds the model files ({', '.join(files[:3])}"
                               f"{', ...' if len(files) > 3 else ''}) after {wait_s:g} s: start a node whose "
                               f"--model directory holds them, or copy the model into {self.dir}")
             if now - said >= WAIT_LOG_S:
@@ -177,7 +173,7 @@ class ModelFiles:
                 try:
                     await self.fetch(list(bad), peers, wait_s)
                 except ModelError as e:
-                    why = "no member holds the model" if isinstance(e, _NoPeer) else str(e)
+                    why = "no member holds the model" if isinstance(e, NoModelSource) else str(e)
                     raise ModelError(f"{first}; no peer could give a good copy ({why}): put a good copy of the "
                                      f"model in {self.dir} and restart this node") from None
                 still = await self._verify(list(bad), executor)

@@ -8,6 +8,9 @@ plan, stamped with its term, when it is new or clearly better than the
 current one (hysteresis). An operator may pin a plan instead
 (``--plan-file``); the duty then publishes that plan as soon as all its nodes
 are members, and plans for the remaining members while one of them is gone.
+The options (``--workload``, ``--plan-file``) are checked by
+:meth:`PlannerOptions.parse` when the node is built, before it joins the mesh:
+a typo stops ``meshllm node`` with one line, not a mesh that never gets a plan.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from meshllm.errors import ConfigError, PlanError
+from meshllm.plan.workload import Workload
 from meshllm.profile import DeviceProfile, Link
 
 if TYPE_CHECKING:
@@ -54,13 +60,49 @@ def servable(members: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {i: info for i, info in members.items() if ok(i, info)}
 
 
+@dataclass(frozen=True)
+class PlannerOptions:
+    """A node's planner options, checked: the ``--workload`` spec parsed, the ``--plan-file`` read."""
+
+    workload: Workload | None = None  # None: the default for the model's context (PlannerDuty.workload)
+    pinned: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, workload: str | None, plan_file: str | None) -> PlannerOptions:
+        """:class:`~meshllm.errors.ConfigError` naming the option at fault if either cannot be used."""
+        parsed = None
+        if workload is not None:
+            try:
+                parsed = Workload.parse(workload)
+            except PlanError as e:
+                raise ConfigError(f"--workload {workload!r}: {e}") from None
+        return cls(parsed, _pinned_plan(plan_file) if plan_file else None)
+
+
+def _pinned_plan(path: str) -> dict[str, Any]:
+    """The plan in ``path``, checked as far as the planner duty reads it (replicas of stages on node ids)."""
+    try:
+        plan = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--plan-file {path}: cannot read it: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--plan-file {path}: not a JSON plan: {e}") from None
+    replicas = plan.get("replicas") if isinstance(plan, dict) else None
+    if not isinstance(replicas, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("stages"), list) and r["stages"]
+            and all(isinstance(s, dict) and isinstance(s.get("node_id"), str) for s in r["stages"])
+            for r in replicas):
+        raise ConfigError(f"--plan-file {path}: not a plan: it needs \"replicas\", each a list of \"stages\" "
+                          "with a \"node_id\" (as `meshllm plan` writes)")
+    return plan
+
+
 class PlannerDuty:
-    def __init__(self, server: ServingNode) -> None:
+    def __init__(self, server: ServingNode, options: PlannerOptions) -> None:
         self.server = server
+        self.options = options
         self.version = 0
-        self.pinned: dict[str, Any] | None = None
-        if server.config.plan_file:
-            self.pinned = json.loads(Path(server.config.plan_file).read_text())
+        self.pinned = options.pinned
 
     async def run(self) -> None:
         node = self.server.node
@@ -143,8 +185,6 @@ class PlannerDuty:
     def workload(self, max_seq_len: int) -> Any:
         """The workload plans are made for: ``--workload``, else prompts and answers of half the context each
         at one request per second (so that every replica reserves the model's whole context per slot)."""
-        from meshllm.plan import Workload
-
-        if self.server.config.workload:
-            return Workload.parse(self.server.config.workload)
+        if self.options.workload is not None:
+            return self.options.workload
         return Workload.simple(max_seq_len / 2, max_seq_len / 2, 1.0, name="default")

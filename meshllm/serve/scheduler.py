@@ -29,8 +29,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshllm.errors import RequestFailed
 from meshllm.serve import api
-from meshllm.serve.api import RequestError
 from meshllm.serve.journal import frame_key
 from meshllm.serve.layout import Layout
 
@@ -47,10 +47,6 @@ class Job:
     # table beside the scheduler that could go out of step with it
     prompt: list[int] = field(default_factory=list, repr=False)  # token ids to prefill (with resumed tokens)
     meta: dict[str, Any] = field(default_factory=dict, repr=False)  # what stages carry (reply topic, sampling...)
-
-    @property
-    def resumed(self) -> bool:
-        return self.attempt > 0
 
     @property
     def key(self) -> str:
@@ -105,9 +101,6 @@ class Scheduler:
         _, p, d = min(options)
         return p, d
 
-    def available(self) -> bool:
-        return any(r in self.ready for r in self.layout.replicas)
-
     def held(self, job_id: str) -> Job | None:
         """The job held under ``job_id``, running or queued."""
         job = self.jobs.get(job_id)
@@ -123,7 +116,7 @@ class Scheduler:
         """Returns the job routed for dispatch now, or None if it was queued; raises busy/unavailable
         unless the job was ``accepted`` before (resumed, or taken over from a previous planner)."""
         if self.held(job.id) is not None:
-            raise RequestError(api.INVALID_REQUEST, f"request id {job.id!r} is already in progress", job.id,
+            raise RequestFailed(api.INVALID_REQUEST, f"request id {job.id!r} is already in progress", job.id,
                                job.reply_to)
         if accepted:  # never refused, and ahead of new requests
             if self._dispatch(job):
@@ -131,13 +124,13 @@ class Scheduler:
             self.queue.appendleft(job)
             return None
         if not self.layout.replicas:
-            raise RequestError(api.UNAVAILABLE, "the plan has no replica; try again shortly", job.id, job.reply_to)
+            raise RequestFailed(api.UNAVAILABLE, "the plan has no replica; try again shortly", job.id, job.reply_to)
         # With no replica ready (a plan being deployed, or re-made after a node left) the request waits in
         # the queue like one waiting for a slot: the mesh is recovering, and the queue is bounded.
         if not self.queue and self._dispatch(job):
             return job
         if len(self.queue) >= self.max_queue:
-            raise RequestError(api.BUSY, f"the mesh is busy: {len(self.queue)} requests already queued",
+            raise RequestFailed(api.BUSY, f"the mesh is busy: {len(self.queue)} requests already queued",
                                job.id, job.reply_to)
         self.queue.append(job)
         return None

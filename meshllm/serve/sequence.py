@@ -2,8 +2,8 @@
 
 Lives on the last stage of the DECODE (or MIXED) replica serving the request,
 the single writer of its reply topic, so tokens are published exactly once
-and in order. The stop rules are those of ``meshllm generate``
-(:class:`~meshllm.runtime.generate.LocalModel`), so the mesh's text equals a
+and in order. The stop rule is the one ``meshllm generate`` applies
+(:class:`~meshllm.runtime.stopping.StopRule`), so the mesh's text equals a
 single process's token for token.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshllm.model.tokenizer import StreamDecoder, Tokenizer
-from meshllm.runtime.generate import StopStrings
+from meshllm.model.tokenizer import Tokenizer
 from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.runtime.stopping import StopRule
 from meshllm.serve import api
 from meshllm.serve.journal import PROGRESS_EVERY_S
 
@@ -41,14 +41,14 @@ class SequenceState:
 
     def __post_init__(self) -> None:
         self.params = SamplingParams(**self.meta["sampling"])
-        self.detok = StreamDecoder(self.tokenizer, prev=self.meta["last_prompt_token"])
-        self.stops = StopStrings(self.params.stop)
         self.prompt_len = int(self.meta["prompt_len"])
+        self.rule = StopRule(self.tokenizer, self.stop_ids, self.params.stop, self.params.max_tokens,
+                             self.prompt_len, self.meta["last_prompt_token"])
         # A resumed request: replay what was streamed before, without publishing, so that the
-        # detokenizer and the stop rules are where they were and indices continue.
+        # detokenizer and the stop rule are where they were and indices continue.
         for token in (self.meta.get("resume") or {}).get("tokens", []):
             self.tokens.append(int(token))
-            text, _ = self.stops.push(self.detok.push(int(token)))
+            text = self.rule.push(int(token), context=1 << 62).text  # it went on then: no end to find
             self.sent.append(api.token_reply(self.request_id, len(self.tokens) - 1, text, int(token)))
 
     @property
@@ -73,28 +73,25 @@ class SequenceState:
 
     async def push(self, token: int, context: int) -> bool:
         """Handles a sampled token; returns whether the request goes on."""
-        if token in self.stop_ids:
-            return await self._finish("stop", "")
+        step = self.rule.push(token, context)
+        if not step.kept:
+            return await self._finish("stop")
         self.tokens.append(token)
-        text, hit = self.stops.push(self.detok.push(token))
-        await self._send(api.token_reply(self.request_id, len(self.tokens) - 1, text, token))
+        await self._send(api.token_reply(self.request_id, len(self.tokens) - 1, step.text, token))
         now = time.monotonic()
         if self.checkpoint is not None and now - self._checkpointed >= PROGRESS_EVERY_S:
             self._checkpointed = now
             await self.checkpoint(self)
-        if hit:
-            return await self._finish("stop", "", flushed=True)
+        if step.finish == "stop":
+            return await self._finish("stop")
         if self.cancelled:
-            return await self._finish("cancelled", "")
-        if len(self.tokens) >= self.params.max_tokens or self.prompt_len + len(self.tokens) >= context:
-            return await self._finish("length", "")
+            return await self._finish("cancelled")
+        if step.finish is not None:
+            return await self._finish(step.finish)
         return True
 
-    async def _finish(self, reason: str, text: str, flushed: bool = False) -> bool:
-        if not flushed:
-            text, hit = self.stops.push(self.detok.flush())
-            text += "" if hit else self.stops.flush()
-            reason = "stop" if hit else reason
+    async def _finish(self, reason: str) -> bool:
+        text, reason = self.rule.finish(reason)
         self.finish_reason = reason
         now = time.time()
         m = self.meta

@@ -67,6 +67,9 @@ class ServingNode:
     def __init__(self, config: NodeConfig, *, threads: int | None = None, kv_dtype: str | None = None) -> None:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
+        from meshllm.serve.planning import PlannerDuty, PlannerOptions
+
+        planner_options = PlannerOptions.parse(config.workload, config.plan_file)  # before anything starts
         self.config = config
         self.node = Node(config)
         self.node_id = self.node.node_id
@@ -93,6 +96,7 @@ class ServingNode:
         self.journal = Journal(Sealer.for_secret(config.secret, "journal"))
         self._pending_routes: list[tuple[str, Any]] = []
         self.dispatcher = Dispatcher(self)
+        self.planner = PlannerDuty(self, planner_options)
         # streams that ended here lately, for a client's replay after a broker outage (bounded)
         self._ended: OrderedDict[str, tuple[float, SequenceState]] = OrderedDict()
         self._ready_record: dict[str, Any] | None = None
@@ -142,9 +146,6 @@ class ServingNode:
                 await self.__aexit__(None, None, None)
                 raise
             self._load_model_meta()
-        from meshllm.serve.planning import PlannerDuty
-
-        self.planner = PlannerDuty(self)
         self.spawn(self.planner.run())
         self.spawn(self._publish_stats())
         self.spawn(self._publisher())
@@ -495,7 +496,8 @@ class ServingNode:
             return
         if cleared is not None:
             self.dispatcher.on_journal_cleared(cleared)
-        elif payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
+            return
+        if payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
             rec = self.journal.jobs.get(ended[1].request_id)
             if rec is not None and rec.meta.get("digest") == ended[1].meta.get("digest"):
                 # a request that ended here came back into the journal (restated by a planner that had not
@@ -503,6 +505,8 @@ class ServingNode:
                 log.info("%s: clearing the journal record of %s again", self.node_id, rec.id)
                 self.journal.jobs.pop(rec.id, None)
                 await self.publish_retained(str(msg.topic), "")
+        if payload:  # the planner's own late write of a request that ended: see Dispatcher.on_record
+            await self.dispatcher.on_record(self.node.topics.leaf(str(msg.topic)))
 
     async def _on_progress(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else b""
