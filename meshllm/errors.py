@@ -14,6 +14,7 @@ them re-export the names they use (``from meshllm.errors import X``)::
     │   ├── QuantizeError
     │   └── NoModelSource          no peer holds the model files to fetch
     ├── GenerationError            a generation request is invalid
+    │   └── ContextLengthError     a sequence outgrows its cache (context_length_exceeded)
     ├── SecretError                the mesh secret / closed-or-open choice
     ├── ConfigError                a node's configuration, found before it joins
     ├── PlanError                  planner input invalid, or no plan fits
@@ -39,7 +40,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "APIError", "AuthError", "BrokerError", "ConfigError", "FrameError", "GenerationError", "LayoutError",
+    "APIError", "AuthError", "BrokerError", "ConfigError", "ContextLengthError", "FrameError", "GenerationError",
+    "LayoutError",
     "ManifestError", "MeshError", "ModelError", "NoModelSource", "NodeIdInUse", "PayloadError", "PeerUnreachable",
     "PlanError", "QuantizeError", "ReplyError", "RequestFailed", "RequestTimeout", "SecretError", "TokenizerError",
     "UnsupportedModelError",
