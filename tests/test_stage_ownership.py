@@ -85,7 +85,10 @@ def reference(seg: Segment, prompt: np.ndarray, n: int) -> tuple[list[int], list
         seg.close("ref")
 
 
-def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model: Path) -> None:
+@pytest.mark.parametrize("paced", [False, True], ids=["plain", "paced"])
+def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model: Path, paced: bool) -> None:
+    """``paced``: the stage emulates a device (``meshllm node --emulate-timing``), which reads each sequence's
+    context before a run; a prompt's sequence is opened by that very run (found by the sim-to-real test)."""
     rng = random.Random(7)
     ref_seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
     n_seq = 240
@@ -101,7 +104,8 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
     layout = Layout.from_plan(plan)
     fabric = Fabric(model)
     seg = Segment(model, 0, 4, max_batch=SLOTS + 2, max_seq_len=CONTEXT, threads=1)
-    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1),  # type: ignore[arg-type]
+                        pace=(lambda kind, n, context: 0.0) if paced else None)
     released: set[str] = set()
     steps = 0
     decode = seg.decode

@@ -305,8 +305,10 @@ class StageRunner:
         pace, seg = self.pace, self.segment
 
         def run() -> tuple[float, np.ndarray]:
-            # the context only matters to pacing: not computed on the ordinary path
-            context = sum(seg.length(s) for s in seqs) / len(seqs) if pace is not None else 0.0
+            # the context only matters to pacing: not computed on the ordinary path. A prompt's sequence is
+            # opened by ``fn`` itself (on this thread), so before it runs its context is 0
+            held = set(seg.open_sequences) if pace is not None else set()
+            context = sum(seg.length(s) if s in held else 0 for s in seqs) / len(seqs) if pace is not None else 0.0
             return context, fn()
         t = time.perf_counter()
         context, out = await self._on_segment(run)
