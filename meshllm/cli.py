@@ -15,8 +15,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from meshllm.errors import MeshError
 

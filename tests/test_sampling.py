@@ -61,7 +61,7 @@ def test_invalid_params_are_rejected_by_name(bad: dict) -> None:
 @given(st.text(max_size=40), st.lists(st.text(min_size=1, max_size=4), max_size=3), st.data())
 def test_stop_strings_emit_exactly_the_text_before_the_first_stop(text: str, stops: list[str], data) -> None:
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
-    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     matcher = StopStrings(stops)
     out, hit = "", False
     for c in chunks:

@@ -23,8 +23,9 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 
@@ -584,7 +585,7 @@ class Node:
                 try:
                     self.links[m.node_id] = await probe_link(m.info["host"], int(m.info["port"]), timeout=2.0,
                                                              key=self.key)
-                except (OSError, EOFError, asyncio.TimeoutError, KeyError, ValueError, MeshError) as e:
+                except (TimeoutError, OSError, EOFError, KeyError, ValueError, MeshError) as e:
                     log.debug("%s: probing %s failed: %s", self.node_id, m.node_id, e)
             if peers:
                 await self._publish_record()

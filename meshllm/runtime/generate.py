@@ -8,10 +8,11 @@ stop rule (:class:`~meshllm.runtime.stopping.StopRule`).
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,7 +49,8 @@ class Completion:
             "timings": {
                 "prompt_tokens": len(self.prompt_ids),
                 "prefill_seconds": self.prefill_seconds,
-                "prefill_tokens_per_second": len(self.prompt_ids) / self.prefill_seconds if self.prefill_seconds else 0.0,
+                "prefill_tokens_per_second": (len(self.prompt_ids) / self.prefill_seconds
+                                              if self.prefill_seconds else 0.0),
                 "decode_seconds": self.decode_seconds,
                 "decode_tokens_per_second": self.decode_tokens_per_second,
             },
@@ -81,7 +83,7 @@ class LocalModel:
         self.segments = [
             Segment(self.model_dir, a, b, max_batch=max_batch, max_seq_len=max_seq_len, threads=threads,
                     verify=False, manifest=self.manifest, kv_dtype=kv_dtype)
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in itertools.pairwise(bounds)
         ]
         self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.manifest.tokenizer)
         self.config = self.manifest.config
@@ -157,7 +159,7 @@ class LocalModel:
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams) -> Completion:
         result = None
-        for _, result in self.stream(prompt, params):
+        for _, result in self.stream(prompt, params):  # noqa: B007 (the last one is the completion)
             pass
         assert result is not None
         return result
