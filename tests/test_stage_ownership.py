@@ -107,12 +107,13 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
     stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1),  # type: ignore[arg-type]
                         pace=(lambda kind, n, context: 0.0) if paced else None)
     released: set[str] = set()
-    steps = 0
+    steps = rows = 0
     decode = seg.decode
 
     def counting_decode(ids: Any, x: Any) -> Any:
-        nonlocal steps
+        nonlocal steps, rows
         steps += 1
+        rows += len(ids)
         return decode(ids, x)
 
     seg.decode = counting_decode  # type: ignore[method-assign]
@@ -156,7 +157,9 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
         if errors or (rid not in released and (fabric.ended.get(rid) != "length" or got != tokens)) \
                 or got != tokens[:len(got)]:
             wrong.append((rid, fabric.ended.get(rid), errors, got[:8], tokens[:8]))
-    assert steps >= 1000, f"only {steps} decode steps ran"
+    # how many batched steps the sequences' tokens take depends on timing (more batching, fewer steps: 987 to
+    # ~1,900 seen); the stress is the steps and the sequence rows in them
+    assert steps >= 500 and rows >= 2000, f"only {steps} decode steps of {rows} sequence rows ran"
     assert not wrong, f"{len(wrong)} of {n_seq} sequences went wrong ({steps} steps), e.g. {wrong[:3]}"
     stage.executor.submit(lambda: None).result()  # the segment's owner has run the closes queued
     assert seg.open_sequences == [] and not stage.active, "cache slots leaked"
