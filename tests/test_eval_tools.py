@@ -18,9 +18,7 @@ from tools import eval_quality
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "tiny-austen"
 
-# Set to True once `meshllm quantize` (issue 15, quantized export) is merged: then int8 and int4 must be
-# measured by both tools, and a tool that skips them fails these tests.
-QUANTIZE_LANDED = True
+# int8 and int4 (meshllm quantize) must be measured by both tools: a tool that skips them fails these tests.
 
 
 def tool(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -48,10 +46,7 @@ def test_eval_quality_reports_perplexity_and_agreement_per_dtype() -> None:
     assert 20 < rows["fp32"]["perplexity"] < 200  # a trained model, on text it did not see (card: 63.8)
     assert rows["fp32"]["top1_agreement_pct"] == 100.0
     assert rows["fp16"]["top1_agreement_pct"] >= 99.0 and abs(rows["fp16"]["perplexity_change_pct"]) < 0.5
-    if QUANTIZE_LANDED:
-        assert not res["skipped"] and {"int8", "int4"} <= set(rows)
-    else:
-        assert {"int8", "int4"} <= set(res["skipped"]) | set(rows)
+    assert not res["skipped"] and {"int8", "int4"} <= set(rows)
 
 
 def test_eval_quality_refuses_an_unknown_dtype_in_one_line() -> None:
@@ -83,11 +78,8 @@ def test_bench_generate_prints_every_figure_per_dtype_side_by_side(tmp_path: Pat
         assert row["peak_rss_mb"] > 10 and row["step_bytes_mb"] > 0 and row["decode_vs_floor"] > 0
         assert row["batch16_tps"] > row["batch1_tps"]  # batching amortises the weight reads
     assert rows["fp32"]["decode_speedup_vs_fp32"] == 1.0
-    if QUANTIZE_LANDED:
-        assert not res["skipped"] and {"int8", "int4"} <= set(rows)
-        assert rows["int4"]["step_bytes_mb"] < 0.3 * rows["fp32"]["step_bytes_mb"]
-    else:
-        assert {"int8", "int4"} <= set(res["skipped"]) | set(rows)
+    assert not res["skipped"] and {"int8", "int4"} <= set(rows)
+    assert rows["int4"]["step_bytes_mb"] < 0.3 * rows["fp32"]["step_bytes_mb"]
 
 
 def test_bench_generate_refuses_an_unknown_shape_in_one_line() -> None:

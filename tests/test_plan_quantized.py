@@ -29,10 +29,6 @@ from meshllm.profile import DeviceProfile
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Set to True once `meshllm quantize` (issue 15, item 1) is merged: the tests that quantize a real
-# export then run (and fail if the subcommand is missing) instead of skipping.
-QUANTIZE_LANDED = True
-
 MB = 1e6
 CFG = ModelConfig(arch="llama", dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, ffn_dim=2048,
                   vocab_size=32000, max_seq_len=1024)
@@ -156,11 +152,9 @@ def _quantize(src: Path, out: Path, dtype: str) -> subprocess.CompletedProcess[s
 
 
 def test_a_really_quantized_export_plans_on_fewer_devices(tmp_path: Path) -> None:
-    """The same with a real ``meshllm quantize`` of the bundled model (needs issue 15's quantized export)."""
+    """The same with a real ``meshllm quantize`` of the bundled model."""
     src = ROOT / "models" / "tiny-austen"
     r = _quantize(src, tmp_path / "q4", "int4")
-    if r.returncode != 0 and not QUANTIZE_LANDED:
-        pytest.skip(f"meshllm quantize is not available yet: {r.stderr.strip().splitlines()[-1:]}")
     assert r.returncode == 0, r.stderr
     m32, m4 = load_manifest(src), load_manifest(tmp_path / "q4")
     fp32, int4 = ModelCosts.from_manifest(m32), ModelCosts.from_manifest(m4)
