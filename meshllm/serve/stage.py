@@ -466,12 +466,7 @@ class StageRunner:
     async def _finish(self, state: SequenceState) -> None:
         self.sequences.pop(state.id, None)
         self.fabric.stream_ended(state)
-        for s in self.replica.stages:
-            frame = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": state.id}
-            if s.node_id == self.fabric.node_id:
-                self.on_release(frame)
-            else:
-                await _quietly(self.fabric.send(s.node_id, frame))
+        await self._release_everywhere(state.id)
         await self.fabric.finished(state.id, state.meta, state.finish_reason or "stop")
 
     def _error(self, e: BaseException | None) -> tuple[str, str]:
@@ -491,10 +486,17 @@ class StageRunner:
         meta = state.meta if state is not None else meta
         if meta is not None:
             await self._answer(rid, meta, code, message)
+            await self._release_everywhere(rid)
+        else:
+            await self._release_everywhere(rid, error=(code, message))
+
+    async def _release_everywhere(self, rid: str, error: tuple[str, str] | None = None) -> None:
+        """Frees ``rid``'s KV at every stage of the replica; ``error`` (code, message) goes to the last stage,
+        which holds the reply stream and answers it."""
         for s in self.replica.stages:
             frame: dict[str, Any] = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
-            if meta is None and s is self.replica.stages[-1]:
-                frame["error"] = {"code": code[:64], "message": message[:500]}  # protocol.Release limits
+            if error is not None and s is self.replica.stages[-1]:
+                frame["error"] = {"code": error[0][:64], "message": error[1][:500]}  # protocol.Release limits
             if s.node_id == self.fabric.node_id:
                 self.on_release(frame)
             else:
