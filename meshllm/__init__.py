@@ -18,12 +18,32 @@ from meshllm.errors import (
     UnsupportedModelError,
 )
 from meshllm.model.config import ModelConfig
-from meshllm.model.export import export
 from meshllm.model.manifest import Manifest, load_manifest
-from meshllm.runtime.generate import Completion, LocalModel
 from meshllm.runtime.sampling import SamplingParams
-from meshllm.runtime.segment import Segment
-from meshllm.serve.client import Chunk, Client, Result
+
+#: Public names whose modules pull in onnx/onnxruntime (seconds of import on a Pi): loaded on first use, so
+#: `meshllm --help`, the client and the gateway start without them.
+_LAZY = {
+    "export": "meshllm.model.export",
+    "Completion": "meshllm.runtime.generate",
+    "LocalModel": "meshllm.runtime.generate",
+    "Segment": "meshllm.runtime.segment",
+    "Chunk": "meshllm.serve.client",
+    "Client": "meshllm.serve.client",
+    "Result": "meshllm.serve.client",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshllm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
