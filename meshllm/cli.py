@@ -129,17 +129,23 @@ def quiet_lost_mqtt_futures(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _node_main(args: argparse.Namespace) -> int:
+    import secrets
+
     from meshllm.mesh.node import Emulation, Node, NodeConfig
+    from meshllm.profile import pinned_profile
     from meshllm.serve.server import ServingNode
 
     secret = node_secret(args)  # first: --join may name the mesh
+    name = args.name or socket.gethostname()
+    node_id = args.node_id or (f"{name}-{secrets.token_hex(3)}" if args.emulate_device else None)
+    pinned = pinned_profile(args.emulate_device, node_id, name) if args.emulate_device else None
     cfg = NodeConfig(
-        mesh=args.mesh, name=args.name or socket.gethostname(), node_id=args.node_id, broker=args.broker,
+        mesh=args.mesh, name=name, node_id=node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
         plan_file=args.plan_file, secret=secret, open_mesh=args.open, workload=args.workload,
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3,
                             args.emulate_timing),
-        quick_profile=args.quick_profile,
+        quick_profile=args.quick_profile, profile=pinned,
     )
     if args.gateway:
         import os
@@ -474,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "each run lasts what the planner's cost model predicts for the emulated profile, so that "
                     "host noise is not magnified (sim-to-real comparisons)")
     em.add_argument("--emulate-memory", type=_size, metavar="SIZE", help="cap usable memory, e.g. 512M")
+    em.add_argument("--emulate-device", metavar="JSON", help="announce exactly these figures instead of measuring, "
+                    "e.g. '{\"flops\": 2e10, \"mem_bandwidth_Bps\": 3e8, \"mem_bytes\": 12e6}' (the demo pins "
+                    "its devices so that host noise cannot change its plan)")
     em.add_argument("--emulate-link-delay-ms", type=float, default=0.0, metavar="MS",
                     help="add one-way delay to this node's data-plane replies")
     n.set_defaults(func=cmd_node)

@@ -69,6 +69,34 @@ class DeviceProfile:
         )
 
 
+def pinned_profile(spec: str, node_id: str, name: str) -> DeviceProfile:
+    """The profile a node announces under ``--emulate-device JSON``: these very figures, never measured.
+
+    For demos and tests whose plan must not depend on the host's noise. ``spec`` is a JSON object with
+    ``flops``, ``mem_bandwidth_Bps`` and ``mem_bytes`` (and optionally ``device_class``); a bad one is
+    a one-line :class:`~meshllm.errors.ConfigError`.
+    """
+    import json
+
+    from meshllm.errors import ConfigError
+
+    try:
+        d = json.loads(spec)
+    except ValueError as e:
+        raise ConfigError(f"--emulate-device: not JSON ({e})") from None
+    keys = {"flops", "mem_bandwidth_Bps", "mem_bytes"}
+    if not isinstance(d, dict) or not keys <= set(d) or set(d) - keys - {"device_class"}:
+        raise ConfigError("--emulate-device wants a JSON object with flops, mem_bandwidth_Bps and mem_bytes "
+                          "(and optionally device_class)")
+    figures = {k: d[k] for k in keys}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+               for v in figures.values()):
+        raise ConfigError("--emulate-device: flops, mem_bandwidth_Bps and mem_bytes must be positive numbers")
+    return DeviceProfile(node_id=node_id, name=name, flops=float(figures["flops"]),
+                         mem_bandwidth_Bps=float(figures["mem_bandwidth_Bps"]), mem_bytes=int(figures["mem_bytes"]),
+                         device_class=str(d.get("device_class", "emulated")), emulated=True)
+
+
 # --- measurement ---------------------------------------------------------
 
 

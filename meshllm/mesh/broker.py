@@ -34,7 +34,7 @@ from meshllm.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_S = 5.0
+SHUTDOWN_S = 2.0  # amqtt's own shutdown, once every client connection is aborted
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,11 @@ class _SnapshotDict(dict):  # type: ignore[type-arg]
         return list(super().items())
 
 
+def _coro_file(task: asyncio.Task[Any]) -> str:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return str(code.co_filename) if code is not None else ""
+
+
 def _frames(exc: BaseException) -> list[str]:
     import traceback
 
@@ -167,6 +172,7 @@ class EmbeddedBroker:
         self.static_node_login = static_node_login  # False: nodes must present a one-time token (hosted brokers)
         self._broker: Any = None
         self._previous_handler: Any = None
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}  # client connection -> its socket
 
     @property
     def url(self) -> str:
@@ -198,29 +204,83 @@ class EmbeddedBroker:
         if isinstance(getattr(self._broker, "_subscriptions", None), dict):
             self._broker._subscriptions = _SnapshotDict(self._broker._subscriptions)
         broker_auth.confine_retained(self._broker)
+        self._track_connections()
         await self._broker.start()
         log.info("embedded broker listening on %s (%s)", self.url,
                  "logins and topic rules enforced" if self.secret is not None else "open to anonymous clients")
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._broker is not None:
+    def _track_connections(self) -> None:
+        """Remember each client connection's task and socket, so that shutdown can end them all.
+
+        amqtt binds ``stream_connected`` when its listener starts; wrapping it on the instance first
+        puts every connection through here."""
+        inner = self._broker.stream_connected
+
+        async def stream_connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                   listener_name: str) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._connections[task] = writer
             try:
-                # bounded: amqtt's shutdown can wait on a client connection that never finishes closing
+                await inner(reader, writer, listener_name)
+            finally:
+                self._connections.pop(task, None)
+
+        self._broker.stream_connected = stream_connected
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stops promptly and quietly, whatever the clients are doing.
+
+        amqtt's own shutdown waits on each client: a handler cancelled before its reader started waits
+        forever for the reader to stop, a close waits for a peer that does not read to drain. So: stop
+        listening, abort every client socket (their handlers then end at once), give amqtt's shutdown a
+        bounded time, and cancel and await whatever of amqtt is left, so that nothing ends later with
+        an error in the event loop (the exception filter stays until then)."""
+        if self._broker is None:
+            return
+        broker, self._broker = self._broker, None
+        try:
+            for server in list(getattr(broker, "_servers", {}).values()):
+                if getattr(server, "instance", None) is not None:
+                    server.instance.close()
+            for writer in list(self._connections.values()):
+                writer.transport.abort()
+            try:
                 async with asyncio.timeout(SHUTDOWN_S):
-                    await self._broker.shutdown()
+                    await broker.shutdown()
             except TimeoutError:
-                log.warning("embedded broker: shutdown took over %g s; leaving it", SHUTDOWN_S)
+                log.debug("embedded broker: amqtt's shutdown took over %g s; ending its tasks", SHUTDOWN_S)
             except Exception as e:  # amqtt raises plain exceptions from its state machine
                 log.debug("embedded broker shutdown: %s", e)
-            self._broker = None
+            await self._end_amqtt_tasks()
+        finally:
             asyncio.get_running_loop().set_exception_handler(self._previous_handler)
+        log.info("embedded broker on %s stopped", self.url)
+
+    async def _end_amqtt_tasks(self) -> None:
+        me = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()
+                and (t in self._connections or "amqtt" in _coro_file(t))]
+        for t in left:
+            t.cancel()
+        if left:
+            done, pending = await asyncio.wait(left, timeout=SHUTDOWN_S)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.debug("amqtt task ended with %r", t.exception())
+            if pending:
+                log.debug("embedded broker: %d amqtt task(s) did not end", len(pending))
+        self._connections.clear()
 
     def _quiet_amqtt(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """amqtt leaves tasks that fail when a client vanishes mid-delivery (a closed transport);
         those are normal on a mesh and go to the debug log, anything else to the usual handler."""
         exc = context.get("exception")
-        if isinstance(exc, (ConnectionError, RuntimeError)) and any("amqtt" in f for f in _frames(exc)):
+        task = context.get("task") or context.get("future")
+        from_amqtt = (exc is not None and any("amqtt" in f for f in _frames(exc))) or \
+            (isinstance(task, asyncio.Task) and "amqtt" in _coro_file(task))
+        if isinstance(exc, (ConnectionError, RuntimeError, asyncio.CancelledError)) and from_amqtt:
             log.debug("amqtt: %s", exc)
             return
         if self._previous_handler is not None:
