@@ -1,19 +1,24 @@
 """``meshllm demo``: a whole mesh on this machine, offline, on the bundled model.
 
 Starts an embedded broker and N ``meshllm node`` processes on loopback, each
-emulating a different device class (slower compute, less memory: see
-``--emulate-*`` in docs/mesh.md), waits while they measure themselves, find
-each other and load the plan's layers, prints the plan, streams answers to a
-few prompts with their timings through :class:`~meshllm.serve.client.Client`,
-and shuts everything down, leaving no process behind.
+announcing a pinned, emulated device (``--emulate-device``: figures scaled to
+the 16 MB bundled model, so that host noise cannot change the plan's shape, and
+``--emulate-timing model``, so that each stage runs as fast as the device it
+plays). No device can hold the model alone, and half of them compute fast but
+read memory slowly, the other half the reverse: the planner therefore makes
+pipelines, and gives the prompts (compute-bound) to the first kind and the
+generation (memory-bound) to the second. The demo shows progress while the
+nodes start, meet, plan and load, prints the plan and why, streams a few
+prompts with their timings and KV hand-off, and (``--serve``) keeps the mesh up
+behind the OpenAI gateway until Ctrl-C. It stops every process it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
-import math
 import os
 import secrets
 import signal
@@ -21,30 +26,64 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from meshllm.errors import MeshError
 from meshllm.mesh.access import app_login, with_login
 from meshllm.mesh.broker import EmbeddedBroker
-from meshllm.mesh.status import read_state
-from meshllm.plan.plan import PublishedPlan
+from meshllm.plan.plan import PublishedPlan, Role
 from meshllm.secret import SECRET_ENV, generate_secret
 
-# name, compute slow-down, memory cap: a mini-PC, an old laptop, a Raspberry Pi 5, a Raspberry Pi 4
-DEVICES = [("minipc", 1.0, None), ("laptop", 1.6, None), ("rpi5", 3.0, "2G"), ("rpi4", 5.0, "1G")]
-# High demand, so that the planner forms several replicas with PREFILL and DECODE roles rather than
-# one pipeline that would idle most devices (see docs/planner.md).
-DEMO_WORKLOAD = "in=64,out=64,rate=60"
+
+@dataclass(frozen=True)
+class DemoDevice:
+    """An emulated device, pinned: what the node announces instead of measuring itself."""
+
+    name: str
+    about: str
+    flops: float  # FLOP/s: how fast it runs a prompt (compute-bound)
+    mem_bandwidth_Bps: float  # bytes/s: how fast it generates (each token reads every weight)
+    mem_bytes: int  # memory it offers meshllm
+
+    def spec(self) -> str:
+        return json.dumps({"flops": self.flops, "mem_bandwidth_Bps": self.mem_bandwidth_Bps,
+                           "mem_bytes": self.mem_bytes, "device_class": f"demo-{self.name.rstrip('-abcd')}"})
+
+
+# Scaled to the bundled model (16 MB of weights): 12 MB each, so no device holds it alone; two kinds, one fast
+# at prompts and slow at generating, the other the reverse, so that PREFILL and DECODE roles pay off.
+DEVICES = [
+    DemoDevice("compute-a", "fast cores, narrow memory bus", 20e9, 0.3e9, 12_000_000),
+    DemoDevice("compute-b", "fast cores, narrow memory bus", 20e9, 0.3e9, 12_000_000),
+    DemoDevice("memory-a", "slow cores, wide memory bus", 2e9, 3e9, 12_000_000),
+    DemoDevice("memory-b", "slow cores, wide memory bus", 2e9, 3e9, 12_000_000),
+]
+# The demand the planner sizes the mesh for: more than any plan without roles sustains (see `meshllm plan
+# --compare` and docs/planner.md), so the roles are chosen because they win, not forced.
+DEMO_WORKLOAD = "in=128,out=32,rate=8"
 PROMPTS = ["It is a truth universally acknowledged, that", "Mr. Darcy looked at", "She was"]
+STILL_WAITING_S = 1.5  # never silent longer than this while the mesh forms
 
 
 def bundled_model() -> Path:
-    here = Path(__file__).resolve().parent.parent / "models"
-    found = sorted(p.parent for p in here.glob("*/manifest.json"))
-    if not found:
-        raise MeshError(f"no bundled model under {here}; pass --model DIR (see `meshllm export`)")
-    return found[0]
+    """The model that ships with meshllm: package data (``meshllm.models``) in a wheel or an editable install,
+    the repository's ``models/`` when run from a checkout."""
+    places: list[Path] = []
+    spec = importlib.util.find_spec("meshllm.models")
+    if spec is not None and spec.submodule_search_locations:
+        places += [Path(p) for p in spec.submodule_search_locations]
+    places.append(Path(__file__).resolve().parent.parent / "models")
+    for here in places:
+        found = sorted(p.parent for p in here.glob("*/manifest.json"))
+        if found:
+            return found[0]
+    raise MeshError(f"no bundled model under {' or '.join(map(str, places))}; pass --model DIR (see `meshllm export`)")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def render_plan(published: PublishedPlan) -> str:
@@ -54,35 +93,110 @@ def render_plan(published: PublishedPlan) -> str:
     for r in plan.replicas:
         stages = "  ->  ".join(f"{s.node_id}[{s.start}-{s.stop - 1}]" for s in r.stages)
         lines.append(f"  replica {r.id} {r.role.value.upper():<8} {stages}")
-    m = plan.metrics
-    if published.predicted and math.isfinite(m.mean_wait_s):
-        lines.append(f"  predicted mean wait {m.mean_wait_s:.2f} s at {m.rate:.2f} req/s")
     return "\n".join(lines)
 
 
-class _Mesh:
-    def __init__(self, n: int, model: Path, log_dir: Path, out: TextIO, workload: str) -> None:
-        self.n, self.model, self.log_dir, self.out = n, model, log_dir, out
-        self.workload = workload
-        self.mesh = f"demo-{secrets.token_hex(3)}"
-        self.procs: list[subprocess.Popen[str]] = []
+def explain_plan(published: PublishedPlan, profiles: dict[str, dict[str, Any]], weight_bytes: float,
+                 baseline: tuple[str, float] | None = None) -> str:
+    """Why the planner chose this plan, in a few lines: memory, roles, idle devices, the predicted figures."""
+    plan, lines = published.plan, ["why this plan:"]
+    biggest = max((float(p.get("mem_bytes", 0)) for p in profiles.values()), default=0.0)
+    if any(len(r.stages) > 1 for r in plan.replicas):
+        lines.append(f"  no device holds the model ({_mb(weight_bytes)} of weights, {_mb(biggest)} at most each): "
+                     "each replica is a pipeline")
+    for r in plan.replicas:
+        fig = [profiles.get(s.node_id, {}) for s in r.stages]
+        flops = min(float(p.get("flops", 0)) for p in fig) / 1e9
+        bw = min(float(p.get("mem_bandwidth_Bps", 0)) for p in fig) / 1e9
+        holds = ", ".join(f"{s.node_id} layers {s.start}-{s.stop - 1}" for s in r.stages)
+        why = {Role.PREFILL: f"prompts are compute-bound: {flops:g} GFLOP/s each",
+               Role.DECODE: f"each token reads every weight: {bw:g} GB/s each",
+               Role.MIXED: "prompts and answers"}[r.role]
+        lines.append(f"  {r.role.value.upper():<8} replica {r.id}: {holds} ({why})")
+    for node in plan.idle:
+        p = profiles.get(node, {})
+        smallest = min((s.memory_bytes for r in plan.replicas for s in r.stages), default=0.0)
+        reason = (f"its {_mb(float(p.get('mem_bytes', 0)))} hold no stage" if float(p.get("mem_bytes", 0)) < smallest
+                  else "the plan is predicted faster without it")
+        lines.append(f"  idle     {node}: {reason}")
+    m, w = plan.metrics, plan.workload
+    if published.predicted:
+        lines.append(f"  for {w.rate:g} req/s ({w.input.mean:.0f}-token prompts, {w.output.mean:.0f}-token answers) it "
+                     f"sustains {m.sustainable_rate:.1f} req/s, mean wait {m.mean_wait_s:.2f} s")
+        if baseline:
+            lines.append(f"  {baseline[0]} sustains {baseline[1]:.1f} req/s")
+    return "\n".join(lines)
 
-    def start_nodes(self, broker: str, secret: str) -> None:
+
+def handoff_text(published: PublishedPlan, prefill: Any, decode: Any) -> str:
+    """Where a request's KV cache went: each PREFILL stage sends its layers to the DECODE stages holding them."""
+    replicas = {r.id: r for r in published.plan.replicas}
+    p, d = replicas.get(prefill), replicas.get(decode)
+    if p is None or d is None or p.id == d.id:
+        return f"no KV hand-off (replica {prefill} ran prompt and answer)"
+    moves = []
+    for a in p.stages:
+        for b in d.stages:
+            lo, hi = max(a.start, b.start), min(a.stop, b.stop)
+            if lo < hi:
+                moves.append(f"{a.node_id} -> {b.node_id} (layers {lo}-{hi - 1})")
+    return "KV hand-off " + ", ".join(moves)
+
+
+def baseline_without_roles(members: dict[str, dict[str, Any]], model: Path, workload: str) -> tuple[str, float] | None:
+    """The best plan without PREFILL/DECODE roles for the same devices (the dp-only baseline), for comparison."""
+    from meshllm.model.manifest import load_manifest
+    from meshllm.plan.cost import ModelCosts
+    from meshllm.plan.planner import plan_with, system_model
+    from meshllm.plan.system import PlanOptions
+    from meshllm.plan.workload import Workload
+    from meshllm.profile import DeviceProfile
+
+    devices = [DeviceProfile.from_json(m["profile"]) for m in members.values() if isinstance(m.get("profile"), dict)]
+    if not devices:
+        return None
+    manifest = load_manifest(model)
+    sm = system_model(devices, ModelCosts.from_manifest(manifest), Workload.parse(workload), PlanOptions())
+    other = plan_with(sm, "dp-only")
+    shape = " + ".join(f"{len(r.stages)}-stage MIXED" for r in other.replicas)
+    return f"the best plan without roles ({shape})", other.metrics.sustainable_rate
+
+
+def _die_with_parent() -> None:
+    """(In the child, before exec.) Linux: the node gets SIGTERM if the demo dies, so none is left behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Nodes:
+    """The demo's node processes: started in their own session (Ctrl-C reaches the demo, which stops them in
+    order), tied to the demo's life, and always stopped."""
+
+    def __init__(self, n: int, model: Path, log_dir: Path, out: TextIO, workload: str) -> None:
+        self.n, self.model, self.log_dir, self.out, self.workload = n, model, log_dir, out, workload
+        self.mesh = f"demo-{secrets.token_hex(3)}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ids: list[str] = []
+        self.devices: dict[str, DemoDevice] = {}
+
+    def start(self, broker: str, secret: str) -> None:
         for i in range(self.n):
-            name, scale, mem = DEVICES[i % len(DEVICES)]
-            node_id = f"{i + 1}-{name}"
+            dev = DEVICES[i % len(DEVICES)]
+            node_id = f"{i + 1}-{dev.name}"
             cmd = [sys.executable, "-m", "meshllm", "node", "--mesh", self.mesh, "--broker", broker,
-                   "--interface", "127.0.0.1", "--node-id", node_id, "--name", name, "--model", str(self.model),
-                   "--quick-profile", "--threads", "1", "--emulate-compute-scale", str(scale),
+                   "--interface", "127.0.0.1", "--node-id", node_id, "--name", dev.name, "--model", str(self.model),
+                   "--threads", "1", "--emulate-device", dev.spec(), "--emulate-timing", "model",
                    "--workload", self.workload]
-            if mem:
-                cmd += ["--emulate-memory", mem]
-            log = open(self.log_dir / f"{node_id}.log", "w")
-            # a closed mesh like any other: the secret travels in the environment, never to disk
-            env = {**os.environ, SECRET_ENV: secret}
-            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env))
-            print(f"  started {node_id:<10} (emulating {name}: {scale:g}x slower"
-                  + (f", {mem} memory)" if mem else ")"), file=self.out, flush=True)
+            env = {**os.environ, SECRET_ENV: secret}  # a closed mesh like any other; the secret never goes to disk
+            with open(self.log_dir / f"{node_id}.log", "wb") as log:
+                self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                   stderr=log, env=env, start_new_session=True,
+                                                   preexec_fn=_die_with_parent))
+            self.ids.append(node_id)
+            self.devices[node_id] = dev
 
     def stop(self) -> None:
         for p in self.procs:
@@ -97,83 +211,230 @@ class _Mesh:
                 p.wait()
 
     def check_alive(self) -> None:
-        for p in self.procs:
+        for node_id, p in zip(self.ids, self.procs, strict=True):
             if p.poll() is not None:
-                raise MeshError(f"a node exited early (status {p.returncode}); logs in {self.log_dir}")
+                tail = (self.log_dir / f"{node_id}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise MeshError(f"node {node_id} exited early (status {p.returncode}): {tail[0] if tail else ''}")
 
 
-async def _wait_ready(m: _Mesh, broker: str, timeout: float) -> PublishedPlan:
-    from meshllm.serve.client import Client  # noqa: F401  (import errors surface before waiting)
+class _Progress:
+    """Timestamped progress lines; a 'still waiting' line whenever nothing was said for a while."""
 
-    deadline = time.monotonic() + timeout
-    shown: set[str] = set()
-    while time.monotonic() < deadline:
-        m.check_alive()
-        st = await read_state(m.mesh, broker, quiet_s=0.3)
-        for node_id in sorted(set(st["members"]) - shown):
-            print(f"  {node_id} joined the mesh", file=m.out, flush=True)
-            shown.add(node_id)
-        plan = PublishedPlan.decode(st["plan"]) if st["plan"] else None  # a malformed plan: PlanError, one line
-        if plan is not None and len(st["members"]) == m.n:
-            ready = await _ready_nodes(broker, m.mesh, plan.version)
-            if plan.stage_nodes <= ready:
-                return plan
-        await asyncio.sleep(0.3)
-    raise MeshError(f"the mesh was not ready within {timeout:.0f} s; logs in {m.log_dir}")
+    def __init__(self, out: TextIO, t0: float) -> None:
+        self.out, self.t0, self.last = out, t0, time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"  [{time.monotonic() - self.t0:4.1f} s] {text}", file=self.out, flush=True)
+        self.last = time.monotonic()
+
+    def quiet_for(self) -> float:
+        return time.monotonic() - self.last
 
 
-async def _ready_nodes(broker: str, mesh: str, version: int) -> set[str]:
+async def _wait_ready(nodes: _Nodes, broker: str, timeout: float, progress: _Progress) -> Any:
+    """Follows the mesh's retained state until every replica of the plan reports its layers loaded."""
     import aiomqtt
 
+    from meshllm.gateway.meshview import MeshView
     from meshllm.mesh.broker import BrokerURL
+    from meshllm.mesh.topics import Topics
 
-    out = set()
-    async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
-        await c.subscribe(f"meshllm/v1/{mesh}/ready/+", qos=1)
-        with contextlib.suppress(asyncio.TimeoutError):
-            while True:
-                msg = await asyncio.wait_for(anext(aiter(c.messages)), 0.3)
-                if isinstance(msg.payload, bytes) and msg.payload:
-                    if json.loads(msg.payload).get("pv") == version:
-                        out.add(str(msg.topic).rsplit("/", 1)[-1])
-    return out
+    view, topics = MeshView(nodes.mesh), Topics(nodes.mesh)
+    said: set[str] = set()
+    deadline = time.monotonic() + timeout
+    async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs(), identifier=f"demo-{secrets.token_hex(3)}") \
+            as client:
+        for t in (topics.members, topics.planner, topics.plan, f"{topics.root}/ready/+"):
+            await client.subscribe(t, qos=1)
+        messages = aiter(client.messages)
+        while time.monotonic() < deadline:
+            nodes.check_alive()
+            with contextlib.suppress(asyncio.TimeoutError):
+                msg = await asyncio.wait_for(anext(messages), 0.25)
+                payload = msg.payload if isinstance(msg.payload, (bytes, bytearray)) else b""
+                view.apply(str(msg.topic), bytes(payload), time.monotonic())
+            _report(view, nodes, said, progress)
+            plan = view.plan
+            if plan is not None and len(view.members) == nodes.n and plan.plan.replicas \
+                    and all(view.replica_ready(r) for r in plan.plan.replicas):
+                return view
+            if progress.quiet_for() > STILL_WAITING_S:
+                progress.say(_pending(view, nodes))
+    raise MeshError(f"the mesh was not ready within {timeout:.0f} s; node logs in {nodes.log_dir}")
+
+
+def _report(view: Any, nodes: _Nodes, said: set[str], progress: _Progress) -> None:
+    for node_id in sorted(view.members):
+        if f"m:{node_id}" not in said:
+            said.add(f"m:{node_id}")
+            p = view.members[node_id].get("profile", {})
+            progress.say(f"{node_id} joined ({float(p.get('flops', 0)) / 1e9:g} GFLOP/s, "
+                         f"{float(p.get('mem_bandwidth_Bps', 0)) / 1e9:g} GB/s, {_mb(float(p.get('mem_bytes', 0)))}"
+                         " for layers, emulated)")
+    if view.planner and f"p:{view.planner}:{view.term}" not in said:
+        said.add(f"p:{view.planner}:{view.term}")
+        progress.say(f"{view.planner} was elected planner (term {view.term})")
+    if view.plan is not None and f"v:{view.plan.version}" not in said:
+        said.add(f"v:{view.plan.version}")
+        r = view.plan.plan.replicas
+        progress.say(f"plan v{view.plan.version} published: {len(r)} replica(s); nodes are loading their layers")
+    for node_id, rec in sorted(view.ready.items()):
+        key = f"r:{node_id}:{rec.get('pv')}"
+        if view.plan is not None and rec.get("pv") == view.plan.version and key not in said:
+            said.add(key)
+            stage = next((s for r in view.plan.plan.replicas for s in r.stages if s.node_id == node_id), None)
+            if stage is not None:
+                progress.say(f"{node_id} loaded layers {stage.start}-{stage.stop - 1} ({rec.get('role', '?')} "
+                             f"replica {rec.get('r')})")
+
+
+def _pending(view: Any, nodes: _Nodes) -> str:
+    if len(view.members) < nodes.n:
+        return (f"waiting for nodes to start and join: {len(view.members)} of {nodes.n} "
+                "(Python and onnxruntime loading)")
+    if view.plan is None:
+        return "waiting for the planner to publish a plan"
+    loading = sorted({s.node_id for r in view.plan.plan.replicas for s in r.stages
+                      if view.ready.get(s.node_id, {}).get("pv") != view.plan.version})
+    return f"waiting for {', '.join(loading) or 'the replicas'} to load their layers"
 
 
 async def run_demo(n: int, model: Path | None, prompts: list[str], max_tokens: int, out: TextIO = sys.stdout,
-                   timeout: float = 120.0, workload: str = DEMO_WORKLOAD) -> list[dict[str, Any]]:
+                   timeout: float = 120.0, workload: str = DEMO_WORKLOAD, serve: tuple[str, int] | None = None,
+                   ) -> list[dict[str, Any]]:
+    """The demo; with ``serve=(host, port)`` it then serves the gateway until SIGINT/SIGTERM."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    stopping: list[str] = []
+
+    def on_signal(name: str) -> None:
+        stopping.append(name)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        return await _run(n, model, prompts, max_tokens, out, timeout, workload, serve)
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        return []
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run(n: int, model: Path | None, prompts: list[str], max_tokens: int, out: TextIO, timeout: float,
+               workload: str, serve: tuple[str, int] | None) -> list[dict[str, Any]]:
+    from meshllm.model.manifest import load_manifest
     from meshllm.serve.client import Client
 
+    t0 = time.monotonic()
     model = model or bundled_model()
-    results = []
+    manifest = load_manifest(model)
+    weights = sum(p.cost.runtime_weight_bytes for p in manifest.parts)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="meshllm-demo-") as tmp:
-        m = _Mesh(n, model, Path(tmp), out, workload)
+        nodes = _Nodes(n, model, Path(tmp), out, workload)
         secret = generate_secret()
         async with EmbeddedBroker("127.0.0.1", secret=secret) as broker:
             observer = with_login(broker.url, app_login(secret))
-            print(f"meshllm demo: {n} nodes on loopback, model {model.name}, broker {broker.url}", file=out)
+            print(f"meshllm demo: {n} emulated devices on loopback, model {manifest.name} ({_mb(weights)} of weights, "
+                  f"{manifest.config.n_layers} layers), mesh {nodes.mesh}", file=out)
+            for i in range(n):
+                d = DEVICES[i % len(DEVICES)]
+                print(f"  {i + 1}-{d.name:<10} {d.about}: {d.flops / 1e9:g} GFLOP/s, {d.mem_bandwidth_Bps / 1e9:g} GB/s, "
+                      f"{_mb(d.mem_bytes)} for meshllm", file=out)
+            print(f"  (figures pinned and scaled to this tiny model; the planner plans for {workload})", file=out,
+                  flush=True)
+            progress = _Progress(out, t0)
             try:
-                m.start_nodes(broker.url, secret)
-                print("waiting for the nodes to measure themselves, meet, plan and load their layers...",
-                      file=out, flush=True)
-                t0 = time.monotonic()
-                plan = await _wait_ready(m, observer, timeout)
-                print(f"mesh ready in {time.monotonic() - t0:.1f} s\n{render_plan(plan)}\n", file=out, flush=True)
-                async with Client(mesh=m.mesh, broker=broker.url, login=app_login(secret)) as client:
-                    for prompt in prompts:
-                        out.write(prompt)
-                        final = None
-                        async for chunk in client.stream(prompt, max_tokens=max_tokens, temperature=0.8,
-                                                         top_p=0.95, seed=1):
-                            out.write(chunk.text)
-                            out.flush()
-                            final = chunk
-                        assert final is not None and final.timings is not None and final.usage is not None
-                        t = final.timings
-                        print(f"\n  [{final.usage.completion_tokens} tokens, first token {t['ttft_s'] * 1e3:.0f} ms, "
-                              f"{t['tokens_per_s']:.1f} tokens/s, prefill replica {t['replicas']['prefill']}, "
-                              f"decode replica {t['replicas']['decode']}]\n", file=out, flush=True)
-                        results.append({"prompt": prompt, "timings": t, "tokens": final.usage.completion_tokens})
+                nodes.start(broker.url, secret)
+                progress.say(f"started {n} node processes")
+                view = await _wait_ready(nodes, observer, timeout, progress)
+                plan = view.plan
+                profiles = {k: v.get("profile", {}) for k, v in view.members.items()}
+                print(f"mesh ready in {time.monotonic() - t0:.1f} s\n\n{render_plan(plan)}", file=out)
+                base = baseline_without_roles(view.members, model, workload) \
+                    if any(r.role is not Role.MIXED for r in plan.plan.replicas) else None
+                print(explain_plan(plan, profiles, weights, base) + "\n", file=out, flush=True)
+                async with Client(mesh=nodes.mesh, broker=broker.url, login=app_login(secret)) as client:
+                    for i, prompt in enumerate(prompts):
+                        results.append(await _ask(client, prompt, max_tokens, plan, out,
+                                                  t0 if i == 0 else None))
+                if serve is not None:
+                    await _serve(nodes.mesh, broker.url, app_login(secret), model, manifest.name, serve, out)
             finally:
-                m.stop()
-                print("all nodes stopped", file=out)
+                nodes.stop()
+                print("all nodes stopped", file=out, flush=True)
     return results
+
+
+async def _ask(client: Any, prompt: str, max_tokens: int, plan: PublishedPlan, out: TextIO,
+               started: float | None) -> dict[str, Any]:
+    out.write(prompt)
+    final, first_at = None, None
+    async for chunk in client.stream(prompt, max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=1):
+        if first_at is None and chunk.text:
+            first_at = time.monotonic()
+        out.write(chunk.text)
+        out.flush()
+        final = chunk
+    if final is None or final.timings is None or final.usage is None:
+        raise MeshError("the mesh ended an answer without its timings")
+    t = final.timings
+    rep = t.get("replicas") or {}
+    since = f"; first token {first_at - started:.1f} s after `meshllm demo` started" \
+        if started is not None and first_at is not None else ""
+    print(f"\n  [{final.usage.completion_tokens} tokens, first token {t['ttft_s'] * 1e3:.0f} ms, "
+          f"{t['tokens_per_s']:.1f} tokens/s; prefill replica {rep.get('prefill')}, decode replica "
+          f"{rep.get('decode')}{since}]\n  [{handoff_text(plan, rep.get('prefill'), rep.get('decode'))}]\n",
+          file=out, flush=True)
+    return {"prompt": prompt, "timings": t, "tokens": final.usage.completion_tokens}
+
+
+async def _serve(mesh: str, broker: str, login: tuple[str, str], model: Path, name: str, where: tuple[str, int],
+                 out: TextIO) -> None:
+    """The gateway in front of the demo's mesh until cancelled (Ctrl-C)."""
+    from meshllm.gateway.app import GatewayConfig, serve_gateway
+
+    config = GatewayConfig(mesh=mesh, broker=broker, login=login, model_dir=str(model))
+    shown = asyncio.Event()
+
+    def started(url: str) -> None:
+        print(_serve_text(url, name), file=out, flush=True)
+        shown.set()
+
+    await serve_gateway(config, *where, started=started)
+
+
+def _serve_text(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Tell me about Mr. Darcy."}],
+                       "max_tokens": 48})
+    py = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
+          f"print(c.chat.completions.create(model='{model}', max_tokens=48, messages=[{{'role': 'user', "
+          "'content': 'Tell me about Mr. Darcy.'}]).choices[0].message.content)")
+    return "\n".join([
+        f"serving the mesh: the page {url}/ , the OpenAI API {url}/v1 (Ctrl-C stops everything)",
+        "",
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"    -d '{body}'",
+        "",
+        f"  python -c \"{py}\"",
+        "",
+    ])
+
+
+def serve_address(text: str) -> tuple[str, int]:
+    """``--serve [PORT]``: the gateway always listens on loopback here; 0 picks a free port."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
+    return "127.0.0.1", port
+
