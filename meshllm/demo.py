@@ -364,7 +364,8 @@ async def _run(n: int, model: Path | None, prompts: list[str], max_tokens: int, 
                         results.append(await _ask(client, prompt, max_tokens, plan, out,
                                                   t0 if i == 0 else None))
                 if serve is not None:
-                    await _serve(nodes.mesh, broker.url, app_login(secret), model, manifest.name, serve, out)
+                    await _serve(nodes.mesh, broker.url, app_login(secret), model, manifest.name, serve, out,
+                                 observer)
             finally:
                 nodes.stop()
                 print("all nodes stopped", file=out, flush=True)
@@ -395,21 +396,16 @@ async def _ask(client: Any, prompt: str, max_tokens: int, plan: PublishedPlan, o
 
 
 async def _serve(mesh: str, broker: str, login: tuple[str, str], model: Path, name: str, where: tuple[str, int],
-                 out: TextIO) -> None:
+                 out: TextIO, app_url: str) -> None:
     """The gateway in front of the demo's mesh until cancelled (Ctrl-C)."""
     from meshllm.gateway.app import GatewayConfig, serve_gateway
 
     config = GatewayConfig(mesh=mesh, broker=broker, login=login, model_dir=str(model))
-    shown = asyncio.Event()
-
-    def started(url: str) -> None:
-        print(_serve_text(url, name), file=out, flush=True)
-        shown.set()
-
-    await serve_gateway(config, *where, started=started)
+    await serve_gateway(config, *where, started=lambda url: print(_serve_text(url, name, mesh, app_url), file=out,
+                                                                  flush=True))
 
 
-def _serve_text(url: str, model: str) -> str:
+def _serve_text(url: str, model: str, mesh: str, app_url: str) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Tell me about Mr. Darcy."}],
                        "max_tokens": 48})
     py = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
@@ -422,6 +418,9 @@ def _serve_text(url: str, model: str) -> str:
         f"    -d '{body}'",
         "",
         f"  python -c \"{py}\"",
+        "",
+        f"  meshllm ask --mesh {mesh} --broker {app_url} --chat 'Who is Emma?'",
+        f"  meshllm status --mesh {mesh} --broker {app_url}",
         "",
     ])
 

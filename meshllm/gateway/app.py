@@ -76,6 +76,7 @@ class GatewayConfig:
     api_key: str | None = None
     model_dir: str | None = None
     login: tuple[str, str] | None = None  # (user, password) for a broker URL without one (a mesh with a secret)
+    chat_template: str | None = None  # a Jinja file (--chat-template): chats rendered here with it, not the mesh's
     first_token_timeout: float = 120.0
     idle_timeout: float = 30.0
     discovery_timeout: float = 5.0
@@ -329,6 +330,12 @@ def create_app(config: GatewayConfig) -> Starlette:
     """The gateway's ASGI app; its lifespan opens (and keeps open) the connections to the mesh."""
     upstream = Upstream(config)
     key = config.api_key.encode() if config.api_key else None
+    template = None
+    if config.chat_template is not None:
+        from meshllm.model.tokenizer import read_chat_template
+
+        template = read_chat_template(config.chat_template)  # a bad file: one line at start, not per request
+    template_name = f"{os.path.basename(config.chat_template)} (--chat-template)" if config.chat_template else None
 
     def authorize(request: Request) -> None:
         if key is None:
@@ -365,6 +372,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         if not model.accepts(call.model):
             raise oa.APIError(404, f"The model '{call.model}' does not exist: this mesh serves '{model.id}' "
                               "(see GET /v1/models)", param="model", code="model_not_found")
+        if template is not None:
+            call = oa.with_chat_template(call, template)
         if call.params.get("max_tokens") is None and model.context_length:
             # OpenAI's default: as long as the context allows; the mesh stops when it is full
             call = dataclasses.replace(call, params={**call.params, "max_tokens": model.context_length})
@@ -378,7 +387,8 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     def model_json(m: ModelInfo) -> dict[str, Any]:
         return {"id": m.id, "object": "model", "created": 0, "owned_by": f"meshllm:{config.mesh}",
-                "context_length": m.context_length, "max_model_len": m.context_length}
+                "context_length": m.context_length, "max_model_len": m.context_length,
+                "chat_template": template_name or m.chat_template}
 
     async def models(request: Request) -> Response:
         authorize(request)

@@ -63,6 +63,8 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "(default: what the mesh's nodes publish)")
     g.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for a request's first token (default: 120)")
+    g.add_argument("--chat-template", metavar="FILE", help="Jinja chat template for /v1/chat/completions, "
+                   "instead of the model's own (or the ChatML fallback of a model without one); docs/gateway.md")
     g.set_defaults(func=cmd_gateway)
     return g  # type: ignore[no-any-return]
 
@@ -104,7 +106,7 @@ async def _gateway(args: argparse.Namespace) -> int:
     check_exposure(args.host, args.api_key, args.open)
     config = GatewayConfig(mesh=args.mesh, broker=args.broker, interface=args.interface, ca_file=args.broker_ca,
                            login=broker_login(args.login_file, args.mesh), api_key=args.api_key, model_dir=args.model,
-                           first_token_timeout=args.timeout)
+                           first_token_timeout=args.timeout, chat_template=args.chat_template)
     loop = asyncio.get_running_loop()
     server = asyncio.ensure_future(serve_gateway(
         config, args.host, args.port,

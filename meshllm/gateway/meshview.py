@@ -41,6 +41,7 @@ class ModelInfo:
     id: str
     context_length: int | None
     aliases: frozenset[str] = field(default_factory=frozenset)
+    chat_template: str | None = None  # which template chats get: the model's own, or the fallback (by name)
 
     def accepts(self, name: str) -> bool:
         return name == self.id or name in self.aliases
@@ -155,7 +156,10 @@ class MeshView:
                                  and m[key]}))
         if not names:
             return None
-        return ModelInfo(names[0], self.context_length(), frozenset(names[1:]) - {names[0]})
+        templates = sorted({str(m["chat_template"]) for m in self.members.values()
+                            if isinstance(m.get("chat_template"), str) and m["chat_template"]})
+        return ModelInfo(names[0], self.context_length(), frozenset(names[1:]) - {names[0]},
+                         templates[0] if templates else None)
 
     def context_length(self) -> int | None:
         """The longest sequence (prompt + answer) every replica can hold: the smallest KV context
@@ -213,7 +217,8 @@ class MeshView:
         return {
             "object": "mesh", "mesh": self.mesh, "broker": self.broker, "synced": self.synced,
             "planner": self.planner, "term": self.term,
-            "model": {"id": model.id, "context_length": model.context_length} if model else None,
+            "model": {"id": model.id, "context_length": model.context_length, "chat_template": model.chat_template}
+            if model else None,
             "members": members,
             "plan": None if plan is None else {
                 "version": plan.version, "term": plan.term, "method": plan.plan.method,

@@ -112,6 +112,25 @@ def parse_chat(body: bytes) -> MeshCall:
     return MeshCall("chat", _model(obj), *_stream(obj), params=params)
 
 
+def with_chat_template(call: MeshCall, template: str) -> MeshCall:
+    """A chat call whose messages are rendered here with ``template`` (the gateway's ``--chat-template``)
+    and sent as a prompt. ``bos_token`` and ``eos_token`` render empty: the mesh encodes the text as any
+    prompt, with the model's BOS where it uses one."""
+    from meshllm.errors import TokenizerError
+    from meshllm.model.tokenizer import render_chat_template
+
+    if call.endpoint != "chat":
+        return call
+    params = dict(call.params)
+    try:
+        params["prompt"] = render_chat_template(template, params.pop("messages"))
+    except TokenizerError as e:  # the template refused these messages (raise_exception), or failed on them
+        raise bad(str(e), "messages") from None
+    if not params["prompt"]:
+        raise bad("the chat template made an empty prompt of these messages", "messages")
+    return MeshCall(call.endpoint, call.model, call.stream, call.include_usage, params)
+
+
 def parse_completion(body: bytes) -> MeshCall:
     """``POST /v1/completions`` (the legacy, plain-prompt API; ``max_tokens`` defaults to 16 as there)."""
     obj = parse_body(body)

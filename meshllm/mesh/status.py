@@ -79,6 +79,10 @@ def render(state: dict[str, Any]) -> str:
             f"{p.get('mem_bytes', 0) / 1e9:>7.1f} {m.get('host', '?') + ':' + str(m.get('port', '?')):<22} "
             f"{'hosts' if m.get('hosts_broker') else ''}{' (emulated)' if p.get('emulated') else ''}")
     lines.append("")
+    models = sorted({(str(m.get("model_name")), str(m.get("chat_template") or "?")) for m in state["members"].values()
+                     if m.get("model_name")})
+    for name, template in models:
+        lines.append(f"model {name}, chat template: {template}")
     if state.get("plan"):
         try:
             published = PublishedPlan.decode(state["plan"])

@@ -28,6 +28,9 @@ from meshllm.errors import TokenizerError
 
 __all__ = [
     "Tokenizer",
+    "CHATML_TEMPLATE",
+    "render_chat_template",
+    "read_chat_template",
     "Llama2cTokenizer",
     "HFTokenizer",
     "StreamDecoder",
@@ -37,12 +40,26 @@ __all__ = [
 ]
 
 
+# The chat template of a model that has none: ChatML, as llama.cpp's server falls back to, after the model's BOS
+# (rendered as text and encoded without special tokens, so "<s>" becomes the BOS id where the model has one).
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FALLBACK_TEMPLATE_NAME = "chatml (fallback)"
+MODEL_TEMPLATE_NAME = "the model's own"
+
+
 class Tokenizer(abc.ABC):
     """Text <-> token ids for one model."""
 
     vocab_size: int
     bos_id: int | None
     eos_ids: tuple[int, ...]
+    chat_template: str | None = None  # the model's own (Jinja), if it has one
+    bos_token: str | None = None  # the special tokens as text, for chat templates
+    eos_token: str | None = None
 
     @abc.abstractmethod
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
@@ -52,9 +69,16 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int], prev: int | None = None) -> str:
         """Text of generated ``ids``; ``prev`` is the id before them, if it matters."""
 
+    @property
+    def chat_template_name(self) -> str:
+        """Which template chats get: the model's own, or the ChatML fallback."""
+        return MODEL_TEMPLATE_NAME if self.chat_template is not None else FALLBACK_TEMPLATE_NAME
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text for a chat, ending with the assistant's turn."""
-        raise TokenizerError(f"{type(self).__name__} has no chat template")
+        """The prompt text for a chat, ending with the assistant's turn: with the model's own template, else
+        ChatML (:data:`CHATML_TEMPLATE`). Encode it with ``bos=False``: the template places the BOS."""
+        return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
 # --------------------------------------------------------------------------- llama2.c
@@ -395,16 +419,6 @@ class HFTokenizer(Tokenizer):
         except Exception as e:
             raise TokenizerError(f"{self.source}: cannot decode {list(ids)[:8]}...: {e}") from e
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        if self.chat_template is None:
-            raise TokenizerError(f"{self.source}: the model has no chat template")
-        return _render_chat(
-            self.chat_template,
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
 
 
 def _pick_template(value: Any) -> str | None:
@@ -413,6 +427,25 @@ def _pick_template(value: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default")
     return value if isinstance(value, str) else None
+
+
+def read_chat_template(path: str | os.PathLike[str]) -> str:
+    """A Jinja chat template file (``--chat-template FILE``), checked to compile; one-line errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"chat template {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not text.strip():
+        raise TokenizerError(f"chat template {path} is empty")
+    render_chat_template(text, [{"role": "user", "content": "hi"}])  # a syntax error shows now, not per request
+    return text
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], *, bos_token: str = "",
+                         eos_token: str = "", add_generation_prompt: bool = True) -> str:
+    """``messages`` as the prompt text ``template`` (Jinja, as in Hugging Face's tokenizer_config) makes."""
+    return _render_chat(template, messages=messages, add_generation_prompt=add_generation_prompt,
+                        bos_token=bos_token, eos_token=eos_token)
 
 
 def _render_chat(template: str, **context: Any) -> str:

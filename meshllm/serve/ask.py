@@ -32,6 +32,10 @@ def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, help=f"keep the k most likely tokens (mesh default: {ds.top_k} = all)")
     a.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     a.add_argument("--stop", action="append", help="stop string (repeatable)")
+    a.add_argument("--chat", action="store_true", help="send PROMPT as a user message of a chat, which the mesh "
+                   "renders with the model's chat template (ChatML for a model without one)")
+    a.add_argument("--chat-template", metavar="FILE", help="with --chat: render the chat here with this Jinja "
+                   "template instead, and send the text as a prompt (docs/gateway.md)")
     a.add_argument("--json", action="store_true", help="print the result as one JSON object (text, token ids, "
                    "finish reason, usage, timings) instead of streaming text")
     a.add_argument("--timeout", type=float, default=120.0,
@@ -52,15 +56,28 @@ async def _ask(args: argparse.Namespace) -> int:
 
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                               "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    prompt: str | None = args.prompt
+    if args.chat_template and not args.chat:
+        from meshllm.errors import ConfigError
+
+        raise ConfigError("--chat-template goes with --chat")
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.chat_template:
+            from meshllm.model.tokenizer import read_chat_template, render_chat_template
+
+            prompt = render_chat_template(read_chat_template(args.chat_template), messages)
+        else:
+            prompt, params["messages"] = None, messages
     async with Client(args.mesh, args.broker, args.interface, args.broker_ca,
                       first_token_timeout=args.timeout, login=broker_login(args.login_file, args.mesh)) as client:
         if args.json:
-            result = await client.complete(args.prompt, **params)
+            result = await client.complete(prompt, **params)
             print(json.dumps(result.to_json(), ensure_ascii=False))
             return 0
         ended, wrote = False, False
         try:
-            async for chunk in client.stream(args.prompt, **params):
+            async for chunk in client.stream(prompt, **params):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 wrote = wrote or bool(chunk.text)

@@ -81,6 +81,8 @@ class ModelFiles:
         complete = not self.corrupt and not missing_files(self.dir, self.manifest, list(self.manifest.files))
         out: dict[str, Any] = {"model_name": self.manifest.name, "context_length": self.manifest.config.max_seq_len,
                                "model_sha": self.model_sha, "has_files": complete and self.error is None}
+        if self.tokenizer is not None:
+            out["chat_template"] = self.tokenizer.chat_template_name  # named in /v1/models and `meshllm status`
         if self.error is not None:
             out["model_error"] = self.error
         return out
