@@ -344,8 +344,8 @@ async def _run(n: int, model: Path | None, prompts: list[str], max_tokens: int, 
                   f"{manifest.config.n_layers} layers), mesh {nodes.mesh}", file=out)
             for i in range(n):
                 d = DEVICES[i % len(DEVICES)]
-                print(f"  {i + 1}-{d.name:<10} {d.about}: {d.flops / 1e9:g} GFLOP/s, {d.mem_bandwidth_Bps / 1e9:g} GB/s, "
-                      f"{_mb(d.mem_bytes)} for meshllm", file=out)
+                print(f"  {i + 1}-{d.name:<10} {d.about}: {d.flops / 1e9:g} GFLOP/s, "
+                      f"{d.mem_bandwidth_Bps / 1e9:g} GB/s, {_mb(d.mem_bytes)} for meshllm", file=out)
             print(f"  (figures pinned and scaled to this tiny model; the planner plans for {workload})", file=out,
                   flush=True)
             progress = _Progress(out, t0)
