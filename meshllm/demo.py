@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import secrets
 import signal
@@ -93,6 +94,9 @@ def render_plan(published: PublishedPlan) -> str:
     for r in plan.replicas:
         stages = "  ->  ".join(f"{s.node_id}[{s.start}-{s.stop - 1}]" for s in r.stages)
         lines.append(f"  replica {r.id} {r.role.value.upper():<8} {stages}")
+    m = plan.metrics
+    if published.predicted and math.isfinite(m.mean_wait_s):
+        lines.append(f"  predicted mean wait {m.mean_wait_s:.2f} s at {m.rate:g} req/s")
     return "\n".join(lines)
 
 
@@ -121,10 +125,9 @@ def explain_plan(published: PublishedPlan, profiles: dict[str, dict[str, Any]], 
         lines.append(f"  idle     {node}: {reason}")
     m, w = plan.metrics, plan.workload
     if published.predicted:
-        lines.append(f"  for {w.rate:g} req/s ({w.input.mean:.0f}-token prompts, {w.output.mean:.0f}-token answers) it "
-                     f"sustains {m.sustainable_rate:.1f} req/s, mean wait {m.mean_wait_s:.2f} s")
-        if baseline:
-            lines.append(f"  {baseline[0]} sustains {baseline[1]:.1f} req/s")
+        lines.append(f"  demand {w.rate:g} req/s ({w.input.mean:.0f}-token prompts, {w.output.mean:.0f}-token "
+                     f"answers): this plan sustains {m.sustainable_rate:.1f} req/s"
+                     + (f", {baseline[0]} {baseline[1]:.1f} req/s" if baseline else ""))
     return "\n".join(lines)
 
 

@@ -119,8 +119,11 @@ def test_openai_package_gets_meshllm_generate_text_for_the_bundled_model(page_me
     assert whole.choices[0].text == want_text
     stream = client.completions.create(model="tiny-austen", prompt=prompt, max_tokens=24, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == want_text
-    with pytest.raises(openai.BadRequestError, match="chat template"):  # the bundled model has none
-        client.chat.completions.create(model="tiny-austen", messages=[{"role": "user", "content": "Hi"}])
+    # the bundled model has no chat template: chats get the ChatML fallback, named in /v1/models
+    assert client.models.list().data[0].model_extra["chat_template"] == "chatml (fallback)"
+    chat = client.chat.completions.create(model="tiny-austen", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 8
 
 
 def test_page_shows_the_three_nodes_and_the_plan(page_mesh: str, load: None, tmp_path: Path) -> None:
