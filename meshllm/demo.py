@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,7 +51,7 @@ class DemoDevice:
 
     def spec(self) -> str:
         return json.dumps({"flops": self.flops, "mem_bandwidth_Bps": self.mem_bandwidth_Bps,
-                           "mem_bytes": self.mem_bytes, "device_class": f"demo-{self.name.rstrip('-abcd')}"})
+                           "mem_bytes": self.mem_bytes, "device_class": f"demo-{self.name.split('-')[0]}"})
 
 
 # Scaled to the bundled model (16 MB of weights): 12 MB each, so no device holds it alone; two kinds, one fast
@@ -81,6 +82,18 @@ def bundled_model() -> Path:
         if found:
             return found[0]
     raise MeshError(f"no bundled model under {' or '.join(map(str, places))}; pass --model DIR (see `meshllm export`)")
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux; elsewhere since this call), so that the time to the first
+    token counts the interpreter's start and the imports, as a newcomer waits for them."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _mb(n: float) -> str:
@@ -165,27 +178,32 @@ def baseline_without_roles(members: dict[str, dict[str, Any]], model: Path, work
     return f"the best plan without roles ({shape})", other.metrics.sustainable_rate
 
 
-def _die_with_parent() -> None:
-    """(In the child, before exec.) Linux: the node gets SIGTERM if the demo dies, so none is left behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Linux: a function for the child to run before exec, so that the node gets SIGTERM if the demo dies and
+    none is left behind. Resolved here, in the parent: after fork the child may only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _Nodes:
     """The demo's node processes: started in their own session (Ctrl-C reaches the demo, which stops them in
     order), tied to the demo's life, and always stopped."""
 
-    def __init__(self, n: int, model: Path, log_dir: Path, out: TextIO, workload: str) -> None:
-        self.n, self.model, self.log_dir, self.out, self.workload = n, model, log_dir, out, workload
+    def __init__(self, n: int, model: Path, log_dir: Path, workload: str) -> None:
+        self.n, self.model, self.log_dir, self.workload = n, model, log_dir, workload
         self.mesh = f"demo-{secrets.token_hex(3)}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ids: list[str] = []
-        self.devices: dict[str, DemoDevice] = {}
 
     def start(self, broker: str, secret: str) -> None:
+        on_fork = _parent_death_signal()
         for i in range(self.n):
             dev = DEVICES[i % len(DEVICES)]
             node_id = f"{i + 1}-{dev.name}"
@@ -197,9 +215,8 @@ class _Nodes:
             with open(self.log_dir / f"{node_id}.log", "wb") as log:
                 self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                    stderr=log, env=env, start_new_session=True,
-                                                   preexec_fn=_die_with_parent))
+                                                   preexec_fn=on_fork))
             self.ids.append(node_id)
-            self.devices[node_id] = dev
 
     def stop(self) -> None:
         for p in self.procs:
@@ -334,12 +351,13 @@ async def _run(n: int, model: Path | None, prompts: list[str], max_tokens: int, 
     from meshllm.serve.client import Client
 
     t0 = time.monotonic()
+    launched = t0 - _process_age()  # when `meshllm demo` started
     model = model or bundled_model()
     manifest = load_manifest(model)
     weights = sum(p.cost.runtime_weight_bytes for p in manifest.parts)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="meshllm-demo-") as tmp:
-        nodes = _Nodes(n, model, Path(tmp), out, workload)
+        nodes = _Nodes(n, model, Path(tmp), workload)
         secret = generate_secret()
         async with EmbeddedBroker("127.0.0.1", secret=secret) as broker:
             observer = with_login(broker.url, app_login(secret))
@@ -365,7 +383,7 @@ async def _run(n: int, model: Path | None, prompts: list[str], max_tokens: int, 
                 async with Client(mesh=nodes.mesh, broker=broker.url, login=app_login(secret)) as client:
                     for i, prompt in enumerate(prompts):
                         results.append(await _ask(client, prompt, max_tokens, plan, out,
-                                                  t0 if i == 0 else None))
+                                                  launched if i == 0 else None))
                 if serve is not None:
                     await _serve(nodes.mesh, broker.url, app_login(secret), model, manifest.name, serve, out,
                                  observer)

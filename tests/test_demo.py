@@ -74,7 +74,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = {f"meshllm/{p.relative_to(ROOT)}" for p in (ROOT / "models").rglob("*") if p.is_file()}
     assert model <= names, f"the wheel lacks the bundled model's {sorted(model - names)[:3]}"
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    # --without-pip: the venv's python runs this machine's pip (a system site package), installing into the venv
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, capture_output=True, timeout=300)
     print(f"wheel built and installed in {time.monotonic() - t0:.1f} s")
