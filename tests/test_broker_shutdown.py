@@ -1,8 +1,9 @@
 """The embedded broker stops promptly and quietly, whatever its clients are doing (issue 18, item 3).
 
-A real amqtt broker on loopback with real clients: well-behaved aiomqtt clients, a raw TCP client that
-subscribes to everything and then never reads (so the broker's writes to it block), and one that connects
-and never says CONNECT. Leaving the broker's context must take well under a second, log nothing at
+A real amqtt broker on loopback with real clients: a process of busy aiomqtt clients that freezes (SIGSTOP, as a
+node stalled on a loaded machine: amqtt 0.12.1 then waited for it, over 5 s, and the old code logged "shutdown
+took over 5 s; leaving it"), well-behaved aiomqtt clients, a raw TCP client that subscribes to everything and
+then never reads, a client that connects and never says CONNECT, and clients that keep connecting. Leaving the broker's context must take well under a second, log nothing at
 WARNING or above, hand nothing to the loop's exception handler, leave no amqtt task behind and free the port.
 """
 
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import aiomqtt
@@ -40,6 +44,52 @@ def _stalled_subscriber(port: int) -> socket.socket:
     s.sendall(_packet(0x10, _utf8("MQTT") + bytes([4, 0x02, 0, 0]) + _utf8("stalled")))
     s.sendall(_packet(0x82, (1).to_bytes(2, "big") + _utf8("#") + bytes([0])))
     return s
+
+
+# four nodes' worth of MQTT traffic: retained records with wills, QoS 1 subscriptions and publishes
+_BUSY_CLIENTS = """
+import asyncio, sys, aiomqtt
+async def one(port, i):
+    will = aiomqtt.Will(f"meshllm/v1/m/members/n{i}", b"", retain=True)
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"n{i}", will=will, keepalive=2) as c:
+        await c.subscribe("meshllm/v1/m/#", qos=1)
+        await c.publish(f"meshllm/v1/m/members/n{i}", b"x" * 100, retain=True, qos=1)
+        print("up", flush=True)
+        while True:
+            await c.publish(f"meshllm/v1/m/stats/n{i}", b"y" * 1000, qos=1)
+            await asyncio.sleep(0.01)
+async def main():
+    await asyncio.gather(*(one(int(sys.argv[1]), i) for i in range(4)))
+asyncio.run(main())
+"""
+
+
+async def test_broker_stops_within_a_second_quietly_when_its_clients_freeze(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.get_running_loop()
+    handed: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: handed.append(ctx))
+    caplog.set_level(logging.DEBUG)
+    broker = EmbeddedBroker("127.0.0.1")
+    async with broker:
+        proc = subprocess.Popen([sys.executable, "-c", _BUSY_CLIENTS, str(broker.port)], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            for _ in range(4):
+                assert await loop.run_in_executor(None, proc.stdout.readline) == "up\n"  # type: ignore[union-attr]
+            await asyncio.sleep(0.5)  # traffic flows
+            proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            await broker.__aexit__(None, None, None)
+            took = time.monotonic() - t0
+            broker._broker = None
+        finally:
+            proc.kill()
+            proc.wait()
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert took < 1.0, f"broker shutdown took {took:.2f} s"
+    assert not noisy, [r.getMessage() for r in noisy]
+    assert not handed, handed
+    assert not _amqtt_tasks(), _amqtt_tasks()
 
 
 def _amqtt_tasks() -> list[asyncio.Task[object]]:
