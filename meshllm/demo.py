@@ -311,7 +311,7 @@ def _report(view: Any, nodes: _Nodes, said: set[str], progress: _Progress) -> No
 def _pending(view: Any, nodes: _Nodes) -> str:
     if len(view.members) < nodes.n:
         return (f"waiting for nodes to start and join: {len(view.members)} of {nodes.n} "
-                "(Python and onnxruntime loading)")
+                "(Python and meshllm importing)")
     if view.plan is None:
         return "waiting for the planner to publish a plan"
     loading = sorted({s.node_id for r in view.plan.plan.replicas for s in r.stages
