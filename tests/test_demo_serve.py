@@ -105,6 +105,19 @@ def test_openai_client_chats_with_the_bundled_model_through_the_demo_gateway(dem
     assert "".join(parts) == text  # greedy: the stream says what the whole answer said
 
 
+def test_the_printed_curl_and_python_snippets_work_as_pasted(demo: DemoRun) -> None:
+    curl = re.search(r"^  (curl .*?)\n\n", demo.head, re.M | re.S)
+    python = re.search(r"^  (python -c .*)$", demo.head, re.M)
+    assert curl and python, demo.head
+    runs = [subprocess.Popen(["bash", "-c", cmd.group(1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}) for cmd in (curl, python)]
+    (curl_out, curl_err), (py_out, py_err) = [p.communicate(timeout=60) for p in runs]
+    assert runs[0].returncode == 0 and not curl_err, curl_err
+    answer = json.loads(curl_out)
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"], answer
+    assert runs[1].returncode == 0 and not py_err and len(re.findall(r"[A-Za-z]+", py_out)) >= 3, (py_out, py_err)
+
+
 def test_status_and_ask_reach_the_demo_mesh_and_a_template_file_replaces_the_fallback(
         demo: DemoRun, tmp_path: Path) -> None:
     common = ["ask", "--mesh", demo.mesh, "--broker", demo.broker, "--max-tokens", "10", "--temperature", "0"]
