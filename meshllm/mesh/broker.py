@@ -145,6 +145,11 @@ class _SnapshotDict(dict):  # type: ignore[type-arg]
         return list(super().items())
 
 
+def _coro_self(task: asyncio.Task[Any]) -> Any:
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    return frame.f_locals.get("self") if frame is not None else None
+
+
 def _coro_file(task: asyncio.Task[Any]) -> str:
     code = getattr(task.get_coro(), "cr_code", None)
     return str(code.co_filename) if code is not None else ""
@@ -240,6 +245,8 @@ class EmbeddedBroker:
         if self._broker is None:
             return
         broker, self._broker = self._broker, None
+        # the broker and its clients' protocol handlers: whose tasks are ours to end (amqtt forgets the handlers)
+        owners = [broker, *(h for _, h in list(getattr(broker, "_sessions", {}).values()))]
         try:
             for server in list(getattr(broker, "_servers", {}).values()):
                 if getattr(server, "instance", None) is not None:
@@ -253,15 +260,17 @@ class EmbeddedBroker:
                 log.debug("embedded broker: amqtt's shutdown took over %g s; ending its tasks", SHUTDOWN_S)
             except Exception as e:  # amqtt raises plain exceptions from its state machine
                 log.debug("embedded broker shutdown: %s", e)
-            await self._end_amqtt_tasks()
+            await self._end_tasks(owners)
         finally:
             asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         log.info("embedded broker on %s stopped", self.url)
 
-    async def _end_amqtt_tasks(self) -> None:
+    async def _end_tasks(self, owners: list[Any]) -> None:
+        """Cancels and awaits what is left of this broker: its connections, and the tasks whose coroutine is a
+        method of the broker or of one of its handlers (never another broker's, nor anyone else's)."""
         me = asyncio.current_task()
         left = [t for t in asyncio.all_tasks() if t is not me and not t.done()
-                and (t in self._connections or "amqtt" in _coro_file(t))]
+                and (t in self._connections or any(_coro_self(t) is o for o in owners))]
         for t in left:
             t.cancel()
         if left:
