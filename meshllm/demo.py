@@ -329,8 +329,9 @@ async def run_demo(n: int, model: Path | None, prompts: list[str], max_tokens: i
     stopping: list[str] = []
 
     def on_signal(name: str) -> None:
+        if not stopping:  # once: the clean-up that follows is bounded and must not be cut short by a second Ctrl-C
+            task.cancel()
         stopping.append(name)
-        task.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
