@@ -353,6 +353,8 @@ async def _run(n: int, model: Path | None, prompts: list[str], max_tokens: int, 
 
     t0 = time.monotonic()
     launched = t0 - _process_age()  # when `meshllm demo` started
+    if serve is not None and serve[1]:
+        _check_port_free(*serve)  # now, not after a minute of demo
     model = model or bundled_model()
     manifest = load_manifest(model)
     weights = sum(p.cost.runtime_weight_bytes for p in manifest.parts)
@@ -445,6 +447,18 @@ def _serve_text(url: str, model: str, mesh: str, app_url: str) -> str:
         f"  meshllm status --mesh {mesh} --broker {app_url}",
         "",
     ])
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MeshError(f"--serve: cannot listen on {host}:{port} ({e.strerror or e}); pass another port, "
+                            "or 0 for any free one") from None
 
 
 def serve_address(text: str) -> tuple[str, int]:

@@ -172,3 +172,15 @@ def test_ctrl_c_stops_the_demo_quietly_and_leaves_nothing(demo: DemoRun) -> None
         port = int(where.rsplit(":", 1)[1])
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"{where} still accepts connections"
+
+
+def test_a_busy_serve_port_is_a_one_line_error_before_anything_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        p = _finish(_start("demo", "--serve", str(port)))
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert p.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+    assert time.monotonic() - t0 < 30
