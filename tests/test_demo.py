@@ -1,10 +1,12 @@
 """`meshllm demo`, the README's main job, as a newcomer gets it: from a wheel installed in a fresh venv, offline.
 
-Builds the wheel (no network: `pip wheel --no-deps --no-build-isolation`), installs it in a new venv that takes
-its dependencies from this machine, and runs `meshllm demo` from it three times (a flaky plan or a noisy exit
-shows up across runs). Each run must plan >= 2 replicas with a PREFILL and a DECODE role and a pipeline of
->= 2 stages, answer every prompt with readable text, print nothing at WARNING/ERROR and no traceback, and
-leave no node process behind. `check_demo_output` is shared with tests/test_demo_serve.py.
+Builds the wheel (no network: `pip wheel --no-deps --no-build-isolation`), installs it in a new venv that
+takes its dependencies from this machine, and runs `meshllm demo` from it three times (a flaky plan or a noisy
+exit shows up across runs): twice here, and once as `meshllm demo --serve` in tests/test_demo_serve.py, which
+uses the same installed wheel (a session fixture) and checks the same things after Ctrl-C. Each run must plan
+>= 2 replicas with a PREFILL and a DECODE role and a pipeline of >= 2 stages, answer every prompt with
+readable text, print nothing at WARNING/ERROR and no traceback, and leave no node process behind.
+`check_demo_output` is shared with tests/test_demo_serve.py.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _tree_copy(dst: Path) -> Path:
     return src
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with meshllm installed from its wheel; returns the venv's `meshllm` script."""
     tmp = tmp_path_factory.mktemp("wheel")
@@ -83,7 +85,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin" / "meshllm"
 
 
-def _env() -> dict[str, str]:
+def wheel_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package, not the tree
     env["HOME"] = os.environ.get("HOME", "/tmp")
     return env
@@ -92,20 +94,20 @@ def _env() -> dict[str, str]:
 def test_the_installed_package_is_the_wheel_and_holds_the_model(installed: Path) -> None:
     py = installed.parent / "python"
     out = subprocess.run([str(py), "-c", "import meshllm, meshllm.demo as d; print(meshllm.__file__); "
-                          "print(d.bundled_model())"], capture_output=True, text=True, env=_env(), cwd="/",
+                          "print(d.bundled_model())"], capture_output=True, text=True, env=wheel_env(), cwd="/",
                          timeout=60, check=True).stdout.split()
     venv = str(installed.parent.parent)
     assert out[0].startswith(venv) and out[1].startswith(venv), out
 
 
-@pytest.mark.parametrize("run", [1, 2, 3])
+@pytest.mark.parametrize("run", [1, 2])  # the third run from the wheel: tests/test_demo_serve.py
 def test_demo_from_the_wheel_shows_roles_and_a_pipeline_and_exits_cleanly(installed: Path, run: int) -> None:
     prompts = ["She was", "Mr. Darcy"]
     args = [str(installed), "demo", "--max-tokens", "16"]
     for p in prompts:
         args += ["--prompt", p]
     t0 = time.monotonic()
-    p = subprocess.run(args, capture_output=True, text=True, timeout=240, env=_env(), cwd="/")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=240, env=wheel_env(), cwd="/")
     took = time.monotonic() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     mesh = check_demo_output(p.stdout, p.stderr, prompts)

@@ -1,20 +1,19 @@
 """`meshllm demo --serve`: the page and the OpenAI API in front of the demo's mesh, and Ctrl-C (issue 18).
 
-Real processes: the demo (its broker, four nodes, its gateway), the official `openai` client, `meshllm ask`,
-`meshllm status` and a second `meshllm gateway --chat-template FILE`. Chat works on the bundled model, which has
-no chat template (the ChatML fallback, named in /v1/models and `meshllm status`), streamed and not; a template
-file given to the gateway or to `meshllm ask --chat` replaces it; SIGINT stops everything quietly.
+Run from the wheel installed in a fresh venv by tests/test_demo.py (its third demo run). Real processes: the
+demo (its broker, four nodes, its gateway), the official `openai` client, `meshllm ask`, `meshllm status` and
+a second `meshllm gateway --chat-template FILE`. Chat works on the bundled model, which has no chat template
+(the ChatML fallback, named in /v1/models and `meshllm status`), streamed and not; a template file given to
+the gateway or to `meshllm ask --chat` replaces it; SIGINT stops everything quietly.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +21,22 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.test_demo import check_demo_output, mesh_processes
+from tests.test_demo import check_demo_output, installed, mesh_processes, wheel_env
+
+__all__ = ["installed"]  # the session fixture: the wheel, built and installed once
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the user's words as a bare prompt
 
 
-def _start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "meshllm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+@pytest.fixture(scope="module")
+def cli(installed: Path) -> list[str]:
+    return [str(installed.parent / "python"), "-m", "meshllm"]
+
+
+def _start(cli: list[str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*cli, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=wheel_env(),
+                            cwd="/")
 
 
 def _finish(p: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
@@ -75,10 +81,8 @@ class DemoRun:
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[DemoRun]:
-    proc = subprocess.Popen([sys.executable, "-m", "meshllm", "demo", "--serve", "0", "--max-tokens", "8",
-                             "--prompt", "She was"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+def demo(cli: list[str]) -> Iterator[DemoRun]:
+    proc = _start(cli, "demo", "--serve", "0", "--max-tokens", "8", "--prompt", "She was")
     run = None
     try:
         run = DemoRun(proc, _read_until(proc, r"^  meshllm status ", 180))
@@ -110,7 +114,7 @@ def test_the_printed_curl_and_python_snippets_work_as_pasted(demo: DemoRun) -> N
     python = re.search(r"^  (python -c .*)$", demo.head, re.M)
     assert curl and python, demo.head
     runs = [subprocess.Popen(["bash", "-c", cmd.group(1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}) for cmd in (curl, python)]
+                             env=wheel_env()) for cmd in (curl, python)]
     (curl_out, curl_err), (py_out, py_err) = [p.communicate(timeout=60) for p in runs]
     assert runs[0].returncode == 0 and not curl_err, curl_err
     answer = json.loads(curl_out)
@@ -119,15 +123,15 @@ def test_the_printed_curl_and_python_snippets_work_as_pasted(demo: DemoRun) -> N
 
 
 def test_status_and_ask_reach_the_demo_mesh_and_a_template_file_replaces_the_fallback(
-        demo: DemoRun, tmp_path: Path) -> None:
+        demo: DemoRun, cli: list[str], tmp_path: Path) -> None:
     common = ["ask", "--mesh", demo.mesh, "--broker", demo.broker, "--max-tokens", "10", "--temperature", "0"]
     plain = tmp_path / "plain.jinja"
     plain.write_text(PLAIN)
     # at once: each is a process that starts Python (seconds on two busy cores)
-    started = [_start("status", "--mesh", demo.mesh, "--broker", demo.broker), _start(*common, "She was"),
-               _start(*common, "--chat", "She was"),
-               _start(*common, "--chat", "--chat-template", str(plain), "She was"),
-               _start("gateway", "--mesh", demo.mesh, "--broker", demo.broker, "--port", "0",
+    started = [_start(cli, "status", "--mesh", demo.mesh, "--broker", demo.broker), _start(cli, *common, "She was"),
+               _start(cli, *common, "--chat", "She was"),
+               _start(cli, *common, "--chat", "--chat-template", str(plain), "She was"),
+               _start(cli, "gateway", "--mesh", demo.mesh, "--broker", demo.broker, "--port", "0",
                       "--chat-template", str(tmp_path / "missing.jinja"))]
     status, as_prompt, as_chat, as_templated_chat, bad = [_finish(p) for p in started]
     assert status.returncode == 0 and "chat template: chatml (fallback)" in status.stdout, status.stdout + status.stderr
@@ -140,10 +144,8 @@ def test_status_and_ask_reach_the_demo_mesh_and_a_template_file_replaces_the_fal
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    gw = subprocess.Popen([sys.executable, "-m", "meshllm", "gateway", "--mesh", demo.mesh, "--broker",
-                           demo.broker, "--port", str(port), "--chat-template", str(plain)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    gw = _start(cli, "gateway", "--mesh", demo.mesh, "--broker", demo.broker, "--port", str(port), "--chat-template",
+                str(plain))
     try:
         assert gw.stdout is not None
         started = json.loads(gw.stdout.readline())
@@ -174,13 +176,13 @@ def test_ctrl_c_stops_the_demo_quietly_and_leaves_nothing(demo: DemoRun) -> None
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"{where} still accepts connections"
 
 
-def test_a_busy_serve_port_is_a_one_line_error_before_anything_starts() -> None:
+def test_a_busy_serve_port_is_a_one_line_error_before_anything_starts(cli: list[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         t0 = time.monotonic()
-        p = _finish(_start("demo", "--serve", str(port)))
+        p = _finish(_start(cli, "demo", "--serve", str(port)))
     assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
     assert p.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
     assert time.monotonic() - t0 < 30
