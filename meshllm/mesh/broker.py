@@ -237,11 +237,12 @@ class EmbeddedBroker:
     async def __aexit__(self, *exc: object) -> None:
         """Stops promptly and quietly, whatever the clients are doing.
 
-        amqtt's own shutdown waits on each client: a handler cancelled before its reader started waits
-        forever for the reader to stop, a close waits for a peer that does not read to drain. So: stop
+        amqtt 0.12.1's shutdown stops each client's handler in turn and waits for it: a client that has
+        stopped reading (a frozen process: tests/test_broker_shutdown.py) held it over 5 s, after which the
+        old code left the broker to the event loop's teardown, with a warning and an error. So: stop
         listening, abort every client socket (their handlers then end at once), give amqtt's shutdown a
-        bounded time, and cancel and await whatever of amqtt is left, so that nothing ends later with
-        an error in the event loop (the exception filter stays until then)."""
+        bounded time, and cancel and await whatever of this broker is left, so that nothing ends later
+        with an error in the event loop (the exception filter stays until then)."""
         if self._broker is None:
             return
         broker, self._broker = self._broker, None
