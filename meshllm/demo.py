@@ -131,10 +131,9 @@ def explain_plan(published: PublishedPlan, profiles: dict[str, dict[str, Any]], 
                Role.MIXED: "prompts and answers"}[r.role]
         lines.append(f"  {r.role.value.upper():<8} replica {r.id}: {holds} ({why})")
     for node in plan.idle:
-        p = profiles.get(node, {})
-        smallest = min((s.memory_bytes for r in plan.replicas for s in r.stages), default=0.0)
-        reason = (f"its {_mb(float(p.get('mem_bytes', 0)))} hold no stage" if float(p.get("mem_bytes", 0)) < smallest
-                  else "the plan is predicted faster without it")
+        mem = float(profiles.get(node, {}).get("mem_bytes", 0))
+        reason = (f"it cannot hold the model alone ({_mb(mem)}), and the plan is predicted faster without it "
+                  "in a pipeline" if mem < weight_bytes else "the plan is predicted faster without it")
         lines.append(f"  idle     {node}: {reason}")
     m, w = plan.metrics, plan.workload
     if published.predicted:
