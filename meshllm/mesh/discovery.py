@@ -33,6 +33,7 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from meshllm.aio import stop_task
 from meshllm.mesh.access import record_signature, signature_ok
 from meshllm.mesh.broker import BrokerAd
 from meshllm.mesh.topics import PROTOCOL_VERSION
@@ -99,6 +100,8 @@ class Discovery:
         self._azc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
         self._browser: AsyncServiceBrowser | None = None
+        # zeroconf's announcements of our record run on as a task of its own after (un)registering: ours to end
+        self._broadcasts: list[asyncio.Future[Any]] = []
 
     def _service_info(self) -> AsyncServiceInfo:
         props = {"id": self.node_id, "mesh": self.mesh, "port": str(self.port), "v": str(PROTOCOL_VERSION)}
@@ -120,7 +123,8 @@ class Discovery:
             self._info = self._service_info()
             # the node id travels in TXT; the instance name only has to be unique on the LAN, so a
             # clash (a node of another mesh with the same id, a stale record) is resolved by renaming
-            await self._azc.async_register_service(self._info, allow_name_change=True)
+            self._broadcasts.append(asyncio.ensure_future(
+                await self._azc.async_register_service(self._info, allow_name_change=True)))
             self._name = self._info.name  # zeroconf renames the info in place on a clash
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [MESHLLM_SERVICE, MQTT_SERVICE],
                                             handlers=[self._on_change])
@@ -131,6 +135,9 @@ class Discovery:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for b in self._broadcasts:
+            await stop_task(b)  # the goodbye below says the last word
+        self._broadcasts.clear()
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._azc is not None:
@@ -143,7 +150,8 @@ class Discovery:
             return
         self._broker, self._epoch = url, epoch
         self._info = self._service_info()
-        await self._azc.async_update_service(self._info)
+        self._broadcasts = [b for b in self._broadcasts if not b.done()]
+        self._broadcasts.append(asyncio.ensure_future(await self._azc.async_update_service(self._info)))
 
     def broker_ads(self) -> list[BrokerAd]:
         ads = [BrokerAd(url) for url in self.external_brokers.values()]

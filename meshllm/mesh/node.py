@@ -29,6 +29,7 @@ from typing import Any
 
 import aiomqtt
 
+from meshllm.aio import stop_task
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
 from meshllm.errors import MeshError, NodeIdInUse, SecretError
@@ -172,13 +173,13 @@ class Node:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._leave()
-        if self._main is not None:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main
-        await self._stop_hosted_broker()
-        await self._stack.aclose()
+        try:
+            await self._leave()
+            if self._main is not None:
+                await stop_task(self._main)  # a caller cancelled meanwhile stays cancelled (after the cleanup)
+        finally:
+            await self._stop_hosted_broker()
+            await self._stack.aclose()
 
     async def wait_stopped(self) -> None:
         """Waits until the mesh loop ends (it only ends on error or cancellation)."""
