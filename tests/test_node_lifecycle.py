@@ -8,19 +8,20 @@ import asyncio
 import os
 import secrets
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 from meshllm.aio import stop_task
-from meshllm.errors import NoModelSource
+from meshllm.errors import ConfigError, NoModelSource
 from meshllm.mesh.broker import port_open
 from meshllm.mesh.node import Node, NodeConfig
 from meshllm.profile import DeviceProfile
 from meshllm.serve import model_files
 from meshllm.serve.server import ServingNode
-from tests.mesh_harness import LOOPBACK
+from tests.mesh_harness import LOOPBACK, NodeProc
 
 PROFILE = DeviceProfile("x", "x", 50e9, 10e9, 8 * 10**9)
 
@@ -57,6 +58,22 @@ def _busy_port() -> socket.socket:
     return s
 
 
+def test_a_data_plane_port_in_use_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The node is the last part to start here (peer links and the executors come before it)."""
+    async def go() -> None:
+        before = _fds()
+        with _busy_port() as busy:
+            node = ServingNode(_config(tmp_path, port=busy.getsockname()[1]))
+            with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:.*--port") as e:
+                await node.__aenter__()
+        assert "\n" not in str(e.value)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        assert _fds() == before
+        assert _threads() == set()
+        assert node.executor._shutdown and node.loader._shutdown  # type: ignore[attr-defined]
+    asyncio.run(go())
+
+
 def test_a_failure_after_joining_the_mesh_leaves_no_task_socket_or_broker(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A node with no model files and no peer to fetch them from fails after it joined: by then it hosts the
@@ -83,6 +100,22 @@ def test_a_failure_after_joining_the_mesh_leaves_no_task_socket_or_broker(tmp_pa
         assert _fds() == before
         assert _threads() == set()
     asyncio.run(go())
+
+
+def test_a_port_in_use_stops_meshllm_node_with_one_line(tmp_path: Path) -> None:
+    with _busy_port() as busy:
+        node = NodeProc(f"t-life-{secrets.token_hex(3)}", "p1", log_dir=tmp_path, closed=True,
+                        env={"MESHLLM_SECRET": secrets.token_urlsafe(32)},
+                        extra=["--port", str(busy.getsockname()[1])])
+        try:
+            rc = node.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            raise
+    log = node.log_path.read_text()
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert rc == 2, log
+    assert len(lines) == 1 and lines[0].startswith("meshllm: error: the data plane cannot listen on"), log
 
 
 def test_leaving_a_node_keeps_the_callers_cancellation(tmp_path: Path) -> None:
