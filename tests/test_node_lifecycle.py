@@ -161,6 +161,24 @@ def test_stop_task_absorbs_the_tasks_cancellation_but_not_the_callers() -> None:
         outer.cancel()  # the caller is cancelled while it waits for the task to end
         with pytest.raises(asyncio.CancelledError):
             await outer
+        assert all(t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+        cleaned: list[str] = []
+
+        async def cleans_up_after_its_cancellation() -> None:
+            helper = loop.create_task(asyncio.Event().wait())
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await stop_task(helper)  # its cancellation was delivered: stopping a task now is quiet
+                cleaned.append("helper stopped")
+                raise
+        cleaner = loop.create_task(cleans_up_after_its_cancellation())
+        await asyncio.sleep(0.01)
+        cleaner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cleaner
+        assert cleaned == ["helper stopped"]
     asyncio.run(go())
 
 

@@ -114,7 +114,9 @@ async def _gateway(args: argparse.Namespace) -> int:
     try:
         await server
     except asyncio.CancelledError:
-        pass
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this coroutine is cancelled itself, not the server stopped by a signal: not ours to swallow
     return 0
 
 

@@ -25,14 +25,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
-from meshllm.aio import stop_task
+from meshllm.aio import TaskOwner
 from meshllm.dataplane.links import PeerLinks
 from meshllm.errors import GenerationError, MeshError
 from meshllm.mesh.node import Node, NodeConfig
@@ -79,6 +78,8 @@ class ServingNode:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self.journal = Journal(Sealer.for_secret(config.secret, "journal"))
+        self.tasks = TaskOwner(log, f"serving node {self.node_id}")  # every task of every part, in one TaskGroup
+        self.spawn = self.tasks.spawn
         self.outbox = Outbox(self.node)
         self.publish, self.publish_retained = self.outbox.publish, self.outbox.publish_retained
         self.deployment = Deployment(
@@ -92,7 +93,6 @@ class ServingNode:
         self.planner = PlannerDuty(self.node, lambda: self.manifest, planner_options)
         # streams that ended here lately, for a client's replay after a broker outage (bounded)
         self._ended: OrderedDict[str, tuple[float, SequenceState]] = OrderedDict()
-        self._tg: asyncio.TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
     @property
@@ -139,14 +139,11 @@ class ServingNode:
             stack.callback(self.loader.shutdown, wait=False, cancel_futures=True)
             stack.callback(self.executor.shutdown, wait=False, cancel_futures=True)
             await stack.enter_async_context(self.links)
-            up = asyncio.Event()
-            main = asyncio.get_running_loop().create_task(self._hold_tasks(up), name=f"serving-{self.node_id}")
-            stack.push_async_callback(stop_task, main)
-            await up.wait()  # the task group first: plans may arrive as soon as the node joins
+            await stack.enter_async_context(self.tasks)  # before the node: plans may arrive as soon as it joins
             await node.set_record_fields(self.files.record())  # in the record from the first session on
             await stack.enter_async_context(node)
             stack.push_async_callback(self._withdraw)
-            stack.push_async_callback(stop_task, main)  # at exit: the parts' tasks stop before the node leaves
+            stack.push_async_callback(self.tasks.stop)  # at exit: the parts' tasks stop before the node leaves
             if self.files.manifest is None:  # a node with no model files yet: learn the model from a peer
                 await self.files.fetch_meta(self._fetch_sources)
                 self._model_known()
@@ -162,39 +159,9 @@ class ServingNode:
         if stack is not None:
             await stack.aclose()
 
-    async def _hold_tasks(self, up: asyncio.Event) -> None:
-        """Holds the node's one TaskGroup (every task of its parts lives in it) until cancelled (the node's
-        exit), which cancels every task in it and waits for their end."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            up.set()
-            try:
-                await asyncio.Event().wait()
-            finally:
-                self._tg = None
-
     async def _withdraw(self) -> None:
         with contextlib.suppress(Exception):
             await self.deployment.withdraw()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Future[Any]:
-        """Runs ``coro`` as a task of the node's TaskGroup. Its failure is logged and costs only itself (a
-        request's task must not stop the node); the node's exit cancels it. Once the node is stopping (a
-        message handled in between), the work is not started: a cancelled future stands for it."""
-        if self._tg is None:
-            coro.close()
-            log.debug("%s: not starting %s: the node is stopping", self.node_id, name or coro)
-            stand_in: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            stand_in.cancel()
-            return stand_in
-        return self._tg.create_task(self._logged(coro), name=name)
-
-    async def _logged(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        try:
-            return await coro
-        except Exception:
-            log.error("%s: background task failed", self.node_id, exc_info=True)
-            return None
 
     # --- the Fabric a stage uses --------------------------------------
 
