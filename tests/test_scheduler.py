@@ -291,11 +291,13 @@ class Chars:
 
 
 class Bench:
-    """What a Dispatcher needs of its serving node, recording the frames and messages it would send."""
+    """What a Dispatcher is given (the node's view, the fabric, the deployment's plans, the model), recording
+    the frames and messages it would send."""
 
     def __init__(self, slots: int = 1) -> None:
+        self.alive = {"a", "b"}
         self.node = SimpleNamespace(node_id="a", is_planner=True, in_touch=True, topics=Topics("t"),
-                                    membership=SimpleNamespace(ids=["a", "b"]), publish=self._publish_raw)
+                                    member_ids=lambda: set(self.alive), publish=self._publish_raw)
         self.journal = Journal()
         self.layout = Layout.from_plan({"version": 1, "n_layers": 4,
                                         "replicas": [replica(0, "mixed", [("a", 0, 2), ("b", 2, 4)], slots=slots)]})
@@ -308,7 +310,8 @@ class Bench:
         self.fail_sends = 0
         self.on_send: Any = None  # called with each frame sent, before it counts as sent
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.dispatcher = Dispatcher(self)  # type: ignore[arg-type]
+        self.dispatcher = Dispatcher(self.node, self.journal, self, self, lambda: self.tokenizer,  # type: ignore[arg-type]
+                                     lambda: 0, self.spawn)
 
     async def _publish_raw(self, topic: str, data: Any, qos: int = 1, retain: bool = False) -> bool:
         self.retained.append((topic, data))
@@ -360,7 +363,7 @@ class Bench:
 
     def lose_b(self) -> None:
         """Node b is gone: r1's route is stranded, and the plan is made again without it."""
-        self.node.membership.ids = ["a"]
+        self.alive = {"a"}
         self.layout = Layout.from_plan({"version": 2, "n_layers": 4, "replicas": [replica(1, "mixed", [("a", 0, 4)])]})
 
     def broker_job(self, rid: str) -> str | None:

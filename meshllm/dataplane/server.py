@@ -31,6 +31,7 @@ import numpy as np
 
 from meshllm.dataplane.auth import HANDSHAKE_TIMEOUT, connect, server_handshake
 from meshllm.dataplane.codec import FrameError, decode_body, encode, frame_length, read_frame
+from meshllm.errors import ConfigError
 from meshllm.logs import RateLimitedLog
 from meshllm.profile import Link
 
@@ -76,7 +77,11 @@ class DataPlane:
         self._handlers[frame_type] = handler
 
     async def __aenter__(self) -> DataPlane:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=STREAM_LIMIT)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=STREAM_LIMIT)
+        except OSError as e:  # a port in use, an address not of this host: the operator's to fix, in one line
+            raise ConfigError(f"the data plane cannot listen on {self.host}:{self.port}: {e.strerror or e} "
+                              "(pick another --port, or 0 for any free one)") from None
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

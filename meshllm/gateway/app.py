@@ -43,6 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from meshllm.aio import stop_task
 from meshllm.errors import MeshError
 from meshllm.gateway import openai_api as oa
 from meshllm.gateway.meshview import MeshView, MeshWatcher, ModelInfo
@@ -436,9 +437,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)  # a lifespan cancelled meanwhile stays cancelled
 
     app = Starlette(
         routes=[

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from meshllm.cli import add_login_option
+from meshllm.cli_common import add_login_option
 from meshllm.errors import MeshError
 
 API_KEY_ENV = "MESHLLM_API_KEY"
@@ -94,13 +94,13 @@ def check_exposure(host: str, api_key: str | None, open_: bool) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from meshllm.cli import run_async
+    from meshllm.cli_common import run_async
 
     return int(run_async(_gateway(args)))
 
 
 async def _gateway(args: argparse.Namespace) -> int:
-    from meshllm.cli import broker_login
+    from meshllm.cli_common import broker_login
     from meshllm.gateway.app import GatewayConfig, serve_gateway
 
     check_exposure(args.host, args.api_key, args.open)
@@ -116,7 +116,9 @@ async def _gateway(args: argparse.Namespace) -> int:
     try:
         await server
     except asyncio.CancelledError:
-        pass
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this coroutine is cancelled itself, not the server stopped by a signal: not ours to swallow
     return 0
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from meshllm.aio import TaskOwner, stop_task
 from meshllm.mesh.access import record_signature, signature_ok
 from meshllm.mesh.broker import BrokerAd
 from meshllm.mesh.topics import PROTOCOL_VERSION
@@ -95,10 +96,12 @@ class Discovery:
         # (node id, broker epoch) of records that failed a live check -> until when they are ignored
         self._refuted: dict[tuple[str, str], float] = {}
         self._names: dict[str, str] = {}  # service name -> node id
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(log, f"discovery {node_id}")  # the lookups of records that appeared
         self._azc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
         self._browser: AsyncServiceBrowser | None = None
+        # zeroconf's announcements of our record run on as a task of its own after (un)registering: ours to end
+        self._broadcasts: list[asyncio.Future[Any]] = []
 
     def _service_info(self) -> AsyncServiceInfo:
         props = {"id": self.node_id, "mesh": self.mesh, "port": str(self.port), "v": str(PROTOCOL_VERSION)}
@@ -120,17 +123,19 @@ class Discovery:
             self._info = self._service_info()
             # the node id travels in TXT; the instance name only has to be unique on the LAN, so a
             # clash (a node of another mesh with the same id, a stale record) is resolved by renaming
-            await self._azc.async_register_service(self._info, allow_name_change=True)
+            self._broadcasts.append(asyncio.ensure_future(
+                await self._azc.async_register_service(self._info, allow_name_change=True)))
             self._name = self._info.name  # zeroconf renames the info in place on a clash
+        await self._tasks.__aenter__()
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [MESHLLM_SERVICE, MQTT_SERVICE],
                                             handlers=[self._on_change])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.stop()
+        for b in self._broadcasts:
+            await stop_task(b)  # the goodbye below says the last word
+        self._broadcasts.clear()
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._azc is not None:
@@ -143,7 +148,8 @@ class Discovery:
             return
         self._broker, self._epoch = url, epoch
         self._info = self._service_info()
-        await self._azc.async_update_service(self._info)
+        self._broadcasts = [b for b in self._broadcasts if not b.done()]
+        self._broadcasts.append(asyncio.ensure_future(await self._azc.async_update_service(self._info)))
 
     def broker_ads(self) -> list[BrokerAd]:
         ads = [BrokerAd(url) for url in self.external_brokers.values()]
@@ -181,9 +187,7 @@ class Discovery:
             self.external_brokers.pop(name, None)
             self.changed.set()
             return
-        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._resolve(service_type, name), f"resolve {name}")
 
     async def _resolve(self, service_type: str, name: str) -> None:
         assert self._azc is not None

@@ -23,14 +23,16 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 
+from meshllm.aio import stop_task
 from meshllm.dataplane.auth import secret_key
-from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, probe_link
+from meshllm.dataplane.links import PeerUnreachable
+from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, Handler, probe_link
 from meshllm.errors import MeshError, NodeIdInUse, SecretError
 from meshllm.logs import RateLimitedLog
 from meshllm.logs import clip as _short
@@ -125,7 +127,10 @@ class Node:
         self.plan: dict[str, Any] | None = None
         self._held_plan: dict[str, Any] | None = None  # a plan of a term whose claim has not arrived yet
         self.links: dict[str, Link] = {}
-        self.changed = asyncio.Event()  # set whenever the view (members, planner, plan, broker) changes
+        # the view (members and their records, the planner, the plan, the session, being in touch) changed:
+        # a version and an event that is replaced at each change, so that any number of tasks can wait on it
+        self._view_version = 0
+        self._view_event = asyncio.Event()
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._hosted: EmbeddedBroker | None = None
@@ -141,7 +146,8 @@ class Node:
         self.incarnation = Incarnation(secrets.token_hex(8), time.time())
         self._sessions = 0  # broker sessions begun so far
         self._rlog = RateLimitedLog(log)  # for what others can trigger at will (malformed messages)
-        self.record_extra: dict[str, Any] = {}
+        self._record_extra: dict[str, Any] = {}  # fields a service adds to this node's record (set_record_fields)
+        self._routes: list[tuple[str, Handler]] = []  # data-plane routes of services, made when the port opens
         if config.secret is None and not config.open_mesh:
             raise SecretError("a mesh is closed by default: give the node a secret (NodeConfig.secret), or "
                               "open_mesh=True for a mesh anyone on the LAN may use")
@@ -163,6 +169,8 @@ class Node:
                 DataPlane(host, cfg.port, delay_s=em.link_delay_s, key=self.key, idle_timeout=cfg.dataplane_idle_s))
             self.dataplane.route(broker_check.QUERY, lambda msg, writer: broker_check.answer(
                 self.key, (self._hosted.url, self._hosted.epoch) if self._hosted else None, msg, writer))
+            for kind, handler in self._routes:
+                self.dataplane.route(kind, handler)
             self.discovery = await self._stack.enter_async_context(
                 Discovery(self.node_id, cfg.mesh, self.dataplane.port, interface=cfg.interface, key=self.key))
             self._main = asyncio.get_running_loop().create_task(self._run(), name=f"node-{self.node_id}")
@@ -172,13 +180,13 @@ class Node:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._leave()
-        if self._main is not None:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main
-        await self._stop_hosted_broker()
-        await self._stack.aclose()
+        try:
+            await self._leave()
+            if self._main is not None:
+                await stop_task(self._main)  # a caller cancelled meanwhile stays cancelled (after the cleanup)
+        finally:
+            await self._stop_hosted_broker()
+            await self._stack.aclose()
 
     async def wait_stopped(self) -> None:
         """Waits until the mesh loop ends (it only ends on error or cancellation)."""
@@ -195,6 +203,15 @@ class Node:
     def subscribe(self, topic_filter: str, handler: Callable[[aiomqtt.Message], Awaitable[None]]) -> None:
         """Adds a subscription (made on every broker session) whose messages go to ``handler``."""
         self._subscriptions.append((topic_filter, handler))
+
+    def route(self, kind: str, handler: Handler) -> None:
+        """Sends data-plane frames of type ``kind`` to ``handler`` (call it before entering the node)."""
+        self._routes.append((kind, handler))
+
+    async def set_record_fields(self, fields: Mapping[str, Any]) -> None:
+        """Adds (or replaces) fields of this node's gossiped record and restates it if a session is up."""
+        self._record_extra.update(fields)
+        await self._publish_record()
 
     async def publish(self, topic: str, payload: str | bytes, *, qos: int = 1, retain: bool = False) -> bool:
         """Publishes on the current broker session; False when not connected (the caller decides)."""
@@ -219,6 +236,43 @@ class Node:
     def is_planner(self) -> bool:
         return self.election.leader == self.node_id
 
+    @property
+    def planner_id(self) -> str | None:
+        """The elected planner's node id, if one is known."""
+        return self.election.leader
+
+    def member_ids(self) -> set[str]:
+        return set(self.membership.members)
+
+    def member_records(self) -> dict[str, dict[str, Any]]:
+        """Node id -> its gossiped record (a copy of the mapping; the records are not to be changed)."""
+        return {m.node_id: m.info for m in self.membership.members.values()}
+
+    def address_of(self, node_id: str) -> tuple[str, int]:
+        """The data-plane address of a member (this node's own too); :class:`PeerUnreachable` if it is none."""
+        if node_id == self.node_id:
+            return (self.discovery.address, self.dataplane.port)
+        m = self.membership.members.get(node_id)
+        if m is None:
+            raise PeerUnreachable(f"node {node_id} is not a member of the mesh")
+        return (str(m.info["host"]), int(m.info["port"]))
+
+    @property
+    def view_version(self) -> int:
+        """Grows at every change of the view (members and their records, planner, plan, session, in touch)."""
+        return self._view_version
+
+    async def view_changed(self, since: int) -> int:
+        """Waits until the view changed after version ``since`` (at once if it already has); its version now."""
+        while self._view_version == since:
+            await self._view_event.wait()
+        return self._view_version
+
+    def _changed(self) -> None:
+        self._view_version += 1
+        event, self._view_event = self._view_event, asyncio.Event()
+        event.set()
+
     def _record(self) -> dict[str, Any]:
         assert self.profile is not None
         return {
@@ -231,7 +285,7 @@ class Node:
             "links": {k: {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps} for k, v in self.links.items()},
             "hosts_broker": self._hosted.url if self._hosted else None,
             "model": os.path.basename(self.config.model.rstrip("/")) if self.config.model else None,
-            **self.record_extra,
+            **self._record_extra,
             "instance": self.incarnation.instance,
             "since": self.incarnation.since,
         }
@@ -327,6 +381,7 @@ class Node:
             finally:
                 self._client = None
                 self.connected.clear()
+                self._changed()
             if self._hosted is not None and self._hosted.url != self._chosen_url():
                 await self._stop_hosted_broker()
             await asyncio.sleep(0.05)
@@ -399,7 +454,7 @@ class Node:
             self.membership.grace(time.monotonic(), self.config.failure_timeout_s)
             await self._publish_record()
             self.connected.set()
-            self.changed.set()
+            self._changed()
             log.info("%s: joined mesh %r via %s", self.node_id, self.config.mesh, b)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client))
@@ -461,7 +516,10 @@ class Node:
             if sender == self.node_id:
                 seen = Incarnation.of(loads_object(payload, MAX_HEARTBEAT))
                 if seen == self.incarnation:
+                    was_in_touch = self.in_touch
                     self._echo = now()
+                    if not was_in_touch:
+                        self._changed()  # back in touch: what waited for it may act now
                 elif seen is not None:
                     self._other_process(seen)
                     return
@@ -477,12 +535,12 @@ class Node:
                     if seen is None or not self.incarnation.younger_than(seen):
                         await self._publish_record()
                     return
-            if self.membership.on_record(node_id, info, now()) or info is None:
-                self.changed.set()
+            self.membership.on_record(node_id, info, now())
+            self._changed()  # a member came or went, or its record (profile, links, files) changed
         elif topic == self.topics.planner and payload:
             claim = loads_object(payload, MAX_RECORD)
             if self.election.on_claim(str(claim["node"]), int(claim["term"])):
-                self.changed.set()
+                self._changed()
                 held, self._held_plan = self._held_plan, None
                 if held is not None and self.election.accepts_plan(int(held["term"]), str(held["planner"])):
                     await self._apply_plan(held)  # it came before its claim
@@ -517,7 +575,7 @@ class Node:
 
     async def _apply_plan(self, plan: dict[str, Any]) -> None:
         self.plan = plan
-        self.changed.set()
+        self._changed()
         for listener in self._plan_listeners:
             await listener(plan)
 
@@ -550,7 +608,7 @@ class Node:
             # (its link down, the session not yet timed out) must not declare everyone else gone
             gone = self.membership.expire(time.monotonic()) if self.in_touch else []
             if gone:
-                self.changed.set()
+                self._changed()
                 for node_id in gone:  # declare them gone mesh-wide (idempotent; a stalled node republishes)
                     await client.publish(self.topics.member(node_id), b"", qos=1, retain=True)
             settled = time.monotonic() >= may_claim_at and self.in_touch
@@ -565,7 +623,7 @@ class Node:
                 self.election.on_claim(self.node_id, term)
                 await self._publish_claim(term)
                 log.info("%s: elected planner, term %d", self.node_id, term)
-                self.changed.set()
+                self._changed()
             await asyncio.sleep(self.config.heartbeat_s)
 
     async def _watch_broker(self, url: str) -> None:

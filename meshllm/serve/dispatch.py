@@ -35,21 +35,21 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiomqtt
 import numpy as np
 
 from meshllm.errors import MeshError
+from meshllm.mesh.topics import Topics
 from meshllm.serve import api
-from meshllm.serve.journal import JobRecord, Route, request_of
+from meshllm.serve.journal import JobRecord, Journal, Route, request_of
+from meshllm.serve.layout import Layout
 from meshllm.serve.messages import Cancel, PayloadError
 from meshllm.serve.protocol import Bounce, CancelStream, Done, Prefill, Release, RequestMeta, Resume
 from meshllm.serve.scheduler import Job, Scheduler
-
-if TYPE_CHECKING:
-    from meshllm.serve.server import ServingNode
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,63 @@ MAX_UNPARSED, MAX_UNPARSED_BYTES = 1024, 64 << 20
 FINISHED_KEEP, FINISHED_KEEP_S = 4096, 120.0  # ended requests remembered, so that a late copy is not served again
 
 
+class MeshNode(Protocol):
+    """What the dispatcher reads of its mesh node (:class:`~meshllm.mesh.node.Node`)."""
+
+    node_id: str
+    topics: Topics
+
+    @property
+    def is_planner(self) -> bool: ...
+
+    @property
+    def in_touch(self) -> bool: ...
+
+    def member_ids(self) -> set[str]: ...
+
+    async def publish(self, topic: str, payload: str | bytes, *, qos: int = 1, retain: bool = False) -> bool: ...
+
+
+class Sender(Protocol):
+    """The node's frame fabric and outbox: frames to stages, replies and journal writes to the broker."""
+
+    async def send(self, node_id: str, frame: dict[str, Any]) -> None: ...
+
+    async def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
+
+    async def publish_retained(self, topic: str, data: str) -> None: ...
+
+
+class Plans(Protocol):
+    """The node's deployment, as the dispatcher sees it: the plan in force and which replicas are ready."""
+
+    @property
+    def layout(self) -> Layout | None: ...
+
+    def ready_replicas(self) -> set[int]: ...
+
+
+class Tokenizes(Protocol):
+    def encode(self, text: str, *, bos: bool = True) -> list[int]: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str: ...
+
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], Any]  # runs a coroutine as a task the node owns
+
+
 class Dispatcher:
-    def __init__(self, server: ServingNode) -> None:
-        self.server = server
-        self.node = server.node
-        self.journal = server.journal
+    """The planner's request duties on one serving node. It is given only what it uses: the mesh node's view
+    (``node``), the journal it follows, the fabric that sends and publishes, the deployment's plan and
+    readiness, the model's tokenizer and context, and ``spawn`` for the tasks it starts (owned by the node)."""
+
+    def __init__(self, node: MeshNode, journal: Journal, fabric: Sender, plans: Plans,
+                 tokenizer: Callable[[], Tokenizes], max_seq_len: Callable[[], int], spawn: Spawn) -> None:
+        self.node = node
+        self.journal = journal
+        self.fabric = fabric
+        self.plans = plans
+        self._tokenizer, self._max_seq_len, self._spawn = tokenizer, max_seq_len, spawn
         self.scheduler: Scheduler | None = None
         self._adopted = False
         # Intake, in two FIFOs served by one thread of its own (never the event loop, which carries heartbeats,
@@ -150,10 +202,10 @@ class Dispatcher:
                 e.request_id, e.reply_to = req.id, req.reply_to
             await self._answer(e)
         except MeshError as e:  # e.g. a chat request to a model without a chat template
-            await self.server.publish(req.reply_to, api.error_reply(req.id, api.INVALID_REQUEST, str(e)))
+            await self.fabric.publish(req.reply_to, api.error_reply(req.id, api.INVALID_REQUEST, str(e)))
         except Exception as e:
             log.exception("%s: taking in %s failed", self.node.node_id, req.id)
-            await self.server.publish(req.reply_to, api.error_reply(req.id, api.INTERNAL, f"internal error: {e}"))
+            await self.fabric.publish(req.reply_to, api.error_reply(req.id, api.INTERNAL, f"internal error: {e}"))
 
     def _parse(self, payload: bytes) -> tuple[api.Request, str]:
         """(On the intake thread.) The request and its digest, by which a copy of it is recognised."""
@@ -162,7 +214,7 @@ class Dispatcher:
 
     def _tokenize(self, req: api.Request) -> list[int]:
         """(On the intake thread.) The prompt's token ids."""
-        tok = self.server.tokenizer
+        tok = self._tokenizer()
         prompt = req.prompt if req.prompt is not None else tok.apply_chat_template(list(req.messages))
         ids = tok.encode(prompt, bos=req.prompt is not None)
         if not ids:
@@ -188,7 +240,7 @@ class Dispatcher:
             # journal clear, the done frame) with the new run's; the node that streamed it replays the replies
             log.info("%s: request %s arrived again after it ended; asking for its replies again", self.node.node_id,
                      req.id)
-            self.server.spawn(self.server.publish(self.node.topics.replay, {"id": req.id, "from": 0}))
+            self._spawn(self.fabric.publish(self.node.topics.replay, {"id": req.id, "from": 0}))
             return True
         raise api.RequestFailed(api.INVALID_REQUEST, f"request id {req.id!r} was used by another request that ended "
                                f"less than {FINISHED_KEEP_S:g} s ago; give every request a new id", req.id,
@@ -196,9 +248,8 @@ class Dispatcher:
 
     def _accept(self, req: api.Request, digest: str, ids: list[int]) -> None:
         """Checks, journals and admits a tokenized request (no await: nothing else runs in between)."""
-        server = self.server
         sched = self.ensure_scheduler()
-        default = server.manifest.config.max_seq_len if server.manifest else 0
+        default = self._max_seq_len()
         limit = min((r.context or default for r in sched.layout.replicas.values()), default=default)
         if len(ids) >= limit:
             raise api.RequestFailed(api.CONTEXT_LENGTH, f"prompt of {len(ids)} tokens does not fit the context "
@@ -217,14 +268,14 @@ class Dispatcher:
         rec = JobRecord(job.id, ids, meta)
         self.journal.jobs[job.id] = rec  # at once: the same request sent again is recognised from now on
         if routed is None:  # queued: journal it now, so that a new planner would queue it again
-            server.spawn(self._write(rec))
+            self._spawn(self._write(rec))
         else:
-            server.spawn(self._start(routed))
+            self._spawn(self._start(routed))
 
     async def _answer(self, e: api.RequestFailed) -> None:
         topics = self.node.topics
         topic = e.reply_to or (topics.reply(e.request_id) if e.request_id else f"{topics.replies}/_invalid")
-        await self.server.publish(topic, e.reply())
+        await self.fabric.publish(topic, e.reply())
 
     def _ended_digest(self, request_id: str) -> str | None:
         """The digest of the request that ended lately under ``request_id``, if one did."""
@@ -246,23 +297,29 @@ class Dispatcher:
             self._finished.popitem(last=False)
 
     def ensure_scheduler(self) -> Scheduler:
-        layout = self.server.layout
+        layout = self.plans.layout
         if layout is None:
             raise api.RequestFailed(api.UNAVAILABLE, "the mesh has no plan yet; try again shortly")
         if self.scheduler is None:
             self.scheduler = Scheduler(layout)
         self.scheduler.layout = layout
-        self.scheduler.ready = self.server.ready_replicas()
+        self.scheduler.ready = self.plans.ready_replicas()
         return self.scheduler
+
+    def on_layout(self, layout: Layout) -> None:
+        """A new plan is deployed here: the scheduler (if this node runs one) routes by it from now on."""
+        if self.scheduler is not None:
+            self.scheduler.layout = layout
+            self.refresh_ready()
 
     def refresh_ready(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.ready = self.server.ready_replicas()
+            self.scheduler.ready = self.plans.ready_replicas()
             self._dispatch_all(self.scheduler.drain())
 
     def _dispatch_all(self, jobs: list[Job]) -> None:
         for job in jobs:
-            self.server.spawn(self._start(job))
+            self._spawn(self._start(job))
 
     async def _start(self, job: Job) -> None:
         """Journals the route, then sends the prompt: a new planner never mistakes a sent job for a queued one.
@@ -273,10 +330,10 @@ class Dispatcher:
         if sched is None or not sched.owns(job):
             log.debug("%s: not sending %s: no longer held", self.node.node_id, job.key)
             return
-        server = self.server
+        fabric = self.fabric
         sent, error = False, None
         try:
-            layout = server.layout
+            layout = self.plans.layout
             prefill = layout.replicas.get(job.prefill_r) if layout is not None else None
             decode = layout.replicas.get(job.decode_r) if layout is not None else None
             if layout is None or prefill is None or decode is None:
@@ -293,7 +350,7 @@ class Dispatcher:
                 return
             frame = Prefill(layout.version, prefill.id, job.key, np.asarray(job.prompt, np.int64),
                             RequestMeta.decode(meta, f"request {job.id}"))
-            await server.send(prefill.first.node_id, frame.encode())
+            await fabric.send(prefill.first.node_id, frame.encode())
             sent = True
         except MeshError as e:
             error = e
@@ -313,9 +370,9 @@ class Dispatcher:
             return  # resumed or ended meanwhile
         if tries > MAX_DISPATCH_TRIES:
             self._close(rec)
-            await self.server.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE,
+            await self.fabric.publish(job.reply_to, api.error_reply(job.id, api.UNAVAILABLE,
                                                                     f"replica unreachable: {error}"))
-            await self.server.publish_retained(self.node.topics.job(job.id), "")
+            await self.fabric.publish_retained(self.node.topics.job(job.id), "")
             return
         job = Job(job.id, job.reply_to, len(job.prompt), attempt=job.attempt, prompt=job.prompt,
                   meta={**job.meta, "dispatch_tries": tries})
@@ -378,7 +435,7 @@ class Dispatcher:
         if (not self.node.is_planner or self.scheduler is None or rec is None or rec.route is None
                 or rec.key != key):
             return
-        await self._resume(rec, set(self.node.membership.ids), why=bounce.why)
+        await self._resume(rec, self.node.member_ids(), why=bounce.why)
 
     def on_journal_cleared(self, rec: JobRecord) -> None:
         """The journal dropped an ended request (every node follows it, so a planner to be knows it ended too):
@@ -419,7 +476,7 @@ class Dispatcher:
         sched = self.scheduler
         if sched is None:
             return
-        server = self.server
+        fabric = self.fabric
         rec = self.journal.jobs.get(rid)
         job = sched.held(rid)
         if job is not None and (rec is None or rec.route is None or rec.key != job.key):
@@ -427,13 +484,13 @@ class Dispatcher:
             sched.release(job)
             if rec is not None:
                 self._close(rec)
-            await server.publish(job.reply_to, api.error_reply(job.id, api.CANCELLED, "cancelled by the client"))
-            await server.publish_retained(self.node.topics.job(job.id), "")
+            await fabric.publish(job.reply_to, api.error_reply(job.id, api.CANCELLED, "cancelled by the client"))
+            await fabric.publish_retained(self.node.topics.job(job.id), "")
             self._dispatch_all(sched.drain())
             return
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
-                await server.send(rec.route.decode_nodes[-1], CancelStream(rec.key).encode())
+                await fabric.send(rec.route.decode_nodes[-1], CancelStream(rec.key).encode())
 
     async def restate_journal(self) -> None:
         """On a new broker session the planner writes back the journal it follows: a broker that was
@@ -452,29 +509,32 @@ class Dispatcher:
     async def tend(self) -> None:
         """The dispatcher's duties while the node runs: the intake worker, and, while this node is the planner,
         taking over a predecessor's requests and resuming stranded ones."""
-        loop = asyncio.get_running_loop()
-        workers = [loop.create_task(self._parse_worker()), loop.create_task(self._tokenize_worker())]
         try:
-            while True:
-                await asyncio.sleep(TEND_S)
-                if not self.node.is_planner:
-                    self.scheduler, self._adopted = None, False  # the journal is the truth for the next planner
-                    continue
-                if self.server.layout is None or not self.node.in_touch:
-                    continue
-                try:
-                    await self._tend_once()
-                except MeshError as e:
-                    log.warning("%s: tending the journal: %s", self.node.node_id, e)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._parse_worker(), name="intake-parse")
+                tg.create_task(self._tokenize_worker(), name="intake-tokenize")
+                tg.create_task(self._tend_journal(), name="tend-journal")
         finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
             self._intake_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _tend_journal(self) -> None:
+        # a poll, deliberately: what it acts on (a journal record whose route lost a node) changes by two
+        # streams of events (membership, the journal) and by the passing of time (being in touch)
+        while True:
+            await asyncio.sleep(TEND_S)
+            if not self.node.is_planner:
+                self.scheduler, self._adopted = None, False  # the journal is the truth for the next planner
+                continue
+            if self.plans.layout is None or not self.node.in_touch:
+                continue
+            try:
+                await self._tend_once()
+            except MeshError as e:
+                log.warning("%s: tending the journal: %s", self.node.node_id, e)
 
     async def _tend_once(self) -> None:
         sched = self.ensure_scheduler()
-        alive = set(self.node.membership.ids)
+        alive = self.node.member_ids()
         if not self._adopted:
             self._adopted = True
             for rec in list(self.journal.jobs.values()):
@@ -493,13 +553,13 @@ class Dispatcher:
         assert rec.route is not None and self.scheduler is not None
         if not self._current(rec):  # ended (or moved) while earlier requests of the same tending were resumed
             return
-        server, route = self.server, rec.route
+        fabric, route = self.fabric, rec.route
         self.scheduler.forget(rec.id)
         old_key = rec.key
         for nodes, r in ((route.prefill_nodes, route.prefill_r), (route.decode_nodes, route.decode_r)):
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):
-                    await server.send(n, Release(route.pv, r, old_key).encode())
+                    await fabric.send(n, Release(route.pv, r, old_key).encode())
         if not self._current(rec):
             # it ended meanwhile (the old attempt streamed its final reply just before the release reached it),
             # or another path moved it: running it again would journal an ended request anew
@@ -511,11 +571,11 @@ class Dispatcher:
                     why or f"lost {', '.join(sorted(route.nodes - alive))}", len(progress.tokens))
         if len(progress.tokens) >= max_tokens:  # it had streamed everything: only the final reply may be missing
             n = len(progress.tokens)
-            await server.publish(str(rec.meta["reply_to"]), api.final_reply(
+            await fabric.publish(str(rec.meta["reply_to"]), api.final_reply(
                 rec.id, n, "", "length", int(rec.meta["prompt_len"]), n, {}))
             self._close(rec)
-            await server.publish_retained(self.node.topics.progress(rec.id), "")
-            await server.publish_retained(self.node.topics.job(rec.id), "")
+            await fabric.publish_retained(self.node.topics.progress(rec.id), "")
+            await fabric.publish_retained(self.node.topics.job(rec.id), "")
             return
         await self._readmit(rec, progress.tokens, progress.sampler, attempt=rec.attempt + 1)
 

@@ -18,22 +18,46 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiomqtt
 
 from meshllm.errors import ConfigError, PlanError
+from meshllm.model.manifest import Manifest
 from meshllm.plan.workload import Workload
 from meshllm.profile import DeviceProfile, Link
-
-if TYPE_CHECKING:
-    from meshllm.serve.server import ServingNode
 
 log = logging.getLogger(__name__)
 
 SETTLE_S = 0.7  # membership must be unchanged this long before planning
+
+
+class PlannerNode(Protocol):
+    """What the planner duty reads of its mesh node (:class:`~meshllm.mesh.node.Node`), and the one thing it
+    does with it: publish a plan."""
+
+    node_id: str
+    plan: dict[str, Any] | None
+
+    @property
+    def is_planner(self) -> bool: ...
+
+    @property
+    def in_touch(self) -> bool: ...
+
+    @property
+    def view_version(self) -> int: ...
+
+    async def view_changed(self, since: int) -> int: ...
+
+    def member_ids(self) -> set[str]: ...
+
+    def member_records(self) -> dict[str, dict[str, Any]]: ...
+
+    async def publish_plan(self, plan: dict[str, Any]) -> None: ...
 
 
 def member_profiles(members: dict[str, Any]) -> list[DeviceProfile]:
@@ -98,28 +122,36 @@ def _pinned_plan(path: str) -> dict[str, Any]:
 
 
 class PlannerDuty:
-    def __init__(self, server: ServingNode, options: PlannerOptions) -> None:
-        self.server = server
+    """Plans while ``node`` is the planner; ``manifest`` gives the model's manifest (None until it is known)."""
+
+    def __init__(self, node: PlannerNode, manifest: Callable[[], Manifest | None], options: PlannerOptions) -> None:
+        self.node = node
+        self._manifest = manifest
         self.options = options
         self.version = 0
         self.pinned = options.pinned
 
     async def run(self) -> None:
-        node = self.server.node
+        """Looks at the mesh each time its view changes (members, records, planner, session, being in touch):
+        the node's event, never a poll."""
+        node = self.node
         seen: tuple[Any, ...] | None = None
+        looked: int | None = None  # the view version last looked at (None: look now)
         while True:
-            await asyncio.sleep(SETTLE_S)
+            if looked is not None:
+                await node.view_changed(looked)
+            looked = node.view_version
             if not node.is_planner or not node.in_touch:
                 seen = None
                 continue
-            everyone = {m.node_id: m.info for m in node.membership.members.values()}
+            everyone = node.member_records()
             members = servable(everyone)
             view = tuple(sorted((i, json.dumps(m.get("profile"), sort_keys=True), len(m.get("links") or {}))
                                 for i, m in members.items()))
             if view == seen:
                 continue
             await asyncio.sleep(SETTLE_S)  # let a burst of joins settle
-            if {m.node_id for m in node.membership.members.values()} != set(everyone):
+            if node.member_ids() != set(everyone):
                 continue
             for i in sorted(set(everyone) - set(members)):
                 log.warning("%s: leaving %s out of plans: %s", node.node_id, i,
@@ -139,7 +171,8 @@ class PlannerDuty:
                     await node.publish_plan(plan)
                 except (RuntimeError, aiomqtt.MqttError) as e:
                     log.warning("%s: could not take over plan v%s: %s", node.node_id, plan.get("version"), e)
-                    seen = None
+                    seen, looked = None, None
+                    await asyncio.sleep(SETTLE_S)  # try again shortly, whether or not the view changes
                 continue
             if plan is not None:
                 self.version = max(self.version, int((node.plan or {}).get("version", 0))) + 1
@@ -148,14 +181,15 @@ class PlannerDuty:
                     await node.publish_plan(plan)
                 except (RuntimeError, aiomqtt.MqttError) as e:  # lost the broker or the role: plan again later
                     log.warning("%s: plan v%d not published: %s", node.node_id, self.version, e)
-                    seen = None
+                    seen, looked = None, None
+                    await asyncio.sleep(SETTLE_S)  # try again shortly, whether or not the view changes
                     continue
                 log.info("%s: published plan v%d (%d replicas)", node.node_id, self.version,
                          len(plan.get("replicas", [])))
 
     def make_plan(self, members: dict[str, Any]) -> dict[str, Any] | None:
         """The plan to publish now, or None to keep the current one."""
-        live = self.server.node.plan
+        live = self.node.plan
         if self.pinned is not None:
             needed = {s["node_id"] for r in self.pinned["replicas"] for s in r["stages"]}
             if needed <= set(members):
@@ -164,11 +198,11 @@ class PlannerDuty:
                 return None  # still waiting for the pinned plan's nodes
             if live.get("pinned"):  # one of them left: serve with the members that remain until it is back
                 log.warning("%s: %s of the pinned plan left; planning for the remaining members",
-                            self.server.node_id, ", ".join(sorted(needed - set(members))))
+                            self.node.node_id, ", ".join(sorted(needed - set(members))))
                 live = None
         from meshllm.plan import ModelCosts, Plan, replan
 
-        manifest = self.server.manifest
+        manifest = self._manifest()
         assert manifest is not None
         if not members:
             return None
@@ -177,7 +211,7 @@ class PlannerDuty:
         current = Plan.from_json(live) if live else None
         plan, is_new = replan(current, profiles, costs, self.workload(manifest.config.max_seq_len))
         if not plan.replicas:
-            log.warning("%s: no feasible plan for %d devices: %s", self.server.node_id, len(profiles),
+            log.warning("%s: no feasible plan for %d devices: %s", self.node.node_id, len(profiles),
                         "; ".join(plan.notes))
             return None
         return dict(plan.to_json()) if is_new else None

@@ -1,21 +1,20 @@
 """A serving node: a mesh :class:`~meshllm.mesh.node.Node` that deploys plans and serves requests.
 
-- **Deploy.** On every accepted plan the node finds its stage, loads that layer
-  range (reusing the loaded segment when the range is unchanged), starts a
-  :class:`~meshllm.serve.stage.StageRunner` and announces readiness on the
-  retained ``ready/<node>`` topic. Runners of older plans keep serving the
-  requests they hold and are dropped once empty (drain, no request lost).
-- **Data plane.** Serving frames are validated (:mod:`meshllm.serve.protocol`)
-  and handed to the runner of their plan version and replica.
-- **Planner duties.** The elected planner computes plans when membership
-  changes (:mod:`meshllm.serve.planning`) and runs the
-  :class:`~meshllm.serve.scheduler.Scheduler`: it takes requests from the MQTT
-  ``requests`` topic, tokenizes them, journals them, routes them, and answers
-  errors itself.
-- **No request lost.** Every node follows the journal
-  (:mod:`meshllm.serve.journal`); the planner resumes requests whose replica
-  lost a node on a healthy one, and a new planner takes over the requests its
-  predecessor accepted.
+A small composition of parts, each given only what it uses (see docs/serving.md, "The parts of a node"):
+
+- **The frame fabric** (this class): links to peers, serving frames validated (:mod:`meshllm.serve.protocol`)
+  and handed to the runner of their plan version and replica, or to the dispatcher; what a
+  :class:`~meshllm.serve.stage.StageRunner` uses (:class:`~meshllm.serve.stage.Fabric`); replays of streams;
+  following the journal.
+- **The outbox** (:mod:`meshllm.serve.outbox`): replies and journal writes, published in order by one task.
+- **Deployment** (:mod:`meshllm.serve.deployment`): the plan in force, the segment cache, the stage runners
+  and readiness.
+- **Intake and dispatch** (:mod:`meshllm.serve.dispatch`) and **the planner duty**
+  (:mod:`meshllm.serve.planning`): act while this node is the elected planner.
+
+The node owns every task of its parts through one :class:`asyncio.TaskGroup`, and every resource through one
+:class:`contextlib.AsyncExitStack`: leaving the node, or failing half-way into it, stops and closes exactly
+what was started, in reverse order.
 """
 
 from __future__ import annotations
@@ -32,43 +31,38 @@ from typing import Any
 
 import aiomqtt
 
-from meshllm.dataplane.links import PeerLinks, PeerUnreachable
-from meshllm.errors import GenerationError, MeshError, ModelError
+from meshllm.aio import TaskOwner
+from meshllm.dataplane.links import PeerLinks
+from meshllm.errors import GenerationError, MeshError
 from meshllm.mesh.node import Node, NodeConfig
 from meshllm.model.manifest import Manifest
-from meshllm.plan.errors import PlanError
-from meshllm.plan.plan import PublishedPlan
 from meshllm.runtime.sampling import Sampler
-from meshllm.runtime.segment import Segment
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
+from meshllm.serve.deployment import Deployment
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, Progress
-from meshllm.serve.layout import Layout, LayoutError
-from meshllm.serve.messages import PayloadError, Readiness, Replay
+from meshllm.serve.layout import Layout
+from meshllm.serve.messages import PayloadError, Replay
 from meshllm.serve.model_files import ModelFiles, Source, sources
+from meshllm.serve.outbox import Outbox
+from meshllm.serve.planning import PlannerDuty, PlannerOptions
 from meshllm.serve.protocol import Begin, Bounce, CancelStream, Done, KvBlock, Prefill, Release, Step
 from meshllm.serve.sequence import SequenceState
-from meshllm.serve.stage import Pace, StageRunner
+from meshllm.serve.stage import StageRunner
 
 log = logging.getLogger(__name__)
 
 REPLAY_KEEP, REPLAY_KEEP_S = 256, 120.0  # ended streams kept for replays, and for how long
+FRAME_KINDS = ("prefill", "step", "kv", "begin", "release", "cancel", "done", "bounce")
 
 
 class ServingNode:
     """``async with ServingNode(config) as s:`` runs a node that serves its share of the model."""
 
-    # The scheduler admits at most ``slots`` sequences per replica, but a finished sequence's
-    # release and the next sequence's KV reach a stage over different connections, in either
-    # order; spare cache rows absorb that overlap instead of refusing the newcomer.
-    SLOT_HEADROOM = 2
-
     def __init__(self, config: NodeConfig, *, threads: int | None = None, kv_dtype: str | None = None) -> None:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
-        from meshllm.serve.planning import PlannerDuty, PlannerOptions
-
         planner_options = PlannerOptions.parse(config.workload, config.plan_file)  # before anything starts
         self.config = config
         self.node = Node(config)
@@ -77,145 +71,108 @@ class ServingNode:
         self.files = ModelFiles(self.model_dir, self.node_id, self.node.key, self._announce_model)
         self.manifest: Manifest | None = None
         if self.files.manifest is not None:
-            self._load_model_meta()
-        self.threads = threads
-        self.kv_dtype = kv_dtype  # None: the model's own (ModelConfig.kv_dtype)
+            self.tokenizer, self.stop_ids = self.files.tokenizer, self.files.manifest.config.stop_ids()
+            self.manifest = self.files.manifest
         self.links = PeerLinks(key=self.node.key)
         # the segments' owner (every model step, one at a time) and, apart, loading: a roll-out never stalls decoding
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment")
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
-        self.runners: dict[tuple[int, int], StageRunner] = {}
-        self._runner_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self._segment: tuple[tuple[int, int, int, int], Segment] | None = None
-        self.layout: Layout | None = None
-        self.ready: dict[str, Readiness] = {}  # node id -> its readiness record
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._deploy_lock = asyncio.Lock()
-        # replies and journal writes, published in order by one task; backpressure past the bound
-        self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(10_000)
         self.journal = Journal(Sealer.for_secret(config.secret, "journal"))
-        self._pending_routes: list[tuple[str, Any]] = []
-        self.dispatcher = Dispatcher(self)
-        self.planner = PlannerDuty(self, planner_options)
+        self.tasks = TaskOwner(log, f"serving node {self.node_id}")  # every task of every part, in one TaskGroup
+        self.spawn = self.tasks.spawn
+        self.outbox = Outbox(self.node)
+        self.publish, self.publish_retained = self.outbox.publish, self.outbox.publish_retained
+        self.deployment = Deployment(
+            self.node, self, self.files, lambda: self.manifest, self._fetch_sources, model_dir=self.model_dir,
+            threads=threads, kv_dtype=kv_dtype, emulation=config.emulation, executor=self.executor,
+            loader=self.loader, spawn=self.spawn, on_layout=lambda layout: self.dispatcher.on_layout(layout),
+            on_ready=lambda: self.dispatcher.refresh_ready())
+        self.dispatcher = Dispatcher(
+            self.node, self.journal, self, self.deployment, lambda: self.tokenizer,
+            lambda: self.manifest.config.max_seq_len if self.manifest is not None else 0, self.spawn)
+        self.planner = PlannerDuty(self.node, lambda: self.manifest, planner_options)
         # streams that ended here lately, for a client's replay after a broker outage (bounded)
         self._ended: OrderedDict[str, tuple[float, SequenceState]] = OrderedDict()
-        self._ready_record: dict[str, Any] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
 
-    def _load_model_meta(self) -> None:
-        """Manifest and tokenizer, as :class:`ModelFiles` read them, and what the record says of them."""
+    @property
+    def runners(self) -> dict[tuple[int, int], StageRunner]:
+        return self.deployment.runners
+
+    @property
+    def layout(self) -> Layout | None:
+        return self.deployment.layout
+
+    def _model_known(self) -> None:
+        """Manifest and tokenizer, as :class:`ModelFiles` fetched them from a peer."""
         assert self.files.manifest is not None and self.files.tokenizer is not None
         self.manifest, self.tokenizer = self.files.manifest, self.files.tokenizer
         self.stop_ids = self.manifest.config.stop_ids()
-        self.node.record_extra.update(self.files.record())
 
     async def _announce_model(self) -> None:
         """Restates this node's record after its model files changed (fetched, found corrupt, given up)."""
-        self.node.record_extra.update(self.files.record())
-        await self.node.republish_record()
+        await self.node.set_record_fields(self.files.record())
 
     def _fetch_sources(self, model_sha: str | None) -> list[Source]:
         """Members holding the complete model of manifest hash ``model_sha``, to fetch files from."""
-        return sources(((m.node_id, m.info) for m in self.node.membership.members.values()), self.node_id,
-                       model_sha)
+        return sources(self.node.member_records().items(), self.node_id, model_sha)
 
     # --- lifecycle ----------------------------------------------------
 
     async def __aenter__(self) -> ServingNode:
         node = self.node
-        for kind in ("prefill", "step", "kv", "begin", "release", "cancel", "done", "bounce"):
-            node_route = self._frame_handler(kind)
-            self._route(kind, node_route)
-        node.on_plan(self._on_plan)
-        node.subscribe(node.topics.readiness, self._on_ready)
+        for kind in FRAME_KINDS:
+            node.route(kind, self._frame_handler(kind))
+        node.route("fetch", self.files.serve)
+        node.on_plan(self.deployment.on_plan)
+        node.subscribe(node.topics.readiness, self.deployment.on_ready_message)
         node.subscribe(node.topics.requests, self.dispatcher.on_request)
         node.subscribe(node.topics.cancel, self.dispatcher.on_cancel)
         node.subscribe(node.topics.jobs, self._on_job)
         node.subscribe(node.topics.all_progress, self._on_progress)
         node.on_session(self.dispatcher.restate_journal)
-        node.on_session(self._announce)
+        node.on_session(self.deployment.announce)
         node.subscribe(node.topics.replay, self._on_replay)
-        self._route("fetch", self.files.serve)
-        await self.links.__aenter__()
-        await node.__aenter__()
-        for kind, handler in self._pending_routes:
-            node.dataplane.route(kind, handler)
-        if self.manifest is None:  # a node with no model files yet: learn the model from a peer
-            try:
+        # Each resource is pushed on the stack as soon as it exists: a failure at any step below (a data-plane
+        # port in use, no peer to fetch the model from) closes exactly what was started, in reverse order.
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.loader.shutdown, wait=False, cancel_futures=True)
+            stack.callback(self.executor.shutdown, wait=False, cancel_futures=True)
+            await stack.enter_async_context(self.links)
+            await stack.enter_async_context(self.tasks)  # before the node: plans may arrive as soon as it joins
+            await node.set_record_fields(self.files.record())  # in the record from the first session on
+            await stack.enter_async_context(node)
+            stack.push_async_callback(self._withdraw)
+            stack.push_async_callback(self.tasks.stop)  # at exit: the parts' tasks stop before the node leaves
+            if self.files.manifest is None:  # a node with no model files yet: learn the model from a peer
                 await self.files.fetch_meta(self._fetch_sources)
-            except BaseException:
-                await self.__aexit__(None, None, None)
-                raise
-            self._load_model_meta()
-        self.spawn(self.planner.run())
-        self.spawn(self._publish_stats())
-        self.spawn(self._publisher())
-        self.spawn(self.dispatcher.tend())
+                self._model_known()
+            self.spawn(self.planner.run(), "planner")
+            self.spawn(self._publish_stats(), "stats")
+            self.spawn(self.outbox.run(), "outbox")
+            self.spawn(self.dispatcher.tend(), "dispatch")
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for t in list(self._tasks) + list(self._runner_tasks.values()):
-            t.cancel()
-        await asyncio.gather(*self._tasks, *self._runner_tasks.values(), return_exceptions=True)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _withdraw(self) -> None:
         with contextlib.suppress(Exception):
-            await self.node.publish(self.node.topics.ready(self.node_id), b"", retain=True)
-        await self.node.__aexit__(*exc)
-        await self.links.__aexit__(*exc)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.loader.shutdown(wait=False, cancel_futures=True)
-
-    def _route(self, kind: str, handler: Any) -> None:
-        self._pending_routes.append((kind, handler))
-
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: background task failed", self.node_id, exc_info=task.exception())
+            await self.deployment.withdraw()
 
     # --- the Fabric a stage uses --------------------------------------
 
     def _addr(self, node_id: str) -> tuple[str, int]:
-        if node_id == self.node_id:
-            return (self.node.discovery.address, self.node.dataplane.port)
-        m = self.node.membership.members.get(node_id)
-        if m is None:
-            raise PeerUnreachable(f"node {node_id} is not a member of the mesh")
-        return (str(m.info["host"]), int(m.info["port"]))
+        return self.node.address_of(node_id)
 
     async def send(self, node_id: str, frame: dict[str, Any]) -> None:
         if node_id == self.node_id:
             await self._dispatch(frame)  # a frame to ourselves never touches the network
             return
         await self.links.send(self._addr(node_id), frame)
-
-    async def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """Queues a reply; one task publishes them in order, so decode steps never wait for a PUBACK."""
-        await self._outbox.put((topic, json.dumps(payload), False))
-
-    async def publish_retained(self, topic: str, data: str) -> None:
-        """Queues a retained write ('' clears) behind the replies already queued (journal progress)."""
-        await self._outbox.put((topic, data, True))
-
-    async def _publisher(self, hold_s: float = 30.0) -> None:
-        """Publishes the outbox in order; while the broker is away (a restart, a move to another broker) it
-        holds the queue up to ``hold_s`` rather than drop replies."""
-        while True:
-            topic, data, retain = await self._outbox.get()
-            deadline = time.monotonic() + hold_s
-            while not await self.node.publish(topic, data, qos=1, retain=retain):
-                if time.monotonic() > deadline:
-                    log.warning("%s: dropped a message to %s: no broker session for %g s", self.node_id, topic,
-                                hold_s)
-                    break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        await self.node.connected.wait()
-                await asyncio.sleep(0.05)
 
     def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
         return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish,
@@ -261,7 +218,7 @@ class ServingNode:
         await self.publish_retained(topics.progress(request_id), "")
         await self.publish_retained(topics.job(request_id), "")
         frame = Done(key, int(meta["prefill_r"]), int(meta["decode_r"]), finish_reason).encode()
-        planner = self.node.election.leader
+        planner = self.node.planner_id
         if planner:
             try:
                 await self.send(planner, frame)
@@ -343,147 +300,6 @@ class ServingNode:
                                       "active": {str(k): v for k, v in sc.active.items()},
                                       "ready": sorted(sc.ready)}
             await self.node.publish(self.node.topics.stats(self.node_id), json.dumps(stats), qos=0)
-
-    # --- deployment ----------------------------------------------------
-
-    async def _on_plan(self, plan: dict[str, Any]) -> None:
-        try:
-            published = PublishedPlan.decode(plan)
-            layout = Layout.from_plan(published)
-        except (PlanError, LayoutError) as e:
-            log.error("%s: refusing plan v%s: %s", self.node_id, plan.get("version"), e)
-            return
-        mine = self.manifest.dtype if self.manifest is not None else None
-        dtype = published.weights_dtype
-        if dtype is not None and mine is not None and dtype != mine and layout.replica_of(self.node_id) is not None:
-            # the plan's sizes (and its planner's files) are of another dtype: this node's stage would not be
-            # what the plan placed; stay out of it, say so once, and tell the planner through readiness
-            why = (f"plan v{layout.version} is for {dtype} weights but this node's model files are {mine}; "
-                   "give every node the same export (meshllm quantize) of the model")
-            log.error("%s: %s", self.node_id, why)
-            await self._announce({"pv": layout.version, "r": None, "error": why})
-            return
-        self.spawn(self._deploy(layout))
-
-    async def _deploy(self, layout: Layout) -> None:
-        async with self._deploy_lock:
-            if self.layout is not None and layout.version <= self.layout.version:
-                return
-            self.layout = layout
-            if self.dispatcher.scheduler is not None:
-                self.dispatcher.scheduler.layout = layout
-                self._refresh_ready()
-            replica = layout.replica_of(self.node_id)
-            if replica is None:
-                await self._announce({"pv": layout.version, "r": None, "idle": True})
-                self._retire_old(layout.version)
-                return
-            index = replica.stage_index(self.node_id)
-            assert index is not None
-            st = replica.stages[index]
-            context = min(replica.context or self.manifest.config.max_seq_len, self.manifest.config.max_seq_len)
-            key = (st.start, st.stop, replica.slots, context)
-            segment = None
-            if self._segment is not None and self._segment[0] == key and not self._segment_in_use():
-                segment = self._segment[1]
-            if segment is None:
-                try:
-                    await self.files.ensure(self.manifest.segment_files(st.start, st.stop), self._fetch_sources,
-                                            self.loader)
-                except ModelError as e:  # out of plans from now on (its record says why); one line, no traceback
-                    log.error("%s: cannot serve stage %d of plan v%d: %s", self.node_id, index, layout.version, e)
-                    await self._announce({"pv": layout.version, "r": None, "error": str(e)})
-                    self._retire_old(layout.version)
-                    return
-                loop = asyncio.get_running_loop()
-                segment = await loop.run_in_executor(self.loader, lambda: Segment(
-                    self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
-                    max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
-                    spinning=False, kv_dtype=self.kv_dtype))
-                self._segment = (key, segment)
-            runner = StageRunner(self, layout, replica, index, segment, self.executor,
-                                 compute_scale=self.config.emulation.compute_scale,
-                                 pace=self._pace(st.start, st.stop))
-            self.runners[runner.key] = runner
-            self._runner_tasks[runner.key] = asyncio.get_running_loop().create_task(runner.run())
-            self._retire_old(layout.version)
-            await self._announce({"pv": layout.version, "r": replica.id, "stage": index, "role": replica.role})
-            log.info("%s: serving plan v%d as stage %d of %s replica %d (layers %d-%d)", self.node_id,
-                     layout.version, index, replica.role, replica.id, st.start, st.stop - 1)
-
-    async def _announce(self, ready: dict[str, Any] | None = None) -> None:
-        """Publishes (or, without ``ready``, restates to a new broker) this node's retained readiness."""
-        if ready is not None:
-            self._ready_record = ready
-        if self._ready_record is not None:
-            await self.node.publish(self.node.topics.ready(self.node_id), json.dumps(self._ready_record), retain=True)
-
-    def _pace(self, start: int, stop: int) -> Pace | None:
-        """With ``--emulate-timing model``: how long a run of layers [start, stop) takes on the emulated device,
-        as the planner's cost model (and the simulator) predict it from this node's advertised profile."""
-        if self.config.emulation.timing != "model" or self.manifest is None or self.node.profile is None:
-            return None
-        from meshllm.plan import CostModel, ModelCosts
-
-        cost = CostModel(ModelCosts.from_manifest(self.manifest), [self.node.profile])
-
-        def pace(kind: str, n: int, context: float) -> float:
-            if kind == "prefill":
-                return cost.prefill_time(0, start, stop, n, context)
-            return cost.decode_time(0, start, stop, context, n)
-        return pace
-
-    def _segment_in_use(self) -> bool:
-        return any(r.active or r.sequences for r in self.runners.values())
-
-    def _retire_old(self, version: int) -> None:
-        """Drops runners of older plans once they hold no request (drain)."""
-        for key in [k for k in self.runners if k[0] < version]:
-            runner = self.runners[key]
-            if runner.active or runner.sequences or not runner.inbox.empty():
-                self.spawn(self._retire_when_idle(key))
-                continue
-            self.runners.pop(key)
-            self._runner_tasks.pop(key).cancel()
-
-    async def _retire_when_idle(self, key: tuple[int, int]) -> None:
-        runner = self.runners.get(key)
-        while runner is not None and (runner.active or runner.sequences or not runner.inbox.empty()):
-            await asyncio.sleep(0.1)
-        self.runners.pop(key, None)
-        task = self._runner_tasks.pop(key, None)
-        if task is not None:
-            task.cancel()
-
-    # --- readiness, requests (planner side) -----------------------------
-
-    async def _on_ready(self, msg: aiomqtt.Message) -> None:
-        node_id = self.node.topics.leaf(str(msg.topic))
-        payload = msg.payload if isinstance(msg.payload, bytes) else b""
-        if payload:
-            try:
-                self.ready[node_id] = Readiness.parse(payload)
-            except PayloadError as e:
-                log.warning("%s: ignoring the readiness of %s: %s", self.node_id, node_id, e)
-                return
-        else:
-            self.ready.pop(node_id, None)
-        self._refresh_ready()
-
-    def ready_replicas(self) -> set[int]:
-        layout = self.layout
-        if layout is None:
-            return set()
-        alive = set(self.node.membership.ids)
-        out = set()
-        for r in layout.replicas.values():
-            if all(s.node_id in alive and (rd := self.ready.get(s.node_id)) is not None
-                   and rd.plan_version == layout.version and rd.replica == r.id for s in r.stages):
-                out.add(r.id)
-        return out
-
-    def _refresh_ready(self) -> None:
-        self.dispatcher.refresh_ready()
 
     # --- the journal (every node follows it; the planner acts on it) ------
 

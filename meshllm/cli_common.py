@@ -1,0 +1,75 @@
+"""What the command-line modules share (``meshllm``, ``meshllm gateway``, ``meshllm ask``): running a coroutine,
+and the broker login of an app. It imports nothing of theirs, so that each of them imports it downwards
+(``meshllm.cli`` registers the others' subcommands; they must not import it back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from meshllm.errors import MeshError
+
+
+def run_async(coro: Any) -> Any:
+    """Runs a coroutine on uvloop where the platform has it."""
+    async def main() -> Any:
+        quiet_lost_mqtt_futures(asyncio.get_running_loop())
+        return await coro
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+def quiet_lost_mqtt_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """aiomqtt leaves a future holding "Unexpected disconnection" when a broker drops a connection that was
+    already being closed (a refused publish, a node that steps aside): the error was handled where it
+    mattered, so its unretrieved copy goes to the debug log instead of a traceback on stderr."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if type(exc).__module__.startswith("aiomqtt") and "never retrieved" in str(context.get("message", "")):
+            logging.getLogger("meshllm").debug("aiomqtt: %s", exc)
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    loop.set_exception_handler(handler)
+
+
+LOGIN_ENV = "MESHLLM_BROKER_LOGIN"
+
+
+def add_login_option(p: argparse.ArgumentParser) -> None:
+    """``--login-file``: the broker login of an app (``meshllm ask``, ``status``, ``gateway``)."""
+    p.add_argument("--login-file", help="file holding the broker login USER:PASSWORD, used when the broker URL "
+                   f"names no user (or set {LOGIN_ENV}); a mesh with a secret needs its app login, "
+                   "see `meshllm credentials`")
+
+
+def broker_login(login_file: str | None, mesh: str | None = None) -> tuple[str, str] | None:
+    """The app's broker login from ``--login-file`` or ``$MESHLLM_BROKER_LOGIN``; else, on a device that
+    belongs to ``mesh`` (it stores the mesh's secret), the app login derived from that secret."""
+    import os
+
+    from meshllm.mesh.access import app_login, parse_login
+    from meshllm.secret import load_stored_secret
+
+    try:
+        text = Path(login_file).read_text() if login_file else os.environ.get(LOGIN_ENV, "")
+    except OSError as e:
+        raise MeshError(f"cannot read the login file: {e}") from None
+    if not text.strip():
+        stored = load_stored_secret(mesh) if mesh else None
+        return app_login(stored) if stored else None
+    try:
+        return parse_login(text)
+    except ValueError as e:
+        raise MeshError(f"{login_file or LOGIN_ENV}: {e}") from None
