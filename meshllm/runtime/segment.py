@@ -136,6 +136,10 @@ class Segment:
         self._slot: dict[SeqId, int] = {}
         self._len = np.zeros(max_batch, np.int64)
         self._io = self.session.io_binding()
+        self._bound: tuple[int, int] | None = None  # (first slot, batch) of the decode binding in place
+        self._seqlens = np.zeros(max_batch, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._out = np.zeros((max_batch, cfg.vocab_size if self.has_head else cfg.dim), np.float32)
 
     # --- sequences ----------------------------------------------------
 
@@ -279,12 +283,41 @@ class Segment:
                 f"context length exceeded: {int(total.max())} tokens > {self.max_seq_len} (the model's context)"
             )
         io = self._io
+        decode = n_new == 1
+        if not decode or self._bound != (lo, b):
+            self._bind(lo, b, decode)
+        self._seqlens[:b] = total - 1
+        self._total[...] = total.max()
+        io.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime raises its own, unrelated error types
+            self._bound = None
+            raise GenerationError(f"layers [{self.start}, {self.stop}) failed: {e}") from None
+        self._len[lo:lo + b] = total
+        if decode:  # a copy: the bound buffer is the next step's output
+            return self._out[:b].reshape(self._out_shape(b, 1)).copy()
+        out: np.ndarray = io.get_outputs()[0].numpy()
+        return out
+
+    def _out_shape(self, b: int, n: int) -> tuple[int, ...]:
+        return (b, self.config.vocab_size) if self.has_head else (b, n, self.config.dim)
+
+    def _bind(self, lo: int, b: int, decode: bool) -> None:
+        """Binds the caches of slots ``[lo, lo + b)``, the step's scalars and its output.
+
+        A decode step keeps this binding while its slots stay the same (the common case: the same
+        sequences step after step), so a step costs one ``bind`` for its input instead of two per
+        cache and layer (~0.7 ms a step for 12 layers, 13 % of an int4 110M step)."""
+        io = self._io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        io.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
-        io.bind_cpu_input(graphs.SEQLENS_K, (total - 1).astype(np.int32))
-        io.bind_cpu_input(graphs.TOTAL_SEQ_LEN, np.array(int(total.max()), np.int32))
-        io.bind_output(self.output_name, "cpu")
+        io.bind_input(graphs.SEQLENS_K, "cpu", 0, np.int32, [b], self._seqlens.ctypes.data)
+        io.bind_input(graphs.TOTAL_SEQ_LEN, "cpu", 0, np.int32, [], self._total.ctypes.data)
+        if decode:
+            io.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out_shape(b, 1)), self._out.ctypes.data)
+        else:
+            io.bind_output(self.output_name, "cpu")
         shape = [b, *self._k[0].shape[1:]]
         offset = lo * self._row_bytes
         for j, layer in enumerate(range(self.start, self.stop)):
@@ -295,10 +328,4 @@ class Segment:
                 ptr = cache.ctypes.data + offset
                 io.bind_input(past, "cpu", 0, self.kv_dtype, shape, ptr)
                 io.bind_output(present, "cpu", 0, self.kv_dtype, shape, ptr)
-        try:
-            self.session.run_with_iobinding(io)
-        except Exception as e:  # onnxruntime raises its own, unrelated error types
-            raise GenerationError(f"layers [{self.start}, {self.stop}) failed: {e}") from None
-        self._len[lo:lo + b] = total
-        out: np.ndarray = io.get_outputs()[0].numpy()
-        return out
+        self._bound = (lo, b) if decode else None
