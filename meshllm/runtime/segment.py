@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 SeqId = Hashable
 
+#: A longer prompt is prefilled in chunks of this many tokens: the activations of a step grow with its
+#: tokens (and onnxruntime's arena keeps its peak), so 512 tokens at once held ~50 MB more than 4 x 128
+#: on the 110M shape, at the same speed (docs/inference.md).
+PREFILL_CHUNK = 128
+
 
 def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
     """``spinning=False`` makes idle worker threads sleep at once instead of spin-waiting: right when
@@ -96,7 +101,11 @@ class Segment:
         manifest: Manifest | None = None,
         spinning: bool = True,
         kv_dtype: str | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model_dir = Path(model_dir)
         self.manifest = manifest or load_manifest(self.model_dir)
         cfg = self.config = self.manifest.config
@@ -244,7 +253,25 @@ class Segment:
         n = x.shape[1]
         if n == 0:
             raise GenerationError("empty prompt chunk")
-        return self._run([seq], x, n)
+        c = self.prefill_chunk
+        if n <= c:
+            return self._run([seq], x, n)
+        slot = self._slot_of(seq)
+        before = int(self._len[slot])
+        if before + n > self.max_seq_len:
+            raise ContextLengthError(
+                f"context length exceeded: {before + n} tokens > {self.max_seq_len} (the model's context)")
+        outs = []
+        try:
+            for i in range(0, n, c):
+                part = x[:, i:i + c]
+                outs.append(self._run([seq], part, part.shape[1]))
+        except Exception:
+            self._len[self._slot_of(seq)] = before  # a failed prompt leaves the sequence as it was
+            raise
+        if self.has_head:  # logits of the last position
+            return outs[-1]
+        return np.concatenate([o.reshape(1, -1, self.config.dim) for o in outs], axis=1)
 
     def decode(self, seqs: Sequence[SeqId], x: np.ndarray) -> np.ndarray:
         """One new token for each of ``seqs`` (ids ``(B,)`` or hidden ``(B, 1, D)``)."""

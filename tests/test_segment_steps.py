@@ -1,4 +1,7 @@
-"""A segment keeps its decode binding while the batch's slots stay the same: the steps must not notice.
+"""How a segment runs its steps must not show in what they compute.
+
+A segment keeps its decode binding while the batch's slots stay the same; it prefills a long prompt in
+chunks (:data:`meshllm.runtime.segment.PREFILL_CHUNK`).
 
 The binding of the caches, the step's scalars and its output is reused from one decode step to the next
 (the bound output buffer is written again by every step), so these tests check what that could break:
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshllm.errors import GenerationError
+from meshllm.errors import ContextLengthError, GenerationError
 from meshllm.runtime.segment import Segment
 from tests.serving_harness import random_model
 
@@ -105,3 +108,36 @@ def test_a_failed_step_leaves_the_next_step_right(model: Path) -> None:
     fresh.prefill(0, np.array([1, 5]))
     assert np.allclose(fresh.decode([0], np.array([3])), first, atol=1e-5)
     assert np.allclose(fresh.decode([0], np.array([8])), seg.decode([0], np.array([8])), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [7, 8, 9, 30])
+def test_a_chunked_prefill_equals_one_run(model: Path, n: int) -> None:
+    """Chunks of 4 (so a last chunk of 1, 4 or 2 tokens) against the prompt in one run, on a split model:
+    the first segment's hidden states for every position, the last one's logits, then decode steps."""
+    ids = np.random.default_rng(n).integers(3, 200, n)
+    runs = []
+    for chunk in (4, 1000):
+        first, last = Segment(model, 0, 2, prefill_chunk=chunk), Segment(model, 2, None, prefill_chunk=chunk)
+        for s in (first, last):
+            s.open(0)
+        hidden = first.prefill(0, ids)
+        logits = last.prefill(0, hidden)
+        assert hidden.shape == (1, n, first.config.dim) and first.length(0) == last.length(0) == n
+        steps = [last.decode([0], first.decode([0], np.array([t]))) for t in (5, 9, 11)]
+        runs.append((hidden, logits, steps))
+    (h1, l1, s1), (h2, l2, s2) = runs
+    np.testing.assert_allclose(h1, h2, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(l1, l2, rtol=0, atol=1e-4)
+    for a, b in zip(s1, s2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+def test_a_prompt_past_the_context_changes_nothing(model: Path) -> None:
+    seg = Segment(model, max_seq_len=20, prefill_chunk=4)
+    seg.open(0)
+    seg.prefill(0, np.arange(3, 9))
+    with pytest.raises(ContextLengthError):
+        seg.prefill(0, np.arange(3, 18))  # 6 + 15 > 20: refused before the first chunk
+    assert seg.length(0) == 6
+    with pytest.raises(GenerationError):
+        Segment(model, prefill_chunk=0)
