@@ -94,6 +94,13 @@ def test_a_block_size_that_does_not_divide_the_rows_is_refused() -> None:
             q.quantize_blocks(np.ones((4, 64), np.float32), 4, bad)
 
 
+def test_the_default_block_size_is_the_largest_that_divides_every_weight() -> None:
+    assert q.default_block_size((192, 192, 512)) == 64  # the bundled model
+    assert q.default_block_size((960, 960, 2560)) == 64
+    assert q.default_block_size((96, 96, 256)) == 32  # 96 is not a multiple of 64
+    assert q.default_block_size((48, 48, 128)) == 32  # none fits: the export's check names 16
+
+
 # --- quantized exports run split like in one piece ---------------------------------------
 
 
@@ -209,10 +216,10 @@ def meshllm(*args: str) -> subprocess.CompletedProcess[str]:
 def test_quantize_the_bundled_model_and_generate(tmp_path: Path) -> None:
     p = meshllm("quantize", str(BUNDLED), str(tmp_path / "q4"), "--dtype", "int4")
     assert p.returncode == 0, p.stderr
-    assert "int4 (block 32, accuracy level 4)" in p.stdout
+    assert "int4 (block 64, accuracy level 4)" in p.stdout  # the default: 64 divides every weight's rows
     m = load_manifest(tmp_path / "q4")
     assert m.source["quantized_from"] == "fp32" and m.quantization == {
-        "bits": 4, "block_size": 32, "accuracy_level": 4, "symmetric": True, "table_bits": 4}
+        "bits": 4, "block_size": 64, "accuracy_level": 4, "symmetric": True, "table_bits": 4}
     g = meshllm("generate", "--model", str(tmp_path / "q4"), "--temperature", "0", "--max-tokens", "24", "--json",
                 "It is a truth universally acknowledged")
     assert g.returncode == 0, g.stderr

@@ -39,6 +39,43 @@ def test_top_p_draws_from_the_nucleus(logits: np.ndarray, p: float, seed: int) -
         assert s(logits) in nucleus
 
 
+def reference_draw(params: SamplingParams, rng: np.random.Generator, logits: np.ndarray) -> int:
+    """The sampler as it was before its fast paths (a full sort for top-p, Generator.choice): seeded requests
+    must keep drawing the same tokens."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if params.top_k and params.top_k < logits.size:
+        idx = np.argpartition(-logits, params.top_k - 1)[: params.top_k]
+    else:
+        idx = np.arange(logits.size)
+    scaled = logits[idx] / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]
+        idx, probs = idx[keep], probs[keep] / probs[keep].sum()
+    return int(idx[rng.choice(idx.size, p=probs)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([0.1, 0.8, 2.0]), st.sampled_from([0, 1, 40, 5000]),
+       st.sampled_from([1.0, 0.999, 0.95, 0.5, 0.01]), st.sampled_from([0, 3, 8]))
+def test_draws_equal_the_reference_on_a_full_vocabulary(seed: int, temperature: float, top_k: int, top_p: float,
+                                                        levels: int) -> None:
+    """32,000 logits, some quantized to a few levels so that probabilities tie at the nucleus boundary."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if params.greedy:
+        return
+    data = np.random.default_rng(seed)
+    sampler, rng = Sampler(params), np.random.default_rng(seed)
+    for _ in range(3):
+        logits = (data.standard_normal(32000) * 3).astype(np.float32)
+        if levels:
+            logits = np.round(logits * levels / 3) / levels * 3
+        assert sampler(logits) == reference_draw(params, rng, logits)
+
+
 def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
     logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
     s1, s2 = Sampler(SamplingParams(temperature=1.0, seed=7)), Sampler(SamplingParams(temperature=1.0, seed=7))

@@ -159,9 +159,12 @@ def fp16_copy(src: Path, out: Path) -> None:
     dataclasses.replace(m, dtype="fp16", parts=parts, files=files).save(out)
 
 
-def make_copy(src: Path, out: Path, dtype: str) -> None:
-    """``src`` in ``dtype`` at ``out``, by ``meshllm quantize`` (or the fp16 stand-in); :class:`Unavailable` if not."""
-    r = subprocess.run([sys.executable, "-m", "meshllm", "quantize", str(src), str(out), "--dtype", dtype],
+def make_copy(src: Path, out: Path, dtype: str, quantize_args: list[str] | None = None) -> None:
+    """``src`` in ``dtype`` at ``out``, by ``meshllm quantize`` (or the fp16 stand-in); :class:`Unavailable` if not.
+
+    ``quantize_args`` (``--block-size``, ``--accuracy-level``) apply to int4/int8 only."""
+    extra = (quantize_args or []) if dtype in ("int4", "int8") else []
+    r = subprocess.run([sys.executable, "-m", "meshllm", "quantize", str(src), str(out), "--dtype", dtype, *extra],
                        capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode == 0:
         return
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
     ap.add_argument("--batch", type=int, default=16, help="windows decoded together (default 16)")
     ap.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    ap.add_argument("--block-size", type=int, help="int4/int8 block size (default: meshllm quantize's)")
+    ap.add_argument("--accuracy-level", type=int, help="int4/int8 accuracy level (default: meshllm quantize's)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--make-heldout", metavar="CORPUS_DIR",
                     help=f"regenerate {HELDOUT.relative_to(ROOT)} from janeaustenr (needs torch) and exit")
@@ -298,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         for d in [d for d in dtypes if d != "fp32"]:
             out = Path(tmp) / d
             try:
-                make_copy(src, out, d)
+                qargs = [*(["--block-size", str(args.block_size)] if args.block_size else []),
+                         *(["--accuracy-level", str(args.accuracy_level)] if args.accuracy_level else [])]
+                make_copy(src, out, d, qargs)
             except Unavailable as e:
                 skipped[d] = str(e)
                 print(f"skipping {d}: {e}", file=sys.stderr)

@@ -138,16 +138,21 @@ def check_block_size_fits(cfg: ModelConfig, block_size: int) -> None:
                                   f"(the rows of its weight matrices); {hint}")
 
 
-def quant_spec(dtype: str, block_size: int | None, accuracy_level: int | None) -> q.QuantSpec | None:
-    """The quantization of ``dtype`` (None for fp32/fp16), checking the options first."""
+def quant_spec(dtype: str, block_size: int | None, accuracy_level: int | None,
+               cfg: ModelConfig | None = None) -> q.QuantSpec | None:
+    """The quantization of ``dtype`` (None for fp32/fp16), checking the options first. Without a
+    ``block_size``, the model's default (:func:`meshllm.model.quantize.default_block_size`) when
+    ``cfg`` is known, else ``DEFAULT_BLOCK_SIZE`` (for checking the options only)."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not supported (choose from {', '.join(DTYPES)})")
     if dtype not in q.QUANT_DTYPES:
         if block_size is not None or accuracy_level is not None:
             raise ModelError(f"--block-size and --accuracy-level apply to int4/int8, not to {dtype}")
         return None
-    return q.QuantSpec.for_dtype(dtype, q.DEFAULT_BLOCK_SIZE if block_size is None else block_size,
-                                 4 if accuracy_level is None else accuracy_level)
+    if block_size is None:
+        block_size = (q.default_block_size((cfg.dim, cfg.q_dim, cfg.ffn_dim)) if cfg is not None
+                      else q.DEFAULT_BLOCK_SIZE)
+    return q.QuantSpec.for_dtype(dtype, block_size, 4 if accuracy_level is None else accuracy_level)
 
 
 def _copy_tokenizer(kind: str, checkpoint: Path, tokenizer: Path | None, out: Path, cfg: ModelConfig) -> dict[str, Any]:
@@ -238,6 +243,7 @@ def export(
     if kv_dtype is not None:  # the model's default KV cache dtype (a node may override it)
         cfg = dataclasses.replace(cfg, kv_dtype=kv_dtype)
     graphs.check_supported(cfg)
+    spec = quant_spec(dtype, block_size, accuracy_level, cfg)
     if spec is not None:
         check_block_size_fits(cfg, spec.block_size)
     log.info("exporting %s checkpoint %s: %d layers, dim %d, vocab %d, %s", kind, checkpoint,
@@ -291,6 +297,8 @@ def quantize_model_dir(
                               f"model it came from, or export the checkpoint again with --dtype {dtype}")
     cfg = src.config if kv_dtype is None else dataclasses.replace(src.config, kv_dtype=kv_dtype)
     graphs.check_supported(cfg)
+    spec = quant_spec(dtype, block_size, accuracy_level, cfg)
+    assert spec is not None
     check_block_size_fits(cfg, spec.block_size)
     if out.resolve() == model_dir.resolve():
         raise ModelError(f"output directory {out} is the model directory itself; choose another")

@@ -85,16 +85,41 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float64).reshape(-1)
         if p.greedy:
             return int(np.argmax(logits))  # first maximum, like llama2.c's argmax
+        idx: np.ndarray | None = None  # None: every token, in order (no gather of the whole vocabulary)
         if p.top_k and p.top_k < logits.size:
             idx = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
-        else:
-            idx = np.arange(logits.size)
-        scaled = logits[idx] / p.temperature
+            logits = logits[idx]
+        scaled = logits / p.temperature
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
         if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
-            idx, probs = idx[keep], probs[keep] / probs[keep].sum()
-        return int(idx[self._rng.choice(idx.size, p=probs)])
+            keep = _nucleus(probs, p.top_p)
+            idx, probs = (keep if idx is None else idx[keep]), probs[keep] / probs[keep].sum()
+        # What Generator.choice(n, p=probs) does, draw for draw, without its checks of p (a third of the
+        # time of a draw over a 32,000-token vocabulary): one uniform double against the normalised cdf.
+        cdf = probs.cumsum()
+        cdf /= cdf[-1]
+        j = int(cdf.searchsorted(self._rng.random(), side="right"))
+        return j if idx is None else int(idx[j])
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The most likely tokens whose probabilities first reach ``top_p``, most likely first (ties by index):
+    the first entries of ``argsort(-probs, kind="stable")`` up to the cumulative sum that reaches ``top_p``.
+
+    Sorting 32,000 probabilities took ~3.5 ms a token; this sorts only the tokens at or above the
+    probability of the m-th most likely (m = 64, 512, 4096 until they reach ``top_p``), which are the
+    first entries of the full sort, so the cumulative sums and the result are the same."""
+    n = probs.size
+    for m in (64, 512, 4096):
+        if m >= n:
+            break
+        t = np.partition(probs, n - m)[n - m]
+        cand = np.flatnonzero(probs >= t)  # every tie of t too: a prefix of the full stable order
+        order = cand[np.lexsort((cand, -probs[cand]))]
+        cum = np.cumsum(probs[order])
+        if cum[-1] >= top_p:
+            return order[: int(np.searchsorted(cum, top_p)) + 1]
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    return order[: int(np.searchsorted(cum, top_p)) + 1]
