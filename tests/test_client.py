@@ -20,11 +20,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from meshllm.cli.ask import add_ask_parser
 from meshllm.errors import MeshError
 from meshllm.mesh.broker import BrokerError, BrokerURL, free_port
 from meshllm.mesh.topics import Topics
 from meshllm.serve import api
-from meshllm.serve.ask import add_ask_parser
 from meshllm.serve.client import (
     BUSY,
     OVERFLOW,

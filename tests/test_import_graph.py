@@ -92,7 +92,7 @@ def test_cycles_are_found() -> None:
 
 def test_the_graph_sees_function_level_imports() -> None:
     graph = import_graph()
-    assert "meshllm.serve.server" in graph["meshllm.cli"]  # imported inside _node_main only
+    assert "meshllm.serve.server" in graph["meshllm.cli.node"]  # imported inside _node_main only
 
 
 def test_meshllm_has_no_import_cycle() -> None:

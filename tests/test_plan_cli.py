@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm.plan.cli import add_plan_parser
+from meshllm.cli.plan import add_plan_parser
 from meshllm.plan.errors import PlanError
 from meshllm.plan.plan import Plan
 from meshllm.profile import DeviceProfile

@@ -2,6 +2,6 @@
 
 import sys
 
-from meshllm.gateway.cli import main
+from meshllm.cli.gateway import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """The planner: cost model, DP partitioning, GA clustering, PREFILL/DECODE roles, plans, baselines.
 
-Pure, deterministic code with no I/O (except :mod:`meshllm.plan.cli`), shared
+Pure, deterministic code with no I/O (its command line is :mod:`meshllm.cli.plan`), shared
 by the elected planner node, ``meshllm plan`` and the simulator. Data flow:
 devices + :class:`ModelCosts` -> :class:`CostModel` -> DP per group
 (:mod:`~meshllm.plan.partition`) -> roles and queueing objective

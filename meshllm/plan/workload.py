@@ -13,7 +13,7 @@ scaled down for edge models: ``"conversation,scale=0.25,rate=1"``,
 ``"coding,scale=0.125,rate=0.5"``. JSON: ``{"rate": 2, "input": 512 |
 {"mean": m, "std": s} | {"samples": [...]}, "output": ...}``.
 
-Pure values; parsing a file's text is the caller's business (:mod:`meshllm.plan.cli`).
+Pure values; parsing a file's text is the caller's business (:mod:`meshllm.cli.plan`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from meshllm.cli_common import add_login_option
+from meshllm.cli.common import add_login_option
 from meshllm.runtime.sampling import DEFAULT_SAMPLING as ds
 
 
@@ -45,13 +45,13 @@ def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from meshllm.cli_common import run_async
+    from meshllm.cli.common import run_async
 
     return int(run_async(_ask(args)))
 
 
 async def _ask(args: argparse.Namespace) -> int:
-    from meshllm.cli_common import broker_login
+    from meshllm.cli.common import broker_login
     from meshllm.serve.client import Client
 
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,

@@ -1,6 +1,5 @@
-"""What the command-line modules share (``meshllm``, ``meshllm gateway``, ``meshllm ask``): running a coroutine,
-and the broker login of an app. It imports nothing of theirs, so that each of them imports it downwards
-(``meshllm.cli`` registers the others' subcommands; they must not import it back).
+"""What the subcommands share: running a coroutine, the broker login of an app, the mesh options and the
+mesh secret a command was given. It imports no subcommand, so that every subcommand imports it downwards.
 """
 
 from __future__ import annotations
@@ -73,3 +72,33 @@ def broker_login(login_file: str | None, mesh: str | None = None) -> tuple[str, 
         return parse_login(text)
     except ValueError as e:
         raise MeshError(f"{login_file or LOGIN_ENV}: {e}") from None
+
+
+def add_mesh_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default="meshllm", help="mesh name (nodes with the same name form one mesh)")
+    p.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
+                   "(default: find one on the LAN over mDNS, or host one)")
+    p.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
+    p.add_argument("--interface", help="IPv4 address of the interface for mDNS and the data plane "
+                   "(default: this machine's LAN address)")
+
+
+def secret_given(args: argparse.Namespace) -> str | None:
+    """The secret from ``--secret-file`` or ``$MESHLLM_SECRET``, checked; None if neither is given."""
+    import os
+
+    from meshllm.secret import SECRET_ENV, check_secret, read_secret_file
+
+    if getattr(args, "secret_file", None):
+        return read_secret_file(args.secret_file)
+    if SECRET_ENV in os.environ:
+        return check_secret(os.environ[SECRET_ENV], f"${SECRET_ENV}")
+    return None
+
+
+def known_secret(args: argparse.Namespace) -> str | None:
+    """A given secret, else the one this device stored for ``--mesh`` (it created or joined it)."""
+    from meshllm.secret import load_stored_secret
+
+    given = secret_given(args)
+    return given if given is not None else load_stored_secret(getattr(args, "mesh", None) or "meshllm")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from meshllm.cli_common import add_login_option
+from meshllm.cli.common import add_login_option
 from meshllm.errors import MeshError
 
 API_KEY_ENV = "MESHLLM_API_KEY"
@@ -94,13 +94,13 @@ def check_exposure(host: str, api_key: str | None, open_: bool) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from meshllm.cli_common import run_async
+    from meshllm.cli.common import run_async
 
     return int(run_async(_gateway(args)))
 
 
 async def _gateway(args: argparse.Namespace) -> int:
-    from meshllm.cli_common import broker_login
+    from meshllm.cli.common import broker_login
     from meshllm.gateway.app import GatewayConfig, serve_gateway
 
     check_exposure(args.host, args.api_key, args.open)
