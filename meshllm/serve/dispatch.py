@@ -293,7 +293,7 @@ class Dispatcher:
                 return
             frame = Prefill(layout.version, prefill.id, job.key, np.asarray(job.prompt, np.int64),
                             RequestMeta.decode(meta, f"request {job.id}"))
-            await server.send(prefill.first.node_id, frame.encode())
+            await server.send(prefill.first.node_id, frame)
             sent = True
         except MeshError as e:
             error = e
@@ -433,7 +433,7 @@ class Dispatcher:
             return
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
-                await server.send(rec.route.decode_nodes[-1], CancelStream(rec.key).encode())
+                await server.send(rec.route.decode_nodes[-1], CancelStream(rec.key))
 
     async def restate_journal(self) -> None:
         """On a new broker session the planner writes back the journal it follows: a broker that was
@@ -499,7 +499,7 @@ class Dispatcher:
         for nodes, r in ((route.prefill_nodes, route.prefill_r), (route.decode_nodes, route.decode_r)):
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):
-                    await server.send(n, Release(route.pv, r, old_key).encode())
+                    await server.send(n, Release(route.pv, r, old_key))
         if not self._current(rec):
             # it ended meanwhile (the old attempt streamed its final reply just before the release reached it),
             # or another path moved it: running it again would journal an ended request anew
