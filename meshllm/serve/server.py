@@ -42,6 +42,7 @@ from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
+from meshllm.serve.background import at_idle_priority
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, Progress
 from meshllm.serve.layout import Layout, LayoutError
@@ -404,7 +405,8 @@ class ServingNode:
                     self._retire_old(layout.version)
                     return
                 loop = asyncio.get_running_loop()
-                segment = await loop.run_in_executor(self.loader, lambda: Segment(
+                # at the lowest CPU priority: building the session must not take the cores from decoding
+                segment = await loop.run_in_executor(self.loader, at_idle_priority, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
                     spinning=False, kv_dtype=self.kv_dtype))
