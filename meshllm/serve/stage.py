@@ -2,7 +2,9 @@
 
 A :class:`StageRunner` owns a :class:`~meshllm.runtime.segment.Segment` and an
 inbox. Its loop takes the next work item; decode steps that are ready are
-batched (every active sequence waiting at this stage goes through one
+batched by the rule of :mod:`meshllm.serve.batching` (the first stage of a
+pipeline runs its sequences in one micro-batch per stage, so that every stage
+works at once; later stages run every step waiting for them in one
 ``Segment.decode``), prompts run one at a time. Results go to the next stage,
 or, at the replica's last stage, become tokens:
 
@@ -51,6 +53,7 @@ from meshllm.errors import ContextLengthError, GenerationError, MeshError
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
+from meshllm.serve.batching import Lanes, next_batch, stragglers
 from meshllm.serve.layout import Layout, ReplicaLayout
 from meshllm.serve.protocol import (
     MAX_ERROR_CODE_CHARS,
@@ -105,7 +108,7 @@ class _Item:
 class StageRunner:
     def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
                  executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None,
-                 max_inbox: int = MAX_INBOX) -> None:
+                 max_inbox: int = MAX_INBOX, lanes: int | None = None) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
         self.executor = executor  # one worker: the segment's owner (see the module's docstring)
@@ -121,6 +124,9 @@ class StageRunner:
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
         self._prefilling: set[str] = set()  # prompts queued here
         self._decoding: set[str] = set()  # sequences that ran a decode step here: a batch waits for them
+        # the first stage of a pipeline runs its sequences in as many micro-batches as the replica has stages
+        n_lanes = len(replica.stages) if lanes is None else lanes
+        self._lanes = Lanes(n_lanes) if self.is_first and not self.is_last else None
         self._last_step: dict[str, float] = {}  # when each sequence last ran here
         self._round_s = GATHER_FIRST_S  # how long a sequence takes to come back here (moving average)
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
@@ -247,6 +253,8 @@ class StageRunner:
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
         self._decoding.discard(rid)
+        if self._lanes is not None:
+            self._lanes.drop(rid)
         self._last_step.pop(rid, None)
         try:
             self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
@@ -273,40 +281,32 @@ class StageRunner:
         if item.kind == "prefill":
             await self._prefill(item)
             return
-        batch = {item.rid: item}
-        later: list[_Item] = []
-        self._take_queued(batch, later)
+        queued = [item]
+        while not self.inbox.empty():
+            queued.append(self.inbox.get_nowait())
+        chosen = set(next_batch([q.rid if q.kind == "step" else None for q in queued], self._lanes,
+                                self.segment.max_batch))
+        batch = {queued[i].rid: queued[i] for i in sorted(chosen)}
+        later = [q for i, q in enumerate(queued) if i not in chosen]
         await self._gather(batch, later)
-        for d in later:  # prompts (and a second step of one request) wait for the next turn, in order
+        for d in later:  # prompts, other lanes' steps (and a second step of one request) wait, in order
             self.inbox.put_nowait(d)
         await self._decode([b for b in batch.values() if b.rid in self.active])
 
-    def _take_queued(self, batch: dict[str, _Item], later: list[_Item]) -> None:
-        """Adds the steps queued now to ``batch``; anything else goes to ``later``."""
-        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
-            self._add(batch, later, self.inbox.get_nowait())
-
-    def _add(self, batch: dict[str, _Item], later: list[_Item], item: _Item) -> None:
-        if item.kind == "step" and item.rid not in batch and len(batch) < self.segment.max_batch:
-            batch[item.rid] = item
-        else:
-            later.append(item)
-
     async def _gather(self, batch: dict[str, _Item], later: list[_Item]) -> None:
-        """Waits for the steps of the other sequences decoding here, so that the stage runs every sequence it
-        holds in one batch. Without it, sequences that started apart circulate the pipeline as sub-batches
-        that never meet (each stage forwards a batch as one frame), and batching is lost. The first stage
-        waits, so the others run the batches it forms. The wait ends when
-        they are all here, when a prompt arrives (prompts are not held up), or when the stragglers are
-        overdue (about one round of the pipeline after they last ran here; one that did not come then is not
-        waited for again until it has run here once more)."""
-        if not self.is_first or self.is_last:
-            # batches form at the replica's entrance and travel whole; a later stage that waited too could
-            # wait for a batch that waits for it. A one-stage replica feeds all its sequences back at once.
+        """Waits for the steps of the other sequences of the batch's lane (:mod:`meshllm.serve.batching`), so that
+        a lane runs whole. Without it, sequences that started apart circulate the pipeline as sub-batches that
+        never meet (each stage forwards a batch as one frame), and batching is lost. Only the first stage waits
+        (it forms the lanes; the others run what reaches them: a later stage that waited too could wait for a
+        batch that waits for it). The wait ends when the lane is all here, when anything else is waiting (a
+        prompt, another lane: the stage has work), or when the stragglers are overdue (about one round of the
+        pipeline after they last ran here; one that did not come then is not waited for again until it has run
+        here once more)."""
+        if self._lanes is None or later:
             return
-        missing = self._decoding - batch.keys()
-        if not missing or len(batch) >= self.segment.max_batch or later:
-            return  # (prompts waiting go first: a wait would hold them up)
+        missing = stragglers(batch, self._lanes, self._decoding)
+        if not missing or len(batch) >= self.segment.max_batch:
+            return
         loop = asyncio.get_running_loop()
         # each straggler comes back about one round after it last ran here
         due = max(self._last_step.get(r, 0.0) for r in missing) + 1.5 * self._round_s
@@ -314,8 +314,11 @@ class StageRunner:
         try:
             async with asyncio.timeout_at(deadline):
                 while missing and len(batch) < self.segment.max_batch and not later:
-                    self._add(batch, later, await self.inbox.get())
-                    self._take_queued(batch, later)
+                    item = await self.inbox.get()
+                    if item.kind == "step" and item.rid in missing:
+                        batch[item.rid] = item
+                    else:
+                        later.append(item)
                     missing -= batch.keys()
                     missing &= self._decoding  # (released meanwhile)
         except TimeoutError:
