@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.serve.batching import Lanes, next_batch, stragglers
+from meshllm.serve.batching import Lanes, lanes_for, next_batch, stragglers
 
 QUEUES = st.lists(st.none() | st.sampled_from([f"s{i}" for i in range(24)]), max_size=40)
 
@@ -83,3 +83,18 @@ def test_stragglers_are_the_missing_steps_of_the_batchs_lane_only() -> None:
 def test_a_stage_needs_a_lane() -> None:
     with pytest.raises(ValueError):
         Lanes(0)
+
+
+def test_one_lane_per_machine_the_stages_run_on() -> None:
+    assert lanes_for(["a", "b", "c"]) == 3
+    assert lanes_for(["127.0.0.1"] * 3) == 1  # the loopback mesh: its stages share the machine's cores
+    assert lanes_for(["h1", "h1", "h2"]) == 2
+    assert lanes_for([]) == 1
+
+
+def test_one_lane_is_one_batch_of_every_sequence_held() -> None:
+    """With one lane the first stage runs every step waiting and waits for every sequence it decodes."""
+    lanes = Lanes(1)
+    waiting = ["a", None, "b", "a", "c"]
+    assert next_batch(waiting, lanes, 16) == [0, 2, 4]
+    assert stragglers(["a", "b"], lanes, {"a", "b", "c", "d"}) == {"c"}  # d has not run here yet

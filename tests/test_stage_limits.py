@@ -171,3 +171,34 @@ def test_a_kv_block_of_the_wrong_shape_ends_its_request_with_an_error_and_frees_
     assert good == tokens and fabric.ended["good"] == "length"
     stage.executor.submit(lambda: None).result()
     assert seg.open_sequences == [] and not stage.active and not stage.sequences
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_the_first_stage_runs_one_lane_per_step(model: Path, lanes: int) -> None:
+    """A real first stage of a two-stage DECODE replica: with one lane the four sequences' steps go on as one
+    batch, with two lanes as two micro-batches of two (meshllm.serve.batching), each a step frame of its own."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
+                                                      replica(1, "decode", [("d1", 0, 2), ("d2", 2, 4)], slots=4)]}
+    layout = Layout.from_plan(plan)
+    seg = Segment(model, 0, 2, max_batch=4, max_seq_len=64, threads=1)
+    stage = StageRunner(Recorder(), layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1),  # type: ignore[arg-type]
+                        lanes=lanes)
+    fabric: Recorder = stage.fabric  # type: ignore[assignment]
+    keys = ("a", "b", "c", "d")
+
+    async def go() -> list[tuple[str, ...]]:
+        task = asyncio.ensure_future(stage.run())
+        good = np.zeros((seg.config.n_kv_heads, 3, seg.config.head_dim), np.float32)
+        for key in keys:
+            for layer in (0, 1):
+                await stage.on_kv(KvBlock(1, 1, key, layer, good, good))
+        await stage.on_step(Step(1, 1, keys, np.array([5, 6, 7, 8], np.int64)))
+        for _ in range(500):
+            sent = [f.keys for _, f in fabric.sent if isinstance(f, Step)]
+            if sum(map(len, sent)) == len(keys):
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return sent
+    sent = asyncio.run(go())
+    assert sent == ([keys] if lanes == 1 else [("a", "c"), ("b", "d")])

@@ -3,9 +3,10 @@
 A :class:`StageRunner` owns a :class:`~meshllm.runtime.segment.Segment` and an
 inbox. Its loop takes the next work item; decode steps that are ready are
 batched by the rule of :mod:`meshllm.serve.batching` (the first stage of a
-pipeline runs its sequences in one micro-batch per stage, so that every stage
-works at once; later stages run every step waiting for them in one
-``Segment.decode``), prompts run one at a time. Results go to the next stage,
+pipeline runs its sequences in ``lanes`` micro-batches, one per machine the
+replica's stages run on, so that every stage works at once; later stages run
+every step waiting for them in one ``Segment.decode``), prompts run one at a
+time. Results go to the next stage,
 or, at the replica's last stage, become tokens:
 
 - in a PREFILL replica the last stage samples the first token and sends a
@@ -108,7 +109,7 @@ class _Item:
 class StageRunner:
     def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
                  executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None,
-                 max_inbox: int = MAX_INBOX, lanes: int | None = None) -> None:
+                 max_inbox: int = MAX_INBOX, lanes: int = 1) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
         self.executor = executor  # one worker: the segment's owner (see the module's docstring)
@@ -124,9 +125,9 @@ class StageRunner:
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
         self._prefilling: set[str] = set()  # prompts queued here
         self._decoding: set[str] = set()  # sequences that ran a decode step here: a batch waits for them
-        # the first stage of a pipeline runs its sequences in as many micro-batches as the replica has stages
-        n_lanes = len(replica.stages) if lanes is None else lanes
-        self._lanes = Lanes(n_lanes) if self.is_first and not self.is_last else None
+        # the first stage of a pipeline runs its sequences in ``lanes`` micro-batches: one per machine its stages
+        # run on (batching.lanes_for); one lane, the default, is one batch of every sequence it holds
+        self._lanes = Lanes(lanes) if self.is_first and not self.is_last else None
         self._last_step: dict[str, float] = {}  # when each sequence last ran here
         self._round_s = GATHER_FIRST_S  # how long a sequence takes to come back here (moving average)
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica

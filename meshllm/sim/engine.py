@@ -56,7 +56,7 @@ import numpy as np
 
 from meshllm.plan.cost import TOKEN_ID_BYTES, CostModel, StageRef
 from meshllm.plan.plan import Plan
-from meshllm.serve.batching import Lanes, next_batch, stragglers
+from meshllm.serve.batching import Lanes, lanes_for, next_batch, stragglers
 from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
@@ -94,7 +94,8 @@ class _Replica:
         self.running: list[list[list[int]] | None] = [None] * k
         # ... and, at the first stage of a pipeline, the stage's lanes (meshllm.serve.batching) and the sequences
         # that decode there
-        self.lanes = Lanes(k) if k > 1 else None
+        n_lanes = lanes_for(d for d, _, _ in self.stages)  # simulated devices are machines of their own
+        self.lanes = Lanes(n_lanes) if k > 1 else None
         self.decoding: set[int] = set()
         self.made: dict[int, int] = {}  # tokens each sequence has made
 
