@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from meshllm.dataplane.codec import FrameError
-from meshllm.errors import GenerationError, MeshError
+from meshllm.errors import MeshError
 from meshllm.model.export import export
 from meshllm.runtime.generate import LocalModel
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.runtime.segment import Segment
-from meshllm.serve import protocol
+from meshllm.serve import api, protocol
+from meshllm.serve.protocol import Begin, KvBlock, RequestMeta
 from tests.hf_models import write_hf_model
 from tests.mesh_harness import mosquitto
 from tests.serving_harness import ask_raw, random_model, replica, serving_mesh, tokens_of
@@ -122,20 +124,24 @@ def test_a_kv_block_of_the_wrong_dtype_is_refused_and_costs_only_its_request(mod
     prefill.open("a")
     prefill.prefill("a", np.array([1, 5, 6, 7]))
     k, v = prefill.export_kv("a", 0)
-    frame = protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "a", "layer": 0, "k": np.ascontiguousarray(k),
-                            "vv": np.ascontiguousarray(v)})
-    with pytest.raises(GenerationError, match=r"float32.*KV cache is float16 \(--kv-dtype fp16\)"):
-        asyncio.run(stage.on_kv(frame))
+    fabric: Recorder = stage.fabric  # type: ignore[assignment]
+    asyncio.run(stage.on_kv(KvBlock(1, 1, "a", 0, np.ascontiguousarray(k), np.ascontiguousarray(v))))
     stage.executor.submit(lambda: None).result()  # the segment's owner has run the queued close
     assert stage.segment.open_sequences == [] and not stage.active  # no slot kept
+    # the request ends with that error, answered when its begin reaches this (its last) stage
+    meta = RequestMeta("replies/a", SamplingParams(max_tokens=4, temperature=0.0), 4, 7, 0, 1)
+    asyncio.run(stage.on_begin(Begin(1, 1, "a", 5, None, meta)))
+    (error,) = [r["error"] for topic, r in fabric.sent if topic == "replies/a"]
+    assert error["code"] == api.INTERNAL
+    assert re.search(r"float32.*KV cache is float16 \(--kv-dtype fp16\)", error["message"])
+    assert ("finished", ("a", "error")) in fabric.sent
     for layer in range(4):  # the right dtype still goes through, at half the bytes
         k16, v16 = (a.astype(np.float16) for a in prefill.export_kv("a", layer))
         assert k16.nbytes * 2 == np.ascontiguousarray(prefill.export_kv("a", layer)[0]).nbytes
-        asyncio.run(stage.on_kv(protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "b", "layer": layer, "k": k16,
-                                                "vv": v16})))
+        asyncio.run(stage.on_kv(KvBlock(1, 1, "b", layer, k16, v16)))
     assert stage.segment.open_sequences == ["b"] and stage.segment.length("b") == 4
     with pytest.raises(FrameError):  # k and vv of different dtypes never reach a stage
-        protocol.check({"t": "kv", "pv": 1, "r": 1, "id": "c", "layer": 0, "k": k16, "vv": k16.astype(np.float32)})
+        protocol.decode({"t": "kv", "pv": 1, "r": 1, "id": "c", "layer": 0, "k": k16, "vv": k16.astype(np.float32)})
 
 
 def test_two_node_mesh_with_fp16_kv_serves_the_tokens_of_one_process(model: Path, tmp_path: Path) -> None:

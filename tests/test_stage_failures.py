@@ -30,6 +30,7 @@ from meshllm.runtime.sampling import SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api, protocol
 from meshllm.serve.layout import Layout
+from meshllm.serve.protocol import Prefill, Step
 from meshllm.serve.stage import StageRunner
 from tests.mesh_harness import mosquitto, state
 from tests.serving_harness import ask_raw, random_model, replica, serving_mesh, tokens_of
@@ -86,8 +87,7 @@ def test_a_request_whose_step_fails_gets_an_error_and_its_slot_back_while_its_ba
                     break
             async with PeerLinks() as links:  # a faulty peer: a step whose token id is outside the vocabulary
                 for _ in range(3):
-                    await links.send(addr, {"t": "step", "pv": 1, "r": 0, "ids": ["f0"],
-                                            "x": np.array([10**6], np.int64)})
+                    await links.send(addr, Step(1, 0, ("f0",), np.array([10**6], np.int64)).encode())
                     await asyncio.sleep(0.01)
             return await asking
 
@@ -119,9 +119,9 @@ def test_a_full_inbox_answers_busy_and_keeps_the_connection_and_the_other_reques
     want = {rid: reference(ref, p, 24)[0] for rid, p in prompts.items()}
     flood = 40
 
-    async def dispatch(frame: dict[str, Any], writer: object) -> None:  # what a node does with a stage's frame
-        protocol.check(frame)
-        if frame["t"] == "prefill":
+    async def dispatch(wire: dict[str, Any], writer: object) -> None:  # what a node does with a stage's frame
+        frame = protocol.decode(wire)
+        if isinstance(frame, Prefill):
             await stage.on_prefill(frame)
 
     async def go() -> tuple[bool, float]:
@@ -130,13 +130,14 @@ def test_a_full_inbox_answers_busy_and_keeps_the_connection_and_the_other_reques
             dp.route("prefill", dispatch)
             _, w0 = await asyncio.open_connection("127.0.0.1", dp.port)  # the previous stage's connection
             for rid, p in prompts.items():
-                w0.write(encode({"t": "prefill", "pv": 1, "r": 0, "id": rid, "x": p, "meta": meta_for(rid, p, 24, 0)}))
+                w0.write(encode(Prefill(1, 0, rid, p, meta_for(rid, p, 24, 0)).encode()))
             await w0.drain()
             while not all(fabric.replies.get(f"replies/{rid}") for rid in prompts):
                 await asyncio.sleep(0.005)
             reader, writer = await asyncio.open_connection("127.0.0.1", dp.port)  # a burst, on one connection
-            writer.write(b"".join(encode({"t": "prefill", "pv": 1, "r": 0, "id": f"b{i}", "x": np.array([5, 6]),
-                                          "meta": meta_for(f"b{i}", np.array([5, 6]), 4, 0)}) for i in range(flood)))
+            writer.write(b"".join(encode(Prefill(1, 0, f"b{i}", np.array([5, 6]),
+                                                 meta_for(f"b{i}", np.array([5, 6]), 4, 0)).encode())
+                                  for i in range(flood)))
             await writer.drain()
             t = time.perf_counter()
             writer.write(encode({"t": "ping"}))  # the same connection still answers

@@ -21,9 +21,10 @@ import pytest
 
 from meshllm.model.manifest import load_manifest
 from meshllm.model.tokenizer import load_tokenizer
-from meshllm.runtime.sampling import Sampler
+from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve.layout import Layout
+from meshllm.serve.protocol import Begin, Frame, KvBlock, Prefill, RequestMeta
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import StageRunner
 from tests.serving_harness import random_model, replica
@@ -46,29 +47,27 @@ class Fabric:
         self.tokenizer = load_tokenizer(model, load_manifest(model).tokenizer)
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.ended: dict[str, str] = {}
-        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[tuple[str, Frame]] = []
 
-    async def send(self, node_id: str, frame: dict[str, Any]) -> None:
+    async def send(self, node_id: str, frame: Frame) -> None:
         self.sent.append((node_id, frame))
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
         self.replies.setdefault(topic, []).append(payload)
 
-    def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
+    def make_sequence(self, request_id: str, meta: RequestMeta, sampler: Sampler) -> SequenceState:
         return SequenceState(request_id, meta, sampler, self.tokenizer, frozenset(), self.publish)
 
-    async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None:
+    async def finished(self, request_id: str, meta: RequestMeta, finish_reason: str) -> None:
         self.ended[request_id] = finish_reason
 
     def stream_ended(self, seq: SequenceState) -> None:
         pass
 
 
-def meta_for(rid: str, prompt: np.ndarray, max_tokens: int, replica: int = 1) -> dict[str, Any]:
-    return {"reply_to": f"replies/{rid}", "request_id": rid, "prompt_len": int(prompt.size),
-            "last_prompt_token": int(prompt[-1]), "prefill_r": replica, "decode_r": replica,
-            "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None,
-                         "stop": []}}
+def meta_for(rid: str, prompt: np.ndarray, max_tokens: int, replica: int = 1) -> RequestMeta:
+    return RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=max_tokens, temperature=0.0), int(prompt.size),
+                       int(prompt[-1]), replica, replica, request_id=rid)
 
 
 def reference(seg: Segment, prompt: np.ndarray, n: int) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
@@ -128,18 +127,17 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
                 if live and rng.random() < 0.05:  # the planner moves a request away: its KV is freed here
                     victim = rng.choice(sorted(live))
                     released.add(victim)
-                    stage.on_release({"id": victim})
+                    stage.on_release(victim)
                 await asyncio.sleep(rng.choice((0, 0, 0.0002, 0.001)))
             live.add(rid)
             meta = meta_for(rid, prompt, max_tokens)
             if rng.random() < 0.5:  # a new prompt, prefilled here
-                await stage.on_prefill({"id": rid, "x": prompt, "meta": meta})
+                await stage.on_prefill(Prefill(1, 1, rid, prompt, meta))
                 continue
             for layer, (k, v) in enumerate(kv):  # a prompt prefilled elsewhere: its KV arrives layer by layer
-                await stage.on_kv({"id": rid, "layer": layer, "k": k, "vv": v})
+                await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
                 await asyncio.sleep(0)
-            await stage.on_begin({"t": "begin", "pv": 1, "r": 1, "id": rid, "token": tokens[0], "sampler": None,
-                                  "meta": meta})
+            await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
         while time.monotonic() < deadline and len(set(fabric.ended) | released) < n_seq:
             await asyncio.sleep(0.01)
         task.cancel()

@@ -84,7 +84,7 @@ def _dtype_options(p: argparse.ArgumentParser, quantized_only: bool = False) -> 
         p.add_argument("--dtype", default="fp32", metavar="{fp32,fp16,int4,int8}",
                        help="weight storage type (int4/int8: block-quantized, see docs/inference.md)")
     p.add_argument("--block-size", type=int, help="int4/int8: weights per quantization block, a power of two "
-                   ">= 16 dividing every weight's rows (default 32)")
+                   ">= 16 dividing every weight's rows (default 64 where it divides them, else 32)")
     p.add_argument("--accuracy-level", type=int, help="int4/int8: 4 = int8 activations, the fast CPU kernels "
                    "(default); 1 = float32 compute")
 

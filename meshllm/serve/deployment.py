@@ -30,6 +30,7 @@ from meshllm.plan.errors import PlanError
 from meshllm.plan.plan import PublishedPlan
 from meshllm.profile import DeviceProfile
 from meshllm.runtime.segment import Segment
+from meshllm.serve.background import at_idle_priority
 from meshllm.serve.layout import Layout, LayoutError
 from meshllm.serve.messages import PayloadError, Readiness
 from meshllm.serve.model_files import ModelFiles, Source
@@ -127,7 +128,8 @@ class Deployment:
                     self._retire_old(layout.version)
                     return
                 loop = asyncio.get_running_loop()
-                segment = await loop.run_in_executor(self.loader, lambda: Segment(
+                # at the lowest CPU priority: building the session must not take the cores from decoding
+                segment = await loop.run_in_executor(self.loader, at_idle_priority, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
                     spinning=False, kv_dtype=self.kv_dtype))

@@ -48,7 +48,7 @@ from meshllm.serve import api
 from meshllm.serve.journal import JobRecord, Journal, Route, request_of
 from meshllm.serve.layout import Layout
 from meshllm.serve.messages import Cancel, PayloadError
-from meshllm.serve.protocol import Bounce, CancelStream, Done, Prefill, Release, RequestMeta, Resume
+from meshllm.serve.protocol import Bounce, CancelStream, Done, Frame, Prefill, Release, RequestMeta, Resume
 from meshllm.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class MeshNode(Protocol):
 class Sender(Protocol):
     """The node's frame fabric and outbox: frames to stages, replies and journal writes to the broker."""
 
-    async def send(self, node_id: str, frame: dict[str, Any]) -> None: ...
+    async def send(self, node_id: str, frame: Frame) -> None: ...
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
 
@@ -350,7 +350,7 @@ class Dispatcher:
                 return
             frame = Prefill(layout.version, prefill.id, job.key, np.asarray(job.prompt, np.int64),
                             RequestMeta.decode(meta, f"request {job.id}"))
-            await fabric.send(prefill.first.node_id, frame.encode())
+            await fabric.send(prefill.first.node_id, frame)
             sent = True
         except MeshError as e:
             error = e
@@ -490,7 +490,7 @@ class Dispatcher:
             return
         if rec is not None and rec.route is not None:
             with contextlib.suppress(MeshError):
-                await fabric.send(rec.route.decode_nodes[-1], CancelStream(rec.key).encode())
+                await fabric.send(rec.route.decode_nodes[-1], CancelStream(rec.key))
 
     async def restate_journal(self) -> None:
         """On a new broker session the planner writes back the journal it follows: a broker that was
@@ -559,7 +559,7 @@ class Dispatcher:
         for nodes, r in ((route.prefill_nodes, route.prefill_r), (route.decode_nodes, route.decode_r)):
             for n in sorted(set(nodes) & alive):  # silence the old attempt wherever it still runs
                 with contextlib.suppress(MeshError):
-                    await fabric.send(n, Release(route.pv, r, old_key).encode())
+                    await fabric.send(n, Release(route.pv, r, old_key))
         if not self._current(rec):
             # it ended meanwhile (the old attempt streamed its final reply just before the release reached it),
             # or another path moved it: running it again would journal an ended request anew

@@ -469,15 +469,3 @@ def decode(wire: Mapping[str, Any]) -> Frame:
     if cls is None:
         raise FrameError(f"unknown serving frame type {str(t)[:40]!r}")
     return cls.decode(wire)  # type: ignore[return-value]
-
-
-def encode(frame: Frame) -> dict[str, Any]:
-    """The wire map of a typed frame (for :func:`meshllm.dataplane.codec.encode_buffers`)."""
-    return frame.encode()
-
-
-def check(wire: dict[str, Any]) -> dict[str, Any]:
-    """Validates a wire map (by decoding it) and returns it unchanged: for callers that still pass wire maps on
-    (the stage runner, until it takes typed frames)."""
-    decode(wire)
-    return wire

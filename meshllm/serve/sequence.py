@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshllm.model.tokenizer import Tokenizer
-from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.stopping import StopRule
 from meshllm.serve import api
 from meshllm.serve.journal import PROGRESS_EVERY_S
+from meshllm.serve.protocol import RequestMeta
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 Checkpoint = Callable[["SequenceState"], Awaitable[None]]
@@ -27,7 +28,7 @@ Checkpoint = Callable[["SequenceState"], Awaitable[None]]
 @dataclass
 class SequenceState:
     id: str
-    meta: dict[str, Any]
+    meta: RequestMeta
     sampler: Sampler
     tokenizer: Tokenizer
     stop_ids: frozenset[int]
@@ -40,13 +41,13 @@ class SequenceState:
     _checkpointed: float = 0.0
 
     def __post_init__(self) -> None:
-        self.params = SamplingParams(**self.meta["sampling"])
-        self.prompt_len = int(self.meta["prompt_len"])
+        self.params = self.meta.sampling
+        self.prompt_len = self.meta.prompt_len
         self.rule = StopRule(self.tokenizer, self.stop_ids, self.params.stop, self.params.max_tokens,
-                             self.prompt_len, self.meta["last_prompt_token"])
+                             self.prompt_len, self.meta.last_prompt_token)
         # A resumed request: replay what was streamed before, without publishing, so that the
         # detokenizer and the stop rule are where they were and indices continue.
-        for token in (self.meta.get("resume") or {}).get("tokens", []):
+        for token in self.meta.resume.tokens if self.meta.resume is not None else ():
             self.tokens.append(int(token))
             text = self.rule.push(int(token), context=1 << 62).text  # it went on then: no end to find
             self.sent.append(api.token_reply(self.request_id, len(self.tokens) - 1, text, int(token)))
@@ -54,11 +55,11 @@ class SequenceState:
     @property
     def request_id(self) -> str:
         """The app's id (``id`` is the key frames use, which differs once the request resumed)."""
-        return str(self.meta.get("request_id", self.id))
+        return self.meta.request_id or self.id
 
     @property
     def reply_to(self) -> str:
-        return str(self.meta["reply_to"])
+        return self.meta.reply_to
 
     async def _send(self, reply: dict[str, Any]) -> None:
         self.sent.append(reply)
@@ -95,15 +96,17 @@ class SequenceState:
         self.finish_reason = reason
         now = time.time()
         m = self.meta
-        first = m.get("t_first_token", now)
+        first = now if m.first_token_at is None else m.first_token_at
+        received = now if m.received_at is None else m.received_at
+        started = now if m.prefill_started_at is None else m.prefill_started_at
         n = len(self.tokens)
         timings = {
-            "queue_s": round(m.get("t_prefill_start", now) - m.get("t_received", now), 6),
-            "ttft_s": round(first - m.get("t_received", now), 6),
-            "total_s": round(now - m.get("t_received", now), 6),
+            "queue_s": round(started - received, 6),
+            "ttft_s": round(first - received, 6),
+            "total_s": round(now - received, 6),
             "tokens_per_s": round((n - 1) / (now - first), 3) if n > 1 and now > first else 0.0,
-            "replicas": {"prefill": m.get("prefill_r"), "decode": m.get("decode_r")},
-            "resumed": int(m.get("attempt", 0)),
+            "replicas": {"prefill": m.prefill_replica, "decode": m.decode_replica},
+            "resumed": m.attempt,
         }
         await self._send(api.final_reply(self.request_id, n, text, reason, self.prompt_len, n, timings))
         return False

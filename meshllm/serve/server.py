@@ -47,7 +47,18 @@ from meshllm.serve.messages import PayloadError, Replay
 from meshllm.serve.model_files import ModelFiles, Source, sources
 from meshllm.serve.outbox import Outbox
 from meshllm.serve.planning import PlannerDuty, PlannerOptions
-from meshllm.serve.protocol import Begin, Bounce, CancelStream, Done, KvBlock, Prefill, Release, Step
+from meshllm.serve.protocol import (
+    Begin,
+    Bounce,
+    CancelStream,
+    Done,
+    Frame,
+    KvBlock,
+    Prefill,
+    Release,
+    RequestMeta,
+    Step,
+)
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import StageRunner
 
@@ -168,20 +179,20 @@ class ServingNode:
     def _addr(self, node_id: str) -> tuple[str, int]:
         return self.node.address_of(node_id)
 
-    async def send(self, node_id: str, frame: dict[str, Any]) -> None:
+    async def send(self, node_id: str, frame: Frame) -> None:
         if node_id == self.node_id:
-            await self._dispatch(frame)  # a frame to ourselves never touches the network
+            await self._dispatch(frame)  # a frame to ourselves never touches the network (nor the codec)
             return
-        await self.links.send(self._addr(node_id), frame)
+        await self.links.send(self._addr(node_id), frame.encode())
 
-    def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState:
+    def make_sequence(self, request_id: str, meta: RequestMeta, sampler: Sampler) -> SequenceState:
         return SequenceState(request_id, meta, sampler, self.tokenizer, self.stop_ids, self.publish,
                              checkpoint=self._checkpoint)
 
     async def _checkpoint(self, seq: SequenceState) -> None:
         """Journals how far a request got (queued behind its token replies, so never ahead of them)."""
         progress = Progress(seq.tokens, None if seq.params.greedy else seq.sampler.state(),
-                            int(seq.meta.get("attempt", 0)))
+                            seq.meta.attempt)
         await self.publish_retained(self.node.topics.progress(seq.request_id),
                                     self.journal.encode_progress(seq.request_id, progress))
 
@@ -211,13 +222,13 @@ class ServingNode:
             n = await seq.replay(start)
             log.info("%s: replayed %d replies of %s from index %d", self.node_id, n, rid, start)
 
-    async def finished(self, key: str, meta: dict[str, Any], finish_reason: str) -> None:
+    async def finished(self, key: str, meta: RequestMeta, finish_reason: str) -> None:
         """A request ended here (its final reply or error is queued): clear its journal, tell the planner."""
-        request_id = str(meta.get("request_id", key))
+        request_id = meta.request_id or key
         topics = self.node.topics
         await self.publish_retained(topics.progress(request_id), "")
         await self.publish_retained(topics.job(request_id), "")
-        frame = Done(key, int(meta["prefill_r"]), int(meta["decode_r"]), finish_reason).encode()
+        frame = Done(key, meta.prefill_replica, meta.decode_replica, finish_reason)
         planner = self.node.planner_id
         if planner:
             try:
@@ -229,13 +240,13 @@ class ServingNode:
 
     def _frame_handler(self, kind: str) -> Any:
         async def handle(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-            await self._dispatch(msg)
+            # decoded and validated once, here at the boundary (a malformed frame raises FrameError: the data
+            # plane drops that connection); from here on every part of the node holds the typed frame
+            await self._dispatch(protocol.decode(msg))
         return handle
 
-    async def _dispatch(self, wire: dict[str, Any]) -> None:
-        """Decodes a serving frame (a malformed one raises FrameError: the data plane drops that connection)
-        and hands it to the scheduler or to the runner of its plan version and replica."""
-        frame = protocol.decode(wire)
+    async def _dispatch(self, frame: Frame) -> None:
+        """Hands a typed frame to the scheduler or to the runner of its plan version and replica."""
         if isinstance(frame, Done):
             self.dispatcher.on_done(frame)
             return
@@ -252,27 +263,24 @@ class ServingNode:
             # the connection for it (it carries other requests' frames); a prompt or a begin goes back to
             # the planner, which moves the request; a step or KV block belongs to a request being moved.
             why = f"no stage of plan v{frame.plan_version} replica {frame.replica} on {self.node_id}"
-            if isinstance(frame, (Prefill, Begin)) and self.node.election.leader:
+            if isinstance(frame, (Prefill, Begin)) and self.node.planner_id:
                 log.warning("%s: %s frame for %s bounced: %s", self.node_id, frame.WIRE_TYPE, frame.key, why)
                 with contextlib.suppress(MeshError):
-                    await self.send(self.node.election.leader, Bounce(frame.key, why).encode())
+                    await self.send(self.node.planner_id, Bounce(frame.key, why))
             elif not isinstance(frame, Release):
                 log.info("%s: dropped a %s frame: %s", self.node_id, frame.WIRE_TYPE, why)
             return
-        # The runner takes wire maps: a fresh one made from the decoded frame, so that nothing the runner
-        # changes (its meta) is shared with the sender, even for a frame this node sent itself.
-        fresh = frame.encode()
-        try:
+        try:  # frames are immutable: the runner shares nothing it could change with the sender
             if isinstance(frame, Prefill):
-                await runner.on_prefill(fresh)
+                await runner.on_prefill(frame)
             elif isinstance(frame, Step):
-                await runner.on_step(fresh)
+                await runner.on_step(frame)
             elif isinstance(frame, KvBlock):
-                await runner.on_kv(fresh)
+                await runner.on_kv(frame)
             elif isinstance(frame, Begin):
-                await runner.on_begin(fresh)
+                await runner.on_begin(frame)
             elif isinstance(frame, Release):
-                await runner.on_release_frame(fresh)
+                await runner.on_release_frame(frame)
         except GenerationError as e:
             # one request's problem: log it and keep the connection, which carries other requests
             log.error("%s: %s frame for %s refused: %s", self.node_id, frame.WIRE_TYPE,
@@ -315,7 +323,7 @@ class ServingNode:
             return
         if payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
             rec = self.journal.jobs.get(ended[1].request_id)
-            if rec is not None and rec.meta.get("digest") == ended[1].meta.get("digest"):
+            if rec is not None and rec.meta.get("digest") == ended[1].meta.digest:
                 # a request that ended here came back into the journal (restated by a planner that had not
                 # yet heard of its end, around a broker restart): clear it again
                 log.info("%s: clearing the journal record of %s again", self.node_id, rec.id)

@@ -2,8 +2,11 @@
 
 A :class:`StageRunner` owns a :class:`~meshllm.runtime.segment.Segment` and an
 inbox. Its loop takes the next work item; decode steps that are ready are
-batched (every active sequence waiting at this stage goes through one
-``Segment.decode``), prompts run one at a time. Results go to the next stage,
+batched by the rule of :mod:`meshllm.serve.batching` (the first stage of a
+pipeline runs its sequences in ``lanes`` micro-batches, one per machine the
+replica's stages run on, so that every stage works at once; later stages run
+every step waiting for them in one ``Segment.decode``), prompts run one at a
+time. Results go to the next stage,
 or, at the replica's last stage, become tokens:
 
 - in a PREFILL replica the last stage samples the first token and sends a
@@ -37,9 +40,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -47,10 +51,22 @@ import numpy as np
 from meshllm.dataplane.codec import FrameError
 from meshllm.dataplane.links import PeerUnreachable
 from meshllm.errors import ContextLengthError, GenerationError, MeshError
-from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
+from meshllm.serve.batching import Lanes, next_batch, stragglers
 from meshllm.serve.layout import Layout, ReplicaLayout
+from meshllm.serve.protocol import (
+    MAX_ERROR_CODE_CHARS,
+    MAX_TEXT_CHARS,
+    Begin,
+    Frame,
+    KvBlock,
+    Prefill,
+    Release,
+    RequestMeta,
+    Step,
+)
 from meshllm.serve.sequence import SequenceState
 
 log = logging.getLogger(__name__)
@@ -59,6 +75,7 @@ MAX_INBOX = 4096  # work items queued at a stage; the scheduler keeps far fewer 
 T = TypeVar("T")
 GATHER_FIRST_S, GATHER_MAX_S = 0.02, 0.1  # a batch waits for its stragglers at most one round, and this long
 MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
+MAX_GONE = 4096  # released request keys remembered, so that a late frame of one cannot start it again
 
 
 # Emulation by the cost model: (kind "prefill" | "decode", tokens or batch, context) -> seconds
@@ -70,29 +87,29 @@ class Fabric(Protocol):
 
     node_id: str
 
-    async def send(self, node_id: str, frame: dict[str, Any]) -> None: ...
+    async def send(self, node_id: str, frame: Frame) -> None: ...
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
 
-    def make_sequence(self, request_id: str, meta: dict[str, Any], sampler: Sampler) -> SequenceState: ...
+    def make_sequence(self, request_id: str, meta: RequestMeta, sampler: Sampler) -> SequenceState: ...
 
-    async def finished(self, request_id: str, meta: dict[str, Any], finish_reason: str) -> None: ...
+    async def finished(self, request_id: str, meta: RequestMeta, finish_reason: str) -> None: ...
 
     def stream_ended(self, seq: SequenceState) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Item:
     kind: str  # "prefill" | "step"
     rid: str
     x: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: RequestMeta | None = None  # a prompt's
 
 
 class StageRunner:
     def __init__(self, fabric: Fabric, layout: Layout, replica: ReplicaLayout, index: int, segment: Segment,
                  executor: Executor, *, compute_scale: float = 1.0, pace: Pace | None = None,
-                 max_inbox: int = MAX_INBOX) -> None:
+                 max_inbox: int = MAX_INBOX, lanes: int = 1) -> None:
         self.fabric, self.layout, self.replica, self.index = fabric, layout, replica, index
         self.segment = segment
         self.executor = executor  # one worker: the segment's owner (see the module's docstring)
@@ -108,9 +125,13 @@ class StageRunner:
         self._held: dict[str, list[_Item]] = {}  # steps waiting for their KV
         self._prefilling: set[str] = set()  # prompts queued here
         self._decoding: set[str] = set()  # sequences that ran a decode step here: a batch waits for them
+        # the first stage of a pipeline runs its sequences in ``lanes`` micro-batches: one per machine its stages
+        # run on (batching.lanes_for); one lane, the default, is one batch of every sequence it holds
+        self._lanes = Lanes(lanes) if self.is_first and not self.is_last else None
         self._last_step: dict[str, float] = {}  # when each sequence last ran here
         self._round_s = GATHER_FIRST_S  # how long a sequence takes to come back here (moving average)
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
+        self._gone: OrderedDict[str, tuple[str, str] | None] = OrderedDict()  # released keys (see on_release)
         self.busy_s = 0.0
         self.tokens_out = 0
 
@@ -135,16 +156,20 @@ class StageRunner:
             elif item.rid in self.active:
                 await self._fail(item.rid, api.BUSY, why)
 
-    async def on_prefill(self, frame: dict[str, Any]) -> None:
-        rid = frame["id"]
+    async def on_prefill(self, frame: Prefill) -> None:
+        rid = frame.key
+        if rid in self._gone:  # released here already (failed, or moved): a late copy starts nothing
+            return
         if rid in self.active or rid in self._prefilling:  # the same request dispatched twice must not run twice
             raise GenerationError(f"prefill for {rid!r}, which is already here (sent twice?)")
         self._prefilling.add(rid)
-        await self._put(_Item("prefill", rid, frame["x"], frame["meta"]))
+        await self._put(_Item("prefill", rid, frame.x, frame.meta))
 
-    async def on_step(self, frame: dict[str, Any]) -> None:
-        x = frame["x"]
-        for i, rid in enumerate(frame["ids"]):
+    async def on_step(self, frame: Step) -> None:
+        x = frame.x
+        for i, rid in enumerate(frame.keys):
+            if rid in self._gone:
+                continue
             item = _Item("step", rid, x[i:i + 1])
             # In a DECODE replica the first step can overtake the prompt's KV (they come from different
             # nodes): hold it until every layer of this stage has arrived.
@@ -156,10 +181,12 @@ class StageRunner:
             elif rid in self.active or rid in self._prefilling:  # (a step for nothing held here is dropped)
                 await self._put(item)
 
-    async def on_kv(self, frame: dict[str, Any]) -> None:
-        rid, layer = frame["id"], frame["layer"]
-        if layer not in self.segment.layers:
-            raise GenerationError(f"kv frame for layer {layer}; this stage holds layers {self.segment.layers}")
+    async def on_kv(self, frame: KvBlock) -> None:
+        """One layer of a prompt prefilled elsewhere. A block this stage cannot take (a layer it does not hold,
+        another dtype or shape than its cache) fails that request: an error reply and its KV freed everywhere."""
+        rid, layer = frame.key, frame.layer
+        if rid in self._gone:
+            return
         if rid in self.active and rid not in self._kv_missing:
             raise GenerationError(f"kv frame for {rid!r}, whose KV is complete here (sent twice?)")
         opened = rid not in self.active
@@ -171,13 +198,13 @@ class StageRunner:
         def write() -> None:
             if opened:
                 seg.open(rid)
-            seg.import_kv(rid, layer, frame["k"], frame["vv"])
+            seg.import_kv(rid, layer, frame.k, frame.v)
         try:
             await self._on_segment(write)
-        except MeshError:
-            if opened:  # a bad first block must not keep a cache slot
-                self.on_release({"id": rid})
-            raise
+        except Exception as e:  # this request's KV is unusable here: it alone ends
+            if rid in self.active:
+                await self._fail(rid, *self._error(e))
+            return
         if rid not in self._kv_missing:  # released while the block was being written (its close is queued)
             return
         self._kv_missing[rid] -= 1
@@ -186,41 +213,49 @@ class StageRunner:
             for item in self._held.pop(rid, []):
                 await self._put(item)
 
-    async def on_begin(self, frame: dict[str, Any]) -> None:
+    async def on_begin(self, frame: Begin) -> None:
         """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
-        meta = frame["meta"]
-        if frame["id"] in self.sequences:
-            raise GenerationError(f"begin for {frame['id']!r}, which already streams here (sent twice?)")
-        sampling = SamplingParams(**meta["sampling"])
-        state = self.fabric.make_sequence(frame["id"], meta, Sampler.restore(sampling, frame["sampler"]))
-        self.sequences[frame["id"]] = state
+        rid, meta = frame.key, frame.meta
+        if rid in self._gone:  # failed (or moved) before its first token got here
+            error = self._gone[rid]
+            if error is not None:
+                await self._answer(rid, meta, *error)
+            return
+        if rid in self.sequences:
+            raise GenerationError(f"begin for {rid!r}, which already streams here (sent twice?)")
+        state = self.fabric.make_sequence(rid, meta, Sampler.restore(meta.sampling, frame.sampler_state))
+        self.sequences[rid] = state
         try:
-            await self._emit(state, frame["token"])
+            await self._emit(state, frame.token)
         except PeerUnreachable as e:
             log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
         except Exception as e:
             await self._fail(state.id, *self._error(e))
 
-    async def on_release_frame(self, frame: dict[str, Any]) -> None:
-        """A release from another stage; with an ``error`` (``{"code", "message"}``) that stage failed the
-        request, and this one, holding its reply stream, answers it."""
-        state = self.on_release(frame)
-        err = frame.get("error")
-        if state is not None and isinstance(err, dict):
-            code, message = str(err.get("code", api.INTERNAL))[:64], str(err.get("message", ""))[:500]
-            await self._answer(state.id, state.meta, code, message)
+    async def on_release_frame(self, frame: Release) -> None:
+        """A release from another stage; with an error, that stage failed the request, and this one, holding its
+        reply stream, answers it (or, if its ``begin`` is still on its way, answers that when it comes)."""
+        error = (frame.error_code, frame.error_message or "") if frame.error_code is not None else None
+        state = self.on_release(frame.key, error)
+        if state is not None and error is not None:
+            await self._answer(state.id, state.meta, *error)
 
-    def on_release(self, frame: dict[str, Any]) -> SequenceState | None:
+    def on_release(self, rid: str, error: tuple[str, str] | None = None) -> SequenceState | None:
         """Frees a request's KV; at a last stage it also drops its stream without a word (the request
         ended, or it moved to another replica after a fault and must not stream from here again) and
-        returns it."""
-        rid = frame["id"]
+        returns it. The key is remembered (with ``error``, the failure a late ``begin`` is answered with)."""
         state = self.sequences.pop(rid, None)
+        self._gone[rid] = error
+        self._gone.move_to_end(rid)
+        while len(self._gone) > MAX_GONE:
+            self._gone.popitem(last=False)
         self.active.discard(rid)
         self._prefilling.discard(rid)  # (a prompt still queued here is dropped when its turn comes)
         self._kv_missing.pop(rid, None)
         self._held.pop(rid, None)
         self._decoding.discard(rid)
+        if self._lanes is not None:
+            self._lanes.drop(rid)
         self._last_step.pop(rid, None)
         try:
             self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
@@ -247,40 +282,32 @@ class StageRunner:
         if item.kind == "prefill":
             await self._prefill(item)
             return
-        batch = {item.rid: item}
-        later: list[_Item] = []
-        self._take_queued(batch, later)
+        queued = [item]
+        while not self.inbox.empty():
+            queued.append(self.inbox.get_nowait())
+        chosen = set(next_batch([q.rid if q.kind == "step" else None for q in queued], self._lanes,
+                                self.segment.max_batch))
+        batch = {queued[i].rid: queued[i] for i in sorted(chosen)}
+        later = [q for i, q in enumerate(queued) if i not in chosen]
         await self._gather(batch, later)
-        for d in later:  # prompts (and a second step of one request) wait for the next turn, in order
+        for d in later:  # prompts, other lanes' steps (and a second step of one request) wait, in order
             self.inbox.put_nowait(d)
         await self._decode([b for b in batch.values() if b.rid in self.active])
 
-    def _take_queued(self, batch: dict[str, _Item], later: list[_Item]) -> None:
-        """Adds the steps queued now to ``batch``; anything else goes to ``later``."""
-        while not self.inbox.empty() and len(batch) < self.segment.max_batch:
-            self._add(batch, later, self.inbox.get_nowait())
-
-    def _add(self, batch: dict[str, _Item], later: list[_Item], item: _Item) -> None:
-        if item.kind == "step" and item.rid not in batch and len(batch) < self.segment.max_batch:
-            batch[item.rid] = item
-        else:
-            later.append(item)
-
     async def _gather(self, batch: dict[str, _Item], later: list[_Item]) -> None:
-        """Waits for the steps of the other sequences decoding here, so that the stage runs every sequence it
-        holds in one batch. Without it, sequences that started apart circulate the pipeline as sub-batches
-        that never meet (each stage forwards a batch as one frame), and batching is lost. The first stage
-        waits, so the others run the batches it forms. The wait ends when
-        they are all here, when a prompt arrives (prompts are not held up), or when the stragglers are
-        overdue (about one round of the pipeline after they last ran here; one that did not come then is not
-        waited for again until it has run here once more)."""
-        if not self.is_first or self.is_last:
-            # batches form at the replica's entrance and travel whole; a later stage that waited too could
-            # wait for a batch that waits for it. A one-stage replica feeds all its sequences back at once.
+        """Waits for the steps of the other sequences of the batch's lane (:mod:`meshllm.serve.batching`), so that
+        a lane runs whole. Without it, sequences that started apart circulate the pipeline as sub-batches that
+        never meet (each stage forwards a batch as one frame), and batching is lost. Only the first stage waits
+        (it forms the lanes; the others run what reaches them: a later stage that waited too could wait for a
+        batch that waits for it). The wait ends when the lane is all here, when anything else is waiting (a
+        prompt, another lane: the stage has work), or when the stragglers are overdue (about one round of the
+        pipeline after they last ran here; one that did not come then is not waited for again until it has run
+        here once more)."""
+        if self._lanes is None or later:
             return
-        missing = self._decoding - batch.keys()
-        if not missing or len(batch) >= self.segment.max_batch or later:
-            return  # (prompts waiting go first: a wait would hold them up)
+        missing = stragglers(batch, self._lanes, self._decoding)
+        if not missing or len(batch) >= self.segment.max_batch:
+            return
         loop = asyncio.get_running_loop()
         # each straggler comes back about one round after it last ran here
         due = max(self._last_step.get(r, 0.0) for r in missing) + 1.5 * self._round_s
@@ -288,8 +315,11 @@ class StageRunner:
         try:
             async with asyncio.timeout_at(deadline):
                 while missing and len(batch) < self.segment.max_batch and not later:
-                    self._add(batch, later, await self.inbox.get())
-                    self._take_queued(batch, later)
+                    item = await self.inbox.get()
+                    if item.kind == "step" and item.rid in missing:
+                        batch[item.rid] = item
+                    else:
+                        later.append(item)
                     missing -= batch.keys()
                     missing &= self._decoding  # (released meanwhile)
         except TimeoutError:
@@ -332,9 +362,9 @@ class StageRunner:
         except Exception as e:
             await self._fail(rid, *self._error(e), meta)
 
-    async def _prefill_one(self, rid: str, x: np.ndarray, meta: dict[str, Any]) -> None:
+    async def _prefill_one(self, rid: str, x: np.ndarray, meta: RequestMeta) -> None:
         if self.is_first:
-            meta["t_prefill_start"] = time.time()
+            meta = meta.with_times(prefill_started_at=time.time())
         opened = rid not in self.active
         self.active.add(rid)
         seg = self.segment
@@ -347,17 +377,16 @@ class StageRunner:
         out = await self._compute(prefill, "prefill", n, [rid])
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
-                                   {"t": "prefill", "pv": self.layout.version, "r": self.replica.id, "id": rid,
-                                    "x": out, "meta": meta})
+                                   Prefill(self.layout.version, self.replica.id, rid, out, meta))
         else:
-            sampling = SamplingParams(**meta["sampling"])
+            sampling = meta.sampling
             # a resumed request continues its sampler from the checkpoint of the tokens it prefilled again
-            sampler = Sampler.restore(sampling, (meta.get("resume") or {}).get("sampler"))
+            sampler = Sampler.restore(sampling, meta.resume.sampler_state if meta.resume is not None else None)
             token = sampler(out[0])
-            meta.setdefault("t_first_token", time.time())
-            decode = self.layout.replicas[meta["decode_r"]]
-            begin = {"t": "begin", "pv": self.layout.version, "r": decode.id, "id": rid, "token": token,
-                     "sampler": None if sampling.greedy else sampler.state(), "meta": meta}
+            meta = meta.with_times(first_token_at=time.time())
+            decode = self.layout.replicas[meta.decode_replica]
+            begin = Begin(self.layout.version, decode.id, rid, token, None if sampling.greedy else sampler.state(),
+                          meta)
             if decode.id == self.replica.id:
                 await self.on_begin(begin)
             else:
@@ -365,15 +394,14 @@ class StageRunner:
         if self.replica.role == "prefill":
             await self._hand_off(rid, meta)
 
-    async def _hand_off(self, rid: str, meta: dict[str, Any]) -> None:
+    async def _hand_off(self, rid: str, meta: RequestMeta) -> None:
         """Ships this stage's KV for ``rid`` to the DECODE stages holding the same layers, then frees it."""
-        decode = self.layout.replicas[meta["decode_r"]]
+        decode = self.layout.replicas[meta.decode_replica]
         for layer in self.segment.layers:
             k, v = await self._on_segment(functools.partial(self._export, rid, layer))
             await self.fabric.send(decode.holder(layer).node_id,
-                                   {"t": "kv", "pv": self.layout.version, "r": decode.id, "id": rid,
-                                    "layer": layer, "k": k, "vv": v})
-        self.on_release({"id": rid})
+                                   KvBlock(self.layout.version, decode.id, rid, layer, k, v))
+        self.on_release(rid)
 
     def _export(self, rid: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of one layer's KV (on the owner thread: a view would see rows that a later call moves)."""
@@ -400,8 +428,7 @@ class StageRunner:
         if not self.is_last:
             try:
                 await self.fabric.send(self.replica.stages[self.index + 1].node_id,
-                                       {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": ids,
-                                        "x": out})
+                                       Step(self.layout.version, self.replica.id, tuple(ids), out))
             except PeerUnreachable as e:
                 log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
             return
@@ -453,8 +480,8 @@ class StageRunner:
         return cont
 
     async def _feed(self, pairs: list[tuple[str, int]]) -> None:
-        frame = {"t": "step", "pv": self.layout.version, "r": self.replica.id, "ids": [p[0] for p in pairs],
-                 "x": np.array([p[1] for p in pairs], np.int64)}
+        frame = Step(self.layout.version, self.replica.id, tuple(p[0] for p in pairs),
+                     np.array([p[1] for p in pairs], np.int64))
         if self.is_first:  # a one-stage replica feeds itself
             await self.on_step(frame)
             return
@@ -479,7 +506,7 @@ class StageRunner:
         log.error("stage %s of replica %d: a request failed", self.index, self.replica.id, exc_info=e)
         return api.INTERNAL, f"stage {self.index} of replica {self.replica.id} failed: {type(e).__name__}"
 
-    async def _fail(self, rid: str, code: str, message: str, meta: dict[str, Any] | None = None) -> None:
+    async def _fail(self, rid: str, code: str, message: str, meta: RequestMeta | None = None) -> None:
         """Ends request ``rid`` with an error reply and frees its KV at every stage of the replica. The reply
         comes from here if this stage holds the request's stream or ``meta``, else from the last stage."""
         state = self.sequences.get(rid)
@@ -494,21 +521,18 @@ class StageRunner:
         """Frees ``rid``'s KV at every stage of the replica; ``error`` (code, message) goes to the last stage,
         which holds the reply stream and answers it."""
         for s in self.replica.stages:
-            frame: dict[str, Any] = {"t": "release", "pv": self.layout.version, "r": self.replica.id, "id": rid}
-            if error is not None and s is self.replica.stages[-1]:
-                frame["error"] = {"code": error[0][:64], "message": error[1][:500]}  # protocol.Release limits
+            last = s is self.replica.stages[-1]
+            frame = Release(self.layout.version, self.replica.id, rid)
+            if error is not None and last:
+                frame = Release(self.layout.version, self.replica.id, rid, error[0][:MAX_ERROR_CODE_CHARS],
+                                error[1][:MAX_TEXT_CHARS])
             if s.node_id == self.fabric.node_id:
-                self.on_release(frame)
+                await self.on_release_frame(frame)
             else:
                 await _quietly(self.fabric.send(s.node_id, frame))
 
-    async def _answer(self, rid: str, meta: dict[str, Any], code: str, message: str) -> None:
-        if not isinstance(meta.get("reply_to"), str):  # (a frame that never had a reply topic: nobody to tell)
-            log.error("stage %s of replica %d: %s failed, no reply topic: %s", self.index, self.replica.id, rid,
-                      message)
-            return
-        await _quietly(self.fabric.publish(meta["reply_to"],
-                                           api.error_reply(str(meta.get("request_id", rid)), code, message)))
+    async def _answer(self, rid: str, meta: RequestMeta, code: str, message: str) -> None:
+        await _quietly(self.fabric.publish(meta.reply_to, api.error_reply(meta.request_id or rid, code, message)))
         await _quietly(self.fabric.finished(rid, meta, "error"))
 
 

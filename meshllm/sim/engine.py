@@ -20,11 +20,12 @@ What is modelled (every time comes from :class:`~meshllm.plan.cost.CostModel`):
   queues interleave the lanes). Sequences whose KV arrives during a lane's
   step join at its end; finished ones leave at its end.
   With ``batching="serving"`` decode batches as meshllm's stages batch
-  instead (see :func:`simulate`): each sequence starts as its own
-  micro-batch; in a DECODE replica every stage runs all the micro-batches
-  waiting for it as one (``StageRunner._step``), at every stage, and the
-  last stage feeds the batch's tokens back as one step; in a MIXED replica
-  micro-batches that wait together at the first stage merge.
+  instead (see :func:`simulate`), by the same rule
+  (:mod:`meshllm.serve.batching`): each sequence starts as its own
+  micro-batch; the first stage of a pipeline runs one lane (a fixed
+  k-th of its sequences) at a time and waits for that lane's stragglers,
+  later stages of a DECODE replica run everything waiting for them as one
+  batch, and the last stage feeds the batch's tokens back as one step.
 - A MIXED replica time-shares its stages: work enters the first stage only
   when that stage is free; when prompts and decode steps both wait, they
   take turns (one prompt, one lane step). Strict decode-first (the
@@ -55,6 +56,7 @@ import numpy as np
 
 from meshllm.plan.cost import TOKEN_ID_BYTES, CostModel, StageRef
 from meshllm.plan.plan import Plan
+from meshllm.serve.batching import Lanes, lanes_for, next_batch, stragglers
 from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
@@ -90,6 +92,12 @@ class _Replica:
         self.per_stage = False
         self.waiting: list[list[list[int]]] = [[] for _ in range(k)]
         self.running: list[list[list[int]] | None] = [None] * k
+        # ... and, at the first stage of a pipeline, the stage's lanes (meshllm.serve.batching) and the sequences
+        # that decode there
+        n_lanes = lanes_for(d for d, _, _ in self.stages)  # simulated devices are machines of their own
+        self.lanes = Lanes(n_lanes) if k > 1 else None
+        self.decoding: set[int] = set()
+        self.made: dict[int, int] = {}  # tokens each sequence has made
 
     def lane_for(self) -> int:
         sizes = [len(a) + len(j) for a, j in zip(self.active, self.joining, strict=True)]
@@ -183,11 +191,12 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
 
     ``batching``: how decode sequences form micro-batches. ``"lanes"`` (the default, the
     evaluation's idealised continuous batching): one lane per stage, a sequence joins the
-    lane with the fewest. ``"serving"``: what meshllm's stages do (``StageRunner._step``):
-    a sequence starts as its own micro-batch; in a DECODE replica each stage, when free, runs
-    every sequence waiting for it as one batch and passes it on, and the last stage feeds the
-    tokens back to the first as one step (so batches merge wherever they meet); in a MIXED
-    replica micro-batches waiting together to enter the first stage merge and stay merged.
+    lane with the fewest. ``"serving"``: what meshllm's stages do, by their rule
+    (:mod:`meshllm.serve.batching`): a sequence starts as its own micro-batch; the first stage
+    runs the waiting steps of one lane at a time, once that lane's sequences still in the
+    pipeline are back (not waited for while prompts wait, nor for a sequence on its last step);
+    in a DECODE replica each later stage, when free, runs every sequence waiting for it as one
+    batch, and the last stage feeds the tokens back to the first as one step.
     """
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
@@ -235,24 +244,63 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
                 push(e, PREFILLED, q.id)
                 rep.prompt_turn = False
             else:
-                lane = rep.lanes_ready.popleft()
-                while serving and rep.lanes_ready:  # micro-batches waiting together go as one
-                    other = rep.lanes_ready.popleft()
-                    rep.active[lane].extend(rep.active[other])
-                    rep.active[other] = []
-                    rep.stepping[other] = False
+                lane = serving_batch(rep) if serving else rep.lanes_ready.popleft()
+                if lane is None:
+                    break  # the first stage waits for its lane's stragglers (their return kicks it again)
                 ctx = [by_id[i].n_in + made for i, made in rep.active[lane]]
                 push(rep.step(t, ctx), STEP_DONE, rep.id * LANES + lane)
                 rep.prompt_turn = True
-        if (rep.prompts or rep.lanes_ready) and not rep.wake_pending:
+        if (rep.prompts or rep.lanes_ready) and not rep.wake_pending and rep.free[0] > t:
             rep.wake_pending = True
             push(rep.free[0], STAGE0_FREE, rep.id)
 
+    def serving_batch(rep: _Replica) -> int | None:
+        """A MIXED replica's next decode micro-batch, as meshllm's first stage chooses it from the steps waiting
+        (:mod:`meshllm.serve.batching`): one lane of them, once its stragglers are in (not waited for while
+        prompts wait); what is left stays ready as one micro-batch. None: wait."""
+        slots = list(rep.lanes_ready)
+        items = [item for s in slots for item in rep.active[s]]
+        ids = [item[0] for item in items]
+        chosen = set(next_batch(ids, rep.lanes, len(ids)))
+        batch = [item for i, item in enumerate(items) if i in chosen]
+        rest = [item for i, item in enumerate(items) if i not in chosen]
+        if not rep.prompts and any(s not in ids and rep.made[s] + 1 < by_id[s].n_out
+                                   for s in stragglers([item[0] for item in batch], rep.lanes, rep.decoding)):
+            return None
+        rep.lanes_ready.clear()
+        for slot in slots:
+            rep.active[slot] = []
+            rep.stepping[slot] = False
+        lane = slots[0]
+        rep.active[lane], rep.stepping[lane] = batch, True
+        if rest:
+            other = rep.new_lane()
+            rep.active[other], rep.stepping[other] = rest, True
+            rep.lanes_ready.append(other)
+        if rep.lanes is not None:
+            rep.decoding.update(item[0] for item in batch)
+        return lane
+
     def run_stage(t: float, rep: _Replica, j: int) -> None:
-        """A DECODE stage that is free runs every sequence waiting for it as one batch."""
+        """A DECODE stage that is free runs the next batch of the sequences waiting for it, as meshllm's stage
+        chooses it (:mod:`meshllm.serve.batching`): a later stage runs them all; the first stage of a pipeline
+        runs one lane, and first waits for that lane's sequences still in the pipeline (the stage waits for them
+        up to about a round; here they always come, except those on their last step, whose release tells the
+        stage not to wait)."""
         if rep.running[j] is not None or not rep.waiting[j]:
             return
-        batch, rep.waiting[j] = rep.waiting[j], []
+        if j == 0 and rep.lanes is not None:
+            ids = [item[0] for item in rep.waiting[0]]
+            chosen = set(next_batch(ids, rep.lanes, len(ids)))
+            batch = [item for i, item in enumerate(rep.waiting[0]) if i in chosen]
+            missing = [s for s in stragglers([item[0] for item in batch], rep.lanes, rep.decoding)
+                       if s not in ids and rep.made[s] + 1 < by_id[s].n_out]
+            if missing:
+                return  # their arrival runs the stage again
+            rep.waiting[0] = [item for i, item in enumerate(rep.waiting[0]) if i not in chosen]
+            rep.decoding.update(item[0] for item in batch)
+        else:
+            batch, rep.waiting[j] = rep.waiting[j], []
         d, a, b = rep.stages[j]
         ctx = float(np.mean([by_id[i].n_in + made for i, made in batch]))
         dt = cost.decode_time(d, a, b, ctx, len(batch)) + rep._send(j, len(batch))
@@ -273,7 +321,11 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             still = []
             for item in batch:
                 item[1] += 1
+                rep.made[item[0]] = item[1]
                 if item[1] >= by_id[item[0]].n_out:
+                    if rep.lanes is not None:  # (the stage's release)
+                        rep.lanes.drop(item[0])
+                    rep.decoding.discard(item[0])
                     finished(t, by_id[item[0]])
                 else:
                     still.append(item)
@@ -318,9 +370,11 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             dec = reps[route[x][1]]
             if dec.per_stage:
                 dec.waiting[0].append([x, 1])
+                dec.made[x] = 1
                 run_stage(t, dec, 0)
                 continue
             if serving:  # its own micro-batch, ready to enter the first stage now
+                dec.made[x] = 1
                 lane = dec.new_lane()
                 dec.active[lane].append([x, 1])
                 dec.stepping[lane] = True
@@ -345,7 +399,11 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             still = []
             for item in rep.active[lane]:
                 item[1] += 1
+                rep.made[item[0]] = item[1]
                 if item[1] >= by_id[item[0]].n_out:
+                    if rep.lanes is not None:
+                        rep.lanes.drop(item[0])
+                    rep.decoding.discard(item[0])
                     finished(t, by_id[item[0]])
                 else:
                     still.append(item)
