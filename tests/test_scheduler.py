@@ -25,7 +25,7 @@ from meshllm.serve import api
 from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, request_of
 from meshllm.serve.layout import Layout
-from meshllm.serve.protocol import Done
+from meshllm.serve.protocol import Done, Frame
 from meshllm.serve.scheduler import Job, Scheduler
 from tests.serving_harness import replica
 
@@ -328,7 +328,8 @@ class Bench:
         if not task.cancelled() and task.exception() is not None:
             self.failures.append(task.exception())  # type: ignore[arg-type]
 
-    async def send(self, node_id: str, frame: dict[str, Any]) -> None:
+    async def send(self, node_id: str, typed: Frame) -> None:
+        frame = typed.encode()  # what would go on the wire: the checks below read its fields
         if self.fail_sends:
             self.fail_sends -= 1
             raise PeerUnreachable(f"{node_id} is away")
