@@ -192,7 +192,7 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     serving = batching == "serving"
-    router = router if router is not None else router_for(plan)
+    router = router if router is not None else router_for(plan, cost)
     reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages])
             for r in plan.replicas}
     for r in plan.replicas:
