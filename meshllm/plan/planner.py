@@ -9,11 +9,13 @@ new cost model and keeps it unless the new plan is clearly better
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from meshllm.plan.baselines import BASELINES, baseline_plan, splitwise_machines
 from meshllm.plan.cost import CostModel, DeviceFactors, ModelCosts
+from meshllm.plan.elect import candidates, elect
 from meshllm.plan.errors import PlanError
 from meshllm.plan.ga import run_ga
 from meshllm.plan.partition import Partition, Placement
@@ -54,9 +56,15 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
     if sm.options.search_quantum > 0:  # search on profiles rounded to classes, score the result exactly
         search = SystemModel(sm.cost, sm.workload, replace(sm.options, profile_quantum=sm.options.search_quantum))
     result = run_ga(search, [s for s in seeds if s])
-    plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
-    extra = {"objective": sm.options.objective, "generations": result.generations, "evaluations": result.evaluations,
-             "dp_runs": search.dp_runs + (sm.dp_runs if search is not sm else 0), "converged": result.converged}
+    extra: dict[str, object] = {"objective": sm.options.objective, "generations": result.generations,
+                                "evaluations": result.evaluations, "converged": result.converged}
+    cands = candidates(sm, [result.groups, *[s for s in seeds if s]]) if sm.options.elect > 0 else []
+    if cands:  # the analytic model proposes, a short simulation decides
+        plan, tried = elect(sm, cands, "ga", sm.options.elect, version=version, seed=sm.options.seed)
+        extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
+    else:
+        plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
+    extra["dp_runs"] = search.dp_runs + (sm.dp_runs if search is not sm else 0)
     return replace(plan, extra=extra)
 
 
