@@ -120,8 +120,8 @@ class SplitwiseRouter:
         if self.cost is None:
             return max(r.slots * r.context, 1)
         c = self.cost
-        rooms = [(s.memory_capacity if s.memory_capacity > 0 else c.mem[c.index[s.node_id]]) - c.memory(s.start, s.stop, 0)
-                 for s in r.stages]
+        rooms = [(s.memory_capacity if s.memory_capacity > 0 else c.mem[c.index[s.node_id]])
+                 - c.memory(s.start, s.stop, 0) for s in r.stages]
         per_tok = [c.cum_kv[s.stop] - c.cum_kv[s.start] for s in r.stages]
         return max(int(min(m / max(k, 1e-12) for m, k in zip(rooms, per_tok, strict=True))), 1)
 
