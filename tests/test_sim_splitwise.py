@@ -96,3 +96,13 @@ def test_the_simulator_serves_a_stream_with_every_kind_of_borrowing() -> None:
     assert res.completed == 60 and not res.bounded
     assert r.lent > 0 and r.fallback > 0 and r.borrowed > 0
     assert all(v == 0 for v in r.active.values()) and all(v == 0 for v in r.kv.values())
+
+
+def test_with_a_fixed_reservation_per_sequence_memory_holds_fewer_sequences() -> None:
+    plan, cost = _mesh([("p", Role.PREFILL, 1e9, 100), ("t", Role.DECODE, 1e9, 1000)])
+    paged, slotted = SplitwiseRouter(plan, cost), SplitwiseRouter(plan, cost, kv_per_seq=400)
+    for i in range(8):  # 8 x 120 tokens fit in t's 1,000 when each holds its own; 2 x 400 when reserved
+        paged.admit(Request(i, 0.0, 100, 20))
+        slotted.admit(Request(i, 0.0, 100, 20))
+    assert paged.active[1] == 8 and paged.lent == 0
+    assert slotted.active[1] == 2 and slotted.lent == 1 and slotted.fallback > 0

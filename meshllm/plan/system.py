@@ -60,7 +60,9 @@ class PlanOptions:
     borrow: bool = False  # model a mixed pool for GA plans too (idle replicas lend themselves to the other role)
     allow_mixed: bool = True  # "every replica MIXED" is a role candidate too (roles only where they pay)
     objective: str = "wait"  # what the GA minimises: "wait" (mean queueing) or "response" (mean end-to-end)
-    elect: int = 100  # > 0: re-score the best candidates by simulating this many requests (meshllm.plan.elect)
+    elect: int = 100  # > 0: re-score the best candidates by simulation (meshllm.plan.elect): requests per pilot
+    # stream at 32 devices and beyond, up to 4x as many on smaller meshes (cheaper per request, and their
+    # few replicas need a longer stream to rank plans near capacity)
     profile_quantum: float = 0.0  # > 0: devices within this relative step share DP results
     search_quantum: float = 0.05  # the GA searches with profile_quantum = this; the final plan is scored exactly
     # genetic algorithm

@@ -24,8 +24,8 @@ PILOT_SEED = 104729  # pilot streams have a seed of their own (evaluations use 1
 RouterFor = Callable[[Plan], Router]
 
 
-def splitwise_router(cost, routing: str) -> RouterFor:  # type: ignore[no-untyped-def]
-    return lambda plan: SplitwiseRouter(plan, cost, prompt_routing=routing)
+def splitwise_router(cost, routing: str, kv_per_seq: int | None = None) -> RouterFor:  # type: ignore[no-untyped-def]
+    return lambda plan: SplitwiseRouter(plan, cost, prompt_routing=routing, kv_per_seq=kv_per_seq)
 
 
 def pilot(sm: SystemModel, plan: Plan, n: int, router: RouterFor | None = None, seed: int = PILOT_SEED) -> SimResult:
@@ -34,7 +34,7 @@ def pilot(sm: SystemModel, plan: Plan, n: int, router: RouterFor | None = None, 
 
 
 def sized_by_simulation(sm: SystemModel, machines: Sequence[Sequence[int]] | None = None, routing: str = "tokens",
-                        n: int = 200, method: str = "splitwise") -> Plan | None:
+                        n: int = 200, method: str = "splitwise", kv_per_seq: int | None = None) -> Plan | None:
     """The split of ``machines`` (default: Splitwise's) that waits least under Splitwise's router at the rate."""
     ms = [list(m) for m in (machines if machines is not None else splitwise_machines(sm))]
     plans = split_plans(sm, ms, method)
@@ -42,7 +42,7 @@ def sized_by_simulation(sm: SystemModel, machines: Sequence[Sequence[int]] | Non
         return None
     best: tuple[tuple[float, float], Plan] | None = None
     for p in plans:
-        res = pilot(sm, p, n, splitwise_router(sm.cost, routing))
+        res = pilot(sm, p, n, splitwise_router(sm.cost, routing, kv_per_seq))
         wait = float(res.wait.mean()) if res.completed == res.n else math.inf
         key = (wait, -res.throughput_rps)
         if best is None or key < best[0]:

@@ -30,7 +30,9 @@ requests that can go now, with their replicas.
   waits at that machine (counted as waiting), not in a router queue.
   Remaining differences from SplitwiseSim (docs/evaluation.md says which
   side each favours): memory is counted in KV tokens per machine (the
-  tightest stage of its pipeline), a machine batches at most
+  tightest stage of its pipeline), a sequence holding its own prompt +
+  output tokens (paged, as in SplitwiseSim) or, with ``kv_per_seq``, a fixed
+  reservation (what meshllm's runtime does per slot); a machine batches at most
   ``max(slots, max_seqs)`` sequences (Splitwise: 512 sequences, 2,048 batch
   tokens); a request waiting for memory holds its prompt back too
   (SplitwiseSim would run the prompt and park the KV cache); no preemption.
@@ -89,11 +91,14 @@ class SplitwiseRouter:
     """
 
     def __init__(self, plan: Plan, cost: CostModel | None = None, prompt_cap: int = 2048,
-                 prompt_routing: str = "tokens", max_seqs: int = 16) -> None:
+                 prompt_routing: str = "tokens", max_seqs: int = 16, kv_per_seq: int | None = None) -> None:
         if prompt_routing not in PROMPT_ROUTING:
             raise ValueError(f"prompt_routing must be one of {PROMPT_ROUTING}, got {prompt_routing!r}")
         self.prompt_cap = prompt_cap  # Splitwise's 8,192 pending batch tokens, scaled like the prompts (x0.25)
         self.prompt_routing = prompt_routing
+        # KV tokens a sequence holds: its own prompt + output (None: SplitwiseSim, paged KV), or a fixed
+        # reservation (meshllm's runtime reserves the plan's context per slot)
+        self.kv_per_seq = kv_per_seq
         self.cost = cost
         self.replicas = {r.id: r for r in plan.replicas}
         # a machine's own pool; a MIXED replica (a one-machine plan) is in both
@@ -141,6 +146,9 @@ class SplitwiseRouter:
             return float(self.pending[r])
         return self.pending_s[r] + self._prefill_s(r, n)[1]
 
+    def _need(self, req: Request) -> int:
+        return req.n_in + req.n_out if self.kv_per_seq is None else self.kv_per_seq
+
     def _fits(self, r: int, need: int) -> bool:
         return self.active[r] < self.max_seqs[r] and self.kv[r] + need <= self.room[r]
 
@@ -167,7 +175,7 @@ class SplitwiseRouter:
         self.mixed.append(r)
 
     def _schedule(self, req: Request) -> Route:
-        need = req.n_in + req.n_out
+        need = self._need(req)
         p = self._best_prompt(self.prompt, req)
         if p is None:
             p = self._best_prompt(self.mixed, req)
@@ -193,7 +201,7 @@ class SplitwiseRouter:
     def _take(self, req: Request, route: Route) -> Route:
         p, d = route
         self.active[d] += 1
-        self.kv[d] += req.n_in + req.n_out
+        self.kv[d] += self._need(req)
         self.routes[req.id] = route
         return route
 
@@ -204,7 +212,7 @@ class SplitwiseRouter:
     def admit(self, req: Request) -> Route | None:
         p, d = self._schedule(req)
         self._book(req, p)
-        if not self.waiting[d] and self._fits(d, req.n_in + req.n_out):
+        if not self.waiting[d] and self._fits(d, self._need(req)):
             return self._take(req, (p, d))
         self.routes[req.id] = (p, d)  # committed to its machines; waits for memory on ``d``
         self.waiting[d].append(req)
@@ -225,10 +233,10 @@ class SplitwiseRouter:
     def done(self, req: Request) -> list[tuple[Request, Route]]:
         p, d = self.routes.pop(req.id)
         self.active[d] -= 1
-        self.kv[d] -= req.n_in + req.n_out
+        self.kv[d] -= self._need(req)
         out = []
         q = self.waiting[d]
-        while q and self._fits(d, q[0].n_in + q[0].n_out):
+        while q and self._fits(d, self._need(q[0])):
             nxt = q.popleft()
             out.append((nxt, self._take(nxt, self.routes[nxt.id])))
         self._maybe_return(d)
