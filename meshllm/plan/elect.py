@@ -22,6 +22,8 @@ from meshllm.plan.system import ReplicaSpec, Scored, SystemModel
 
 PILOT_SEED = 7919  # a seed of its own: the evaluation's streams are seeds 1, 2, ...
 MAX_CANDIDATES = 5  # simulated at most (the analytically best first)
+TIE_S, TIE_FRACTION = 1e-3, 0.02  # pilot waits this close are a tie (the earlier candidate stays)
+PILOT_TOKENS = 20_000  # output tokens a pilot stream may carry (bounds its events on long-output workloads)
 
 
 def candidates(sm: SystemModel, groupings: Sequence[Sequence[Sequence[int]]]) -> list[Scored]:
@@ -55,6 +57,7 @@ def pilot_wait(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> f
     """Mean waiting time of ``n`` seeded requests of the plan's workload served by ``plan`` in the simulator."""
     from meshllm.sim import requests, simulate  # the simulator builds on this package: import it when used
 
+    n = max(20, min(n, int(PILOT_TOKENS / max(sm.workload.output.mean, 1.0))))
     reqs = requests([sm.workload], [n], seed=seed, max_seq_len=sm.cost.model.max_seq_len)
     res = simulate(plan, sm.cost, reqs)
     if res.completed < len(reqs):
@@ -64,8 +67,18 @@ def pilot_wait(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> f
 
 def elect(sm: SystemModel, cands: Sequence[Scored], method: str, n: int, version: int = 1,
           seed: int | None = None) -> tuple[Plan, list[tuple[Plan, float]]]:
-    """The candidate whose plan waits least in a pilot simulation of ``n`` requests; and every (plan, wait)."""
-    plans = [sm.to_plan(c, method, version=version, seed=seed) for c in cands[:MAX_CANDIDATES]]
-    scored = [(p, pilot_wait(sm, p, n)) for p in plans]
-    best = min(range(len(scored)), key=lambda i: (scored[i][1], i))
-    return scored[best][0], scored
+    """The candidate whose plan waits least in a pilot simulation of ``n`` requests; and every (plan, wait) tried.
+
+    Candidates are tried in their order (the analytic favourite first); a later one must wait less by
+    more than ``TIE_S`` and ``TIE_FRACTION`` (pilot noise), and once a plan makes requests wait less
+    than ``TIE_S`` on average nothing can clearly beat it, so the rest are not simulated.
+    """
+    tried: list[tuple[Plan, float]] = []
+    for c in cands[:MAX_CANDIDATES]:
+        plan = sm.to_plan(c, method, version=version, seed=seed)
+        tried.append((plan, pilot_wait(sm, plan, n)))
+        if tried[-1][1] < TIE_S:
+            break
+    low = min(w for _, w in tried)
+    best = next(i for i, (_, w) in enumerate(tried) if w <= low + max(TIE_S, TIE_FRACTION * low))
+    return tried[best][0], tried

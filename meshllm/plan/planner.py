@@ -59,7 +59,9 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
     extra: dict[str, object] = {"objective": sm.options.objective, "generations": result.generations,
                                 "evaluations": result.evaluations, "converged": result.converged}
     cands = candidates(sm, [result.groups, *[s for s in seeds if s]]) if sm.options.elect > 0 else []
-    if cands:  # the analytic model proposes, a short simulation decides
+    if cands:  # the analytic model proposes, a short simulation decides; the GA's own choice is tried first
+        own = sm.score(result.groups)
+        cands = [own, *[c for c in cands if c.replicas != own.replicas]] if own.replicas else cands
         n = min(4 * sm.options.elect, max(sm.options.elect, sm.options.elect * 32 // max(len(sm.cost.devices), 1)))
         plan, tried = elect(sm, cands, "ga", n, version=version, seed=sm.options.seed)
         extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
