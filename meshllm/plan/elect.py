@@ -22,7 +22,7 @@ from meshllm.plan.system import ReplicaSpec, Scored, SystemModel
 
 PILOT_SEED = 7919  # a seed of its own: the evaluation's streams are seeds 1, 2, ...
 MAX_CANDIDATES = 5  # simulated at most (the analytically best first)
-TIE_S, TIE_FRACTION = 1e-3, 0.02  # pilot waits this close are a tie (the earlier candidate stays)
+TIE_S, TIE_FRACTION = 0.01, 0.02  # pilot waits this close are a tie (the earlier candidate stays)
 PILOT_TOKENS = 20_000  # output tokens a pilot stream may carry (bounds its events on long-output workloads)
 
 
