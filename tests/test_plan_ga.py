@@ -12,6 +12,9 @@ from meshllm.plan.system import PlanOptions
 from meshllm.plan.workload import Workload
 from tests.test_plan_fixtures import LLAMA_1B, class_mesh, random_mesh
 
+# the GA on the analytic model alone, as E2LLM describes it (roles always; mean response time; no simulation)
+ANALYTIC = PlanOptions(allow_mixed=False, objective="response", elect=0)
+
 WORKLOAD = Workload.parse("in=256,out=64,in_std=200,out_std=50")
 
 
@@ -77,7 +80,7 @@ def test_ga_beats_every_baseline_on_heterogeneous_meshes(mesh: str, workload: st
     coding shape at 80-90% of Splitwise's capacity, where a fixed DECODE replica idles."""
     devices = class_mesh(MESHES[mesh], jitter=0.1, seed=1)
     rate = splitwise_load(devices, workload, fraction)
-    sm = system_model(devices, LLAMA_1B, Workload.parse(f"{workload},rate={rate:.4f}"))
+    sm = system_model(devices, LLAMA_1B, Workload.parse(f"{workload},rate={rate:.4f}"), ANALYTIC)
     plans = {m: plan_with(sm, m) for m in METHODS}
     ga = plans.pop("ga")
     assert ga.metrics.stable
@@ -112,7 +115,7 @@ def test_a_device_that_only_slows_things_down_stays_idle() -> None:
 
 def test_roles_follow_efficiency_compute_strong_replica_prefills() -> None:
     devices = class_mesh([("mini-pc", 1), ("jetson-orin-nano", 1), ("rpi5", 2)])
-    plan = plan_with(system_model(devices, LLAMA_1B, Workload.parse("conversation,scale=0.25,rate=0.5")))
+    plan = plan_with(system_model(devices, LLAMA_1B, Workload.parse("conversation,scale=0.25,rate=0.5"), ANALYTIC))
     roles = {r.node_ids: r.role.value for r in plan.replicas}
     assert roles[("mini-pc-1",)] == "prefill"
     assert all(role == "decode" for nodes, role in roles.items() if "mini-pc-1" not in nodes)

@@ -69,8 +69,8 @@ def test_validation_catches_gaps_overlaps_and_shared_nodes(plan: Plan) -> None:
 
 def test_hysteresis_replaces_only_clearly_better_plans(plan: Plan) -> None:
     m = plan.metrics
-    better = replace(plan, metrics=replace(m, e2e_s=m.e2e_s * 0.85))
-    slightly = replace(plan, metrics=replace(m, e2e_s=m.e2e_s * 0.95))
+    better = replace(plan, metrics=replace(m, e2e_s=m.e2e_s * 0.85, mean_wait_s=m.mean_wait_s * 0.85))
+    slightly = replace(plan, metrics=replace(m, e2e_s=m.e2e_s * 0.95, mean_wait_s=m.mean_wait_s * 0.95))
     unstable = replace(plan, metrics=replace(m, stable=False, sustainable_rate=m.rate * 0.9))
     assert should_replace(None, plan)
     assert should_replace(plan, better, margin=0.1)

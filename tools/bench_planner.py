@@ -12,8 +12,13 @@ at a rate where the Splitwise baseline runs at ``--load`` of its capacity
 
 Plan time is the best of ``--repeat`` runs (the machine is shared; the least
 disturbed run is the fairest figure), CPU seconds of this process and wall
-seconds. Quality: the predicted mean waiting time, time to first token,
-end-to-end time and sustainable rate of every method's plan, side by side.
+seconds, of the planner a mesh elects: the GA, then the election of its best
+candidates by a short seeded simulation (meshllm.plan.elect). The goal is
+under 2 s of CPU for 64 devices; the tool says whether it is met. Quality:
+the predicted mean waiting time, time to first token, end-to-end time and
+sustainable rate of every method's plan, side by side, and the mean waiting
+time the simulator measures for it (``--sim`` requests, a seeded stream;
+Splitwise with its own router).
 
 Usage: python tools/bench_planner.py [--sizes 8,16,32,64] [--load 0.8] [--repeat 3] [--workload conversation]
 """
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshllm.plan.cost import CostModel, ModelCosts  # noqa: E402
 from meshllm.plan.devices import load_device_classes  # noqa: E402
+from meshllm.plan.elect import pilot_wait  # noqa: E402
 from meshllm.plan.planner import METHODS, plan_with  # noqa: E402
 from meshllm.plan.system import PlanOptions, SystemModel  # noqa: E402
 from meshllm.plan.workload import Workload  # noqa: E402
@@ -74,6 +80,7 @@ def main() -> int:
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the Splitwise baseline's capacity")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workload", choices=SHAPES, default="conversation")
+    ap.add_argument("--sim", type=int, default=300, help="requests of the simulated check of each plan (0: skip)")
     args = ap.parse_args()
     shape = SHAPES[args.workload]
     print(f"model {MODEL.name}: {MODEL.n_layers} layers, {MODEL.total_weight_bytes / 1e9:.1f} GB float32; "
@@ -94,24 +101,32 @@ def main() -> int:
         assert plan is not None
         timing.append((n, best_cpu, best_wall, plan.extra))
         sm = SystemModel(CostModel(MODEL, devices), w, PlanOptions())
-        plans = [plan] + [plan_with(sm, m) for m in METHODS if m != "ga"]
-        quality.append((n, rate, plans))
+        plans = [("meshllm", plan),
+                 ("e2llm", plan_with(SystemModel(sm.cost, w, PlanOptions(allow_mixed=False, objective="response",
+                                                                          elect=0)), "ga")),
+                 ("ga-noroles", plan_with(SystemModel(sm.cost, w, PlanOptions(elect=0)), "ga"))]
+        plans += [(m, plan_with(sm, m)) for m in METHODS if m != "ga"]
+        quality.append((n, rate, plans, sm))
 
     print(f"{'devices':>7} {'cpu s':>7} {'wall s':>7} {'generations':>11} {'groupings':>9} {'DP runs':>8}")
     for n, cpu, wall, extra in timing:
         print(f"{n:>7} {cpu:>7.2f} {wall:>7.2f} {extra['generations']:>11} {extra['evaluations']:>9} "
               f"{extra['dp_runs']:>8}")
-    for n, rate, plans in quality:
+    slow = [cpu for n, cpu, _, _ in timing if n == 64 and cpu >= 2.0]
+    if any(n == 64 for n, *_ in timing):
+        print(f"\n64 devices in under 2 s of CPU: {'missed' if slow else 'met'}")
+    for n, rate, plans, sm in quality:
         print(f"\n{n} devices, {rate:.3f} req/s")
         print(f"  {'method':<10} {'replicas':>8} {'idle':>5} {'sustainable':>12} {'mean wait':>11} {'TTFT':>10} "
-              f"{'end to end':>11}")
-        for p in plans:
+              f"{'end to end':>11} {'simulated wait':>15}")
+        for label, p in plans:
             m = p.metrics
             shape_ = f"{sum(r.role.value == 'prefill' for r in p.replicas)}P/" \
                      f"{sum(r.role.value == 'decode' for r in p.replicas)}D" if any(
                          r.role.value != "mixed" for r in p.replicas) else f"{len(p.replicas)}M"
-            print(f"  {p.method:<10} {shape_:>8} {len(p.idle):>5} {m.sustainable_rate:>8.3f}/s "
-                  f"{fmt(m.mean_wait_s):>11} {fmt(m.ttft_s):>10} {fmt(m.e2e_s):>11}")
+            simulated = fmt(pilot_wait(sm, p, args.sim, seed=1)) if args.sim > 0 and p.replicas else "–"
+            print(f"  {label:<10} {shape_:>8} {len(p.idle):>5} {m.sustainable_rate:>8.3f}/s "
+                  f"{fmt(m.mean_wait_s):>11} {fmt(m.ttft_s):>10} {fmt(m.e2e_s):>11} {simulated:>15}")
     return 0
 
 

@@ -121,6 +121,34 @@ def splitwise_plan(sm: SystemModel) -> Plan:
     return sm.to_plan(best, "splitwise", notes=("splitwise: mixed-pool borrowing, least-memory token routing",))
 
 
+def split_plans(sm: SystemModel, machines: list[list[int]], method: str = "splitwise") -> list[Plan]:
+    """Every prompt/token split of fixed machines, for sizing the pools by simulation (as Splitwise does).
+
+    Machines in two orders (fastest prompt server first: Splitwise-HA's choice of hardware; and most
+    prefill-efficient first: the role rule's), the first ``p`` prompt machines, ``p`` = 1 .. R-1;
+    one machine: that machine serving both phases.
+    """
+    evals = [e for e in (sm.group(g) for g in machines) if e.feasible]
+    if not evals:
+        return []
+    if len(evals) == 1:
+        spec = sm.mixed(evals[0].devices)
+        return [sm.to_plan(sm.scored_specs([spec]), method)] if isinstance(spec, ReplicaSpec) else []
+    tokens = max(sm.decode_tokens, 1e-9)
+    by_speed = sorted(evals, key=lambda e: (-e.prefill_service.max_rate, e.devices))  # type: ignore[union-attr]
+    by_ratio = sorted(evals, key=lambda e: (-e.prefill_service.max_rate * tokens  # type: ignore[union-attr]
+                                            / e.decode_service.max_token_rate, e.devices))  # type: ignore[union-attr]
+    out: dict[tuple[tuple[int, ...], ...], Plan] = {}
+    for ranked in (by_speed, by_ratio):
+        for p in range(1, len(ranked)):
+            key = tuple(sorted(e.devices for e in ranked[:p]))
+            if key in out:
+                continue
+            specs = [sm.specs_for(e, Role.PREFILL if i < p else Role.DECODE) for i, e in enumerate(ranked)]
+            out[key] = sm.to_plan(sm.scored_specs(specs), method)
+    return list(out.values())
+
+
 def random_plan(sm: SystemModel, seed: int = 0, tries: int = 200) -> Plan:
     rng = np.random.default_rng(seed)
     n = len(sm.cost.devices)

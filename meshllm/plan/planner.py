@@ -9,11 +9,13 @@ new cost model and keeps it unless the new plan is clearly better
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from meshllm.plan.baselines import BASELINES, baseline_plan, splitwise_machines
 from meshllm.plan.cost import CostModel, DeviceFactors, ModelCosts
+from meshllm.plan.elect import TIE_S, candidates, elect, pilot_wait
 from meshllm.plan.errors import PlanError
 from meshllm.plan.ga import run_ga
 from meshllm.plan.partition import Partition, Placement
@@ -23,6 +25,7 @@ from meshllm.plan.workload import Workload
 from meshllm.profile import DeviceProfile
 
 METHODS = ("ga", *BASELINES)
+SIM_MARGIN = 0.25  # a re-plan must cut the simulated pilot wait by at least this fraction
 
 
 def system_model(devices: Sequence[DeviceProfile], model: ModelCosts, workload: Workload,
@@ -54,9 +57,17 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
     if sm.options.search_quantum > 0:  # search on profiles rounded to classes, score the result exactly
         search = SystemModel(sm.cost, sm.workload, replace(sm.options, profile_quantum=sm.options.search_quantum))
     result = run_ga(search, [s for s in seeds if s])
-    plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
-    extra = {"objective": sm.options.objective, "generations": result.generations, "evaluations": result.evaluations,
-             "dp_runs": search.dp_runs + (sm.dp_runs if search is not sm else 0), "converged": result.converged}
+    extra: dict[str, object] = {"objective": sm.options.objective, "generations": result.generations,
+                                "evaluations": result.evaluations, "converged": result.converged}
+    cands = candidates(sm, [result.groups, *[s for s in seeds if s]]) if sm.options.elect > 0 else []
+    if cands:  # the analytic model proposes, a short simulation decides; the GA's own choice is tried first
+        own = sm.score(result.groups)
+        cands = [own, *[c for c in cands if c.replicas != own.replicas]] if own.replicas else cands
+        plan, tried = elect(sm, cands, "ga", pilot_size(sm), version=version, seed=sm.options.seed)
+        extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
+    else:
+        plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
+    extra["dp_runs"] = search.dp_runs + (sm.dp_runs if search is not sm else 0)
     return replace(plan, extra=extra)
 
 
@@ -107,7 +118,27 @@ def replan(current: Plan | None, devices: Sequence[DeviceProfile], model: ModelC
     now = rescore(current, sm) if current is not None else None
     version = current.version + 1 if current is not None else 1
     new = plan_with(sm, "ga", version, seed_plans=[current] if current is not None else [])
+    if now is not None and now.replicas and new.replicas and sm.options.elect > 0:
+        if _placement(now) == _placement(new):
+            return now, False
+        # the new plan was elected by simulation: it must beat the current one there, by a margin that
+        # also covers the pilot's noise near capacity (a 3% drift of the profiles moves pilot waits ~15%)
+        n = pilot_size(sm)
+        w_now, w_new = pilot_wait(sm, now, n), pilot_wait(sm, new, n)
+        if math.isfinite(w_now) or math.isfinite(w_new):
+            bar = max(margin, SIM_MARGIN)
+            return (new, True) if w_new < w_now * (1.0 - bar) - TIE_S else (now, False)
     if should_replace(now, new, margin):
         return new, True
     assert now is not None
     return now, False
+
+
+def _placement(plan: Plan) -> frozenset[tuple[str, tuple[tuple[str, int, int], ...]]]:
+    return frozenset((r.role.value, tuple((s.node_id, s.start, s.stop) for s in r.stages)) for r in plan.replicas)
+
+
+def pilot_size(sm: SystemModel) -> int:
+    """Requests of the election's pilot stream: ``elect`` from 32 devices on, up to 4x that on smaller meshes."""
+    e = sm.options.elect
+    return min(4 * e, max(e, e * 32 // max(len(sm.cost.devices), 1)))

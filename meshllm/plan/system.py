@@ -58,8 +58,11 @@ class PlanOptions:
     context_quantile: float = 0.99  # KV reserved per sequence: this quantile of input + output
     exact_limit: int = DEFAULT_EXACT_LIMIT  # device order by exact DP up to this group size
     borrow: bool = False  # model a mixed pool for GA plans too (idle replicas lend themselves to the other role)
-    allow_mixed: bool = False  # our extension: "every replica MIXED" is a role candidate too
-    objective: str = "response"  # what the GA minimises: "response" (mean end-to-end) or "wait" (mean queueing)
+    allow_mixed: bool = True  # "every replica MIXED" is a role candidate too (roles only where they pay)
+    objective: str = "wait"  # what the GA minimises: "wait" (mean queueing) or "response" (mean end-to-end)
+    elect: int = 100  # > 0: re-score the best candidates by simulation (meshllm.plan.elect): requests per pilot
+    # stream at 32 devices and beyond, up to 4x as many on smaller meshes (cheaper per request, and their
+    # few replicas need a longer stream to rank plans near capacity)
     profile_quantum: float = 0.0  # > 0: devices within this relative step share DP results
     search_quantum: float = 0.05  # the GA searches with profile_quantum = this; the final plan is scored exactly
     # genetic algorithm
@@ -342,9 +345,13 @@ class SystemModel:
         assert ev.prefill_service is not None and ev.decode_service is not None
         assert isinstance(ev.prefill, Partition) and isinstance(ev.decode, Partition)
         uid = len(self._specs)
-        if role is Role.MIXED:  # both phases on the decode partition (it holds the KV slots)
-            spec = ReplicaSpec(role, ev.decode, ev.slots, self.ctx_decode, self.prefill_service(ev.decode),
-                               ev.decode_service, uid)
+        if role is Role.MIXED:  # both phases: the DP on the mixed work (what ``rescore`` re-derives)
+            mixed = self.mixed(ev.devices)
+            if isinstance(mixed, ReplicaSpec):
+                spec = replace(mixed, uid=uid)
+            else:  # the decode partition holds the KV slots
+                spec = ReplicaSpec(role, ev.decode, ev.slots, self.ctx_decode, self.prefill_service(ev.decode),
+                                   ev.decode_service, uid)
         elif role is Role.PREFILL:
             spec = ReplicaSpec(role, ev.prefill, self.options.prefill_kv_slots, self.ctx_prefill,
                                ev.prefill_service, ev.decode_service, uid)
@@ -353,6 +360,30 @@ class SystemModel:
                                uid)
         self._specs[(ev.devices, role)] = spec
         return spec
+
+    def role_candidates(self, ok: Sequence[GroupEval]) -> list[tuple[ReplicaSpec, ...]]:
+        """Role assignments to compare for feasible groups (two or more): the role rule's splits, the fastest
+        prompt server alone as PREFILL, and (``allow_mixed``) every replica MIXED."""
+        a = [e.prefill_service.max_rate for e in ok]  # type: ignore[union-attr]
+        tokens = max(self.decode_tokens, 1e-9)
+        d = [e.decode_service.max_token_rate / tokens for e in ok]  # type: ignore[union-attr]
+        order = efficiency_order(a, d)
+        fastest = max(range(len(ok)), key=lambda i: (a[i], -i))
+        tries = [(order, p) for p in split_candidates([a[i] for i in order], [d[i] for i in order])]
+        if order[0] != fastest:  # also: the fastest prompt server alone as PREFILL
+            tries.append(([fastest] + [i for i in order if i != fastest], 1))
+        cands = [tuple(self.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE)
+                       for rank, i in enumerate(ranked)) for ranked, p in tries]
+        if self.options.allow_mixed:
+            cands.append(tuple(self.specs_for(e, Role.MIXED) for e in ok))
+        return cands
+
+    def scored_specs(self, specs: Sequence[ReplicaSpec], notes: Sequence[str] = ()) -> Scored:
+        """``specs`` (roles set) scored with the hand-off, idle devices filled in."""
+        m = self.evaluate_specs(specs)
+        used = {p.device for s in specs for p in s.partition.stages}
+        idle = tuple(i for i in range(len(self.cost.devices)) if i not in used)
+        return Scored(self.objective(m), m, tuple(specs), idle, tuple(notes))
 
     def score(self, groups: Iterable[Iterable[int]]) -> Scored:
         """Roles by the role rule, then the objective. Infeasible groups are left idle.
@@ -382,18 +413,7 @@ class SystemModel:
                 m = self.evaluate_specs([spec])
                 scored = Scored(self.objective(m), m, (spec,), idle, notes)
         else:
-            a = [e.prefill_service.max_rate for e in ok]  # type: ignore[union-attr]
-            tokens = max(self.decode_tokens, 1e-9)
-            d = [e.decode_service.max_token_rate / tokens for e in ok]  # type: ignore[union-attr]
-            order = efficiency_order(a, d)
-            fastest = max(range(len(ok)), key=lambda i: (a[i], -i))
-            tries = [(order, p) for p in split_candidates([a[i] for i in order], [d[i] for i in order])]
-            if order[0] != fastest:  # also: the fastest prompt server alone as PREFILL
-                tries.append(([fastest] + [i for i in order if i != fastest], 1))
-            cands = [tuple(self.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE)
-                           for rank, i in enumerate(ranked)) for ranked, p in tries]
-            if self.options.allow_mixed:
-                cands.append(tuple(self.specs_for(e, Role.MIXED) for e in ok))
+            cands = self.role_candidates(ok)
             sus = [self.sustainable(c) for c in cands]
             lam = self.workload.rate
             best: tuple[Metrics, tuple[ReplicaSpec, ...]] | None = None

@@ -157,8 +157,8 @@ class PlannerDuty:
                 log.warning("%s: leaving %s out of plans: %s", node.node_id, i,
                             everyone[i].get("model_error") or "it lacks model files and no member holds them")
             seen = view
-            try:
-                plan = self.make_plan(members)
+            try:  # in a thread: planning takes up to ~2 s of CPU, and a blocked loop would miss heartbeats
+                plan = await asyncio.to_thread(self.make_plan, members)
             except Exception as e:  # a planner bug must not take the node down
                 log.exception("%s: planning failed: %s", node.node_id, e)
                 continue

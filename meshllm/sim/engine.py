@@ -157,6 +157,8 @@ class SimResult:
     bounded: bool  # a limit stopped the run before every request finished
     stats: dict[str, float] = field(default_factory=dict)
     busy_s: dict[str, float] = field(default_factory=dict)  # per node: seconds its stage computed and sent
+    tpot: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per completed request with > 1 token:
+    # (end-to-end - TTFT) / (output tokens - 1), the time per output token after the first
 
     @property
     def throughput_rps(self) -> float:
@@ -176,6 +178,7 @@ class SimResult:
             "wait_p50": q(self.wait, 50), "wait_p95": q(self.wait, 95),
             "ttft_mean": float(self.ttft.mean()) if len(self.ttft) else math.nan,
             "ttft_p50": q(self.ttft, 50), "ttft_p95": q(self.ttft, 95),
+            "tpot_p50": q(self.tpot, 50), "tpot_p95": q(self.tpot, 95),
             "e2e_mean": float(self.e2e.mean()) if len(self.e2e) else math.nan,
             "e2e_p50": q(self.e2e, 50), "e2e_p95": q(self.e2e, 95),
             "throughput_rps": self.throughput_rps, "throughput_tps": self.throughput_tps,
@@ -201,7 +204,7 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     serving = batching == "serving"
-    router = router if router is not None else router_for(plan)
+    router = router if router is not None else router_for(plan, cost)
     reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages])
             for r in plan.replicas}
     for r in plan.replicas:
@@ -420,6 +423,7 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         tokens_out=sum(q.n_out for q in done),
         makespan_s=(max(finish.values()) - t0) if finish else 0.0,
         events=events, bounded=len(done) < len(reqs),
-        stats={k: float(v) for k, v in vars(router).items() if k in ("borrowed", "kept")},
+        stats={k: float(v) for k, v in vars(router).items() if k in ("borrowed", "lent", "fallback")},
         busy_s={s.node_id: rep.busy[j] for r in plan.replicas for rep in [reps[r.id]] for j, s in enumerate(r.stages)},
+        tpot=np.array([(finish[q.id] - first[q.id]) / (q.n_out - 1) for q in done if q.n_out > 1]),
     )
