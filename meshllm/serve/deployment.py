@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
-from meshllm.errors import ModelError
+from meshllm.errors import MeshError, ModelError
 from meshllm.mesh.node import Emulation
 from meshllm.mesh.topics import Topics
 from meshllm.model.manifest import Manifest
@@ -31,7 +31,8 @@ from meshllm.plan.plan import PublishedPlan
 from meshllm.profile import DeviceProfile
 from meshllm.runtime.segment import Segment
 from meshllm.serve.background import at_idle_priority
-from meshllm.serve.layout import Layout, LayoutError
+from meshllm.serve.batching import lanes_for
+from meshllm.serve.layout import Layout, LayoutError, ReplicaLayout
 from meshllm.serve.messages import PayloadError, Readiness
 from meshllm.serve.model_files import ModelFiles, Source
 from meshllm.serve.stage import Fabric, Pace, StageRunner
@@ -48,6 +49,8 @@ class DeployNode(Protocol):
     profile: DeviceProfile | None
 
     def member_ids(self) -> set[str]: ...
+
+    def address_of(self, node_id: str) -> tuple[str, int]: ...
 
     def publish(self, topic: str, payload: str | bytes, *, qos: int = 1, retain: bool = False) -> Awaitable[bool]: ...
 
@@ -79,6 +82,18 @@ class Deployment:
     @property
     def manifest(self) -> Manifest | None:
         return self._manifest()
+
+    def _lanes(self, replica: ReplicaLayout) -> int:
+        """Micro-batches for a pipeline's first stage: one per machine its stages run on, so that every machine
+        works at once (stages that share one machine share its cores, and smaller batches only cost more there:
+        docs/serving.md). A member gone meanwhile counts as a machine of its own."""
+        hosts: list[object] = []
+        for s in replica.stages:
+            try:
+                hosts.append(self.node.address_of(s.node_id)[0])
+            except MeshError:
+                hosts.append(s.node_id)
+        return lanes_for(hosts)
 
     async def on_plan(self, plan: dict[str, Any]) -> None:
         try:
@@ -136,7 +151,7 @@ class Deployment:
                 self._segment = (key, segment)
             runner = StageRunner(self.fabric, layout, replica, index, segment, self.executor,
                                  compute_scale=self.emulation.compute_scale,
-                                 pace=self._pace(st.start, st.stop))
+                                 pace=self._pace(st.start, st.stop), lanes=self._lanes(replica))
             self.runners[runner.key] = runner
             self._runner_tasks[runner.key] = self._spawn(runner.run())
             self._retire_old(layout.version)
