@@ -5,7 +5,8 @@ by the elected planner node, ``meshllm plan`` and the simulator. Data flow:
 devices + :class:`ModelCosts` -> :class:`CostModel` -> DP per group
 (:mod:`~meshllm.plan.partition`) -> roles and queueing objective
 (:mod:`~meshllm.plan.system`, :mod:`~meshllm.plan.objective`) -> GA over
-groupings (:mod:`~meshllm.plan.ga`) -> :class:`Plan`. See docs/planner.md.
+groupings (:mod:`~meshllm.plan.ga`) -> candidates elected by a short simulation
+(:mod:`~meshllm.plan.elect`) -> :class:`Plan`. See docs/planner.md.
 """
 
 from meshllm.plan.baselines import BASELINES

@@ -32,7 +32,9 @@ The response time of a request is::
     E2E = T_prefill + H + T_decode,    H = mean KV hand-off (prefill -> decode replica)
     waiting = W_prefill + W_decode,    sustainable rate = min over pools of M(c)
 
-The fitness to minimise is the mean response time ``E2E`` when the plan is
+The fitness to minimise (:meth:`Metrics.score`) is the mean waiting time (the
+planner's default objective, ties broken by ``E2E``) or the mean response time
+``E2E`` (``objective="response"``, E2LLM's reconstruction) when the plan is
 stable (``lambda`` below the sustainable rate); an unstable plan scores
 ``1e6 * (1 + lambda / sustainable rate)``, so that any stable plan beats it
 and among unstable ones the larger capacity wins. A single replica serves

@@ -267,8 +267,8 @@ def should_replace(old: Plan | None, new: Plan, margin: float = DEFAULT_MARGIN) 
     """Whether ``new`` is clearly better than ``old`` (both scored under the same conditions).
 
     A stable plan (demand below its sustainable rate) beats an unstable one;
-    between two stable plans the new one must cut the mean response time by
-    more than ``margin`` (a fraction; the objective the new plan was made for); between two
+    between two stable plans the new one must cut the objective it was made for (mean wait
+    by default, or mean response time) by more than ``margin`` (a fraction); between two
     unstable ones it must raise
     the sustainable rate by more than ``margin``. ``old`` is None when the
     current plan is no longer valid (a node left, a stage no longer fits).

@@ -3,8 +3,9 @@
 The planner node of a mesh and ``meshllm plan`` call these same functions:
 :func:`plan_mesh` for a fresh plan; :func:`replan` when membership or measured
 profiles change — it re-scores the current plan's exact placement under the
-new cost model and keeps it unless the new plan is clearly better
-(:func:`~meshllm.plan.plan.should_replace`). Pure; no I/O.
+new cost model and keeps it unless the new plan is clearly better: at least
+``SIM_MARGIN`` less waiting in the same pilot simulation when the election is on
+(the default), else :func:`~meshllm.plan.plan.should_replace`. Pure; no I/O.
 """
 
 from __future__ import annotations
