@@ -75,8 +75,8 @@ MESHES = {
     ("12 devices", "conversation,scale=0.25", 0.8), ("12 devices", "coding,scale=0.125", 0.8),
 ])
 def test_ga_beats_every_baseline_on_heterogeneous_meshes(mesh: str, workload: str, fraction: float) -> None:
-    """On the fitness (mean response time). In our sweep (docs/planner.md, "What the earlier analytic comparison found") the
-    GA wins 17 of 20 (mesh, workload, load) cells against Splitwise; it loses on the decode-light
+    """On the fitness (mean response time). In our sweep (docs/planner.md, "What the earlier analytic
+    comparison found") the GA wins 17 of 20 (mesh, workload, load) cells against Splitwise; it loses on the decode-light
     coding shape at 80-90% of Splitwise's capacity, where a fixed DECODE replica idles."""
     devices = class_mesh(MESHES[mesh], jitter=0.1, seed=1)
     rate = splitwise_load(devices, workload, fraction)
