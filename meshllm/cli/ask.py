@@ -12,26 +12,15 @@ import json
 import sys
 from typing import Any
 
-from meshllm.cli.common import add_login_option
-from meshllm.runtime.sampling import DEFAULT_SAMPLING as ds
+from meshllm.cli.common import add_app_options, add_sampling_options
 
 
 def add_ask_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Registers ``meshllm ask`` on the CLI's subparsers (``build_parser``'s ``sub``)."""
     a = subparsers.add_parser("ask", help="send a prompt to a mesh and stream the answer")
     a.add_argument("prompt", metavar="PROMPT")
-    a.add_argument("--mesh", default="meshllm", help="mesh name")
-    a.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
-                   "(default: find the mesh's broker on the LAN over mDNS)")
-    a.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
-    add_login_option(a)
-    a.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
-    a.add_argument("--max-tokens", type=int, help=f"most tokens to generate (mesh default: {ds.max_tokens})")
-    a.add_argument("--temperature", type=float, help=f"0 = greedy (mesh default: {ds.temperature:g})")
-    a.add_argument("--top-p", type=float, help=f"nucleus sampling cut (mesh default: {ds.top_p:g})")
-    a.add_argument("--top-k", type=int, help=f"keep the k most likely tokens (mesh default: {ds.top_k} = all)")
-    a.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    a.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_app_options(a)
+    add_sampling_options(a)
     a.add_argument("--chat", action="store_true", help="send PROMPT as a user message of a chat, which the mesh "
                    "renders with the model's chat template (ChatML for a model without one)")
     a.add_argument("--chat-template", metavar="FILE", help="with --chat: render the chat here with this Jinja "

@@ -102,3 +102,26 @@ def known_secret(args: argparse.Namespace) -> str | None:
 
     given = secret_given(args)
     return given if given is not None else load_stored_secret(getattr(args, "mesh", None) or "meshllm")
+
+
+def add_app_options(p: argparse.ArgumentParser) -> None:
+    """How an app (``meshllm ask``, ``meshllm gateway``) finds a mesh and logs in to its broker."""
+    p.add_argument("--mesh", default="meshllm", help="mesh name")
+    p.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
+                   "(default: find the mesh's broker on the LAN over mDNS)")
+    p.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
+    add_login_option(p)
+    p.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The sampling options of ``meshllm ask`` and ``meshllm generate``. No defaults here: those of
+    :class:`~meshllm.runtime.sampling.SamplingParams`, which the mesh and ``generate`` both apply."""
+    from meshllm.runtime.sampling import DEFAULT_SAMPLING as ds
+
+    p.add_argument("--max-tokens", type=int, help=f"most tokens to generate (default: {ds.max_tokens})")
+    p.add_argument("--temperature", type=float, help=f"0 = greedy (default: {ds.temperature:g})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling cut (default: {ds.top_p:g})")
+    p.add_argument("--top-k", type=int, help=f"keep the k most likely tokens (default: {ds.top_k} = all)")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")

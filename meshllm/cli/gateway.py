@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from meshllm.cli.common import add_login_option
+from meshllm.cli.common import add_app_options
 from meshllm.errors import MeshError
 
 API_KEY_ENV = "MESHLLM_API_KEY"
@@ -47,12 +47,7 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = subparsers.add_parser("gateway", help="serve an OpenAI-compatible HTTP API and a live mesh page",
                               description="An OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                               "/v1/models) and a live mesh page (/) in front of a mesh.")
-    g.add_argument("--mesh", default="meshllm", help="mesh name")
-    g.add_argument("--broker", help="MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
-                   "(default: find the mesh's broker on the LAN over mDNS)")
-    g.add_argument("--broker-ca", help="CA certificate file for mqtts:// brokers")
-    add_login_option(g)
-    g.add_argument("--interface", help="IPv4 address of the interface for mDNS (default: this machine's LAN address)")
+    add_app_options(g)
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for the LAN)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,

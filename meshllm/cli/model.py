@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from meshllm.cli.common import add_sampling_options
+
 
 def _int_list(s: str) -> list[int]:
     try:
@@ -121,15 +123,7 @@ def add_parsers(sub: Any) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt in this process")
     g.add_argument("prompt")
     g.add_argument("--model", required=True, help="meshllm model directory")
-    from meshllm.runtime.sampling import DEFAULT_SAMPLING as ds
-
-    # no defaults here: those of SamplingParams, which the mesh applies too
-    g.add_argument("--max-tokens", type=int, help=f"most tokens to generate (default: {ds.max_tokens})")
-    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {ds.temperature:g})")
-    g.add_argument("--top-k", type=int, help=f"keep the k most likely tokens (default: {ds.top_k} = all)")
-    g.add_argument("--top-p", type=float, help=f"nucleus sampling cut (default: {ds.top_p:g})")
-    g.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_sampling_options(g)
     g.add_argument("--split", type=_int_list, help="run as segments cut before these layers, e.g. 2,4")
     g.add_argument("--threads", type=int, help="onnxruntime threads per segment (default: all cores)")
     g.add_argument("--kv-dtype", choices=["fp32", "fp16"], help="dtype of the KV cache (default: the model's)")
