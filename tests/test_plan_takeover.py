@@ -35,8 +35,14 @@ def test_the_plan_is_retained_again_after_the_planner_changed_and_the_broker_res
             m.stop()
             time.sleep(1.0)
             m.start()  # empty: no retained claim, plan or members
-            wait_until(lambda: (state(mesh, m.url)["plan"] or {}).get("planner") == "b1", 20,
-                       "the plan retained again after the broker restart")
+            # b1 puts its claim and plan back. (If b1's connection is slow to notice the lost broker and c1
+            # reconnects a failure timeout before it, c1 rightly takes the role and publishes its own plan: what
+            # must hold is that the retained plan is the retained planner's, under its term.)
+            def restated() -> bool:
+                st = state(mesh, m.url)
+                plan = st["plan"] or {}
+                return plan.get("planner") is not None and plan.get("planner") == st["planner"]
+            wait_until(restated, 20, "the planner's plan retained again after the broker restart")
             wait_until(lambda: all_ready(mesh, m.url), 30, "every stage of the plan ready")
         finally:
             for p in procs:

@@ -161,3 +161,45 @@ def test_frames_interleaved_with_batched_decode_keep_every_sequence_exact(model:
     assert not wrong, f"{len(wrong)} of {n_seq} sequences went wrong ({steps} steps), e.g. {wrong[:3]}"
     stage.executor.submit(lambda: None).result()  # the segment's owner has run the closes queued
     assert seg.open_sequences == [] and not stage.active, "cache slots leaked"
+
+
+def test_a_prompt_released_during_its_kv_hand_off_ends_without_a_word(model: Path) -> None:
+    """Found by the resume test (a DECODE node killed): the planner silences the old attempt of a request
+    wherever it runs, and the PREFILL stage gets that release while it is shipping the prompt's KV to the dead
+    node. The hand-off stops, the slot is freed, and no error reply reaches the app: the request goes on as
+    its next attempt (an error reply here failed the whole request)."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("d1", 0, 4)]),
+                                                      replica(1, "decode", [("x1", 0, 4)])]}
+    layout = Layout.from_plan(plan)
+    gate = asyncio.Event()
+
+    class SlowPeer(Fabric):
+        async def send(self, node_id: str, frame: Frame) -> None:
+            await super().send(node_id, frame)
+            if isinstance(frame, KvBlock):
+                await gate.wait()  # the dead peer's connection hangs until its timeout
+
+    fabric = SlowPeer(model)
+    seg = Segment(model, 0, 4, max_batch=2, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[0], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    prompt = np.array([5, 9, 17, 33, 65], np.int64)
+    meta = RequestMeta("replies/r", SamplingParams(max_tokens=8, temperature=0.0), int(prompt.size),
+                       int(prompt[-1]), 0, 1, request_id="r")
+
+    async def go() -> None:
+        task = asyncio.ensure_future(stage.run())
+        await stage.on_prefill(Prefill(1, 0, "r", prompt, meta))
+        async with asyncio.timeout(10):
+            while not any(isinstance(f, KvBlock) for _, f in fabric.sent):
+                await asyncio.sleep(0.005)
+        stage.on_release("r")  # the planner moved the request: it resumes as r@1 elsewhere
+        gate.set()
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    asyncio.run(go())
+    shipped = [f.layer for _, f in fabric.sent if isinstance(f, KvBlock)]
+    assert shipped == [0], f"layers shipped after the release: {shipped}"
+    assert fabric.replies == {}, f"the app got a reply from the released attempt: {fabric.replies}"
+    stage.executor.submit(lambda: None).result()
+    assert seg.open_sequences == [] and not stage.active, "the released prompt's slot leaked"

@@ -79,6 +79,11 @@ class Setting:
     scales: dict[str, float]
     # (role, slots, [(node id, first layer, stop layer)])
     replicas: tuple[tuple[str, int, tuple[tuple[str, int, int], ...]], ...]
+    # node id -> pinned figures (``meshllm node --emulate-device``: flops, mem_bandwidth_Bps, mem_bytes) instead
+    # of measured ones divided by the scale: with ``timing="model"`` every run then lasts the same whatever the
+    # host's noise at start-up (a quick measurement swings 2x from run to run on a shared machine); the scale is then
+    # not applied
+    devices: dict[str, dict[str, float]] | None = None
 
     @property
     def node_ids(self) -> list[str]:
@@ -193,6 +198,13 @@ def calibration_samples(setting: Setting, model_dir: Path, reps: int = 4) -> lis
 # --- 2. the real mesh -----------------------------------------------------------------------------
 
 
+def emulated(setting: Setting, node_id: str) -> list[str]:
+    """The ``meshllm node`` options of one emulated device: its pinned figures, or its slow-down."""
+    if setting.devices and node_id in setting.devices:
+        return ["--emulate-device", json.dumps(setting.devices[node_id])]
+    return ["--emulate-compute-scale", f"{setting.scales[node_id]:g}"]
+
+
 @contextlib.contextmanager
 def real_mesh(setting: Setting, model_dir: Path, plan: Plan, broker: str, tmp: Path, mesh: str,
               ready_timeout: float = 90.0, timing: str = "scale") -> Iterator[dict[str, Any]]:
@@ -203,7 +215,7 @@ def real_mesh(setting: Setting, model_dir: Path, plan: Plan, broker: str, tmp: P
     (tmp / "plan.json").write_text(json.dumps(plan.to_json()))
     procs = [NodeProc(mesh, n, broker=broker, log_dir=tmp,
                       extra=["--model", str(model_dir), "--plan-file", str(tmp / "plan.json"), "--threads", "1",
-                             "--emulate-compute-scale", f"{setting.scales[n]:g}", "--emulate-timing", timing])
+                             "--emulate-timing", timing, *emulated(setting, n)])
              for n in setting.node_ids]
     try:
         for p in procs:

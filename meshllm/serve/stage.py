@@ -203,7 +203,7 @@ class StageRunner:
             await self._on_segment(write)
         except Exception as e:  # this request's KV is unusable here: it alone ends
             if rid in self.active:
-                await self._fail(rid, *self._error(e))
+                await self._failed(rid, e)
             return
         if rid not in self._kv_missing:  # released while the block was being written (its close is queued)
             return
@@ -230,7 +230,7 @@ class StageRunner:
         except PeerUnreachable as e:
             log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
         except Exception as e:
-            await self._fail(state.id, *self._error(e))
+            await self._failed(state.id, e)
 
     async def on_release_frame(self, frame: Release) -> None:
         """A release from another stage; with an error, that stage failed the request, and this one, holding its
@@ -360,7 +360,7 @@ class StageRunner:
         except PeerUnreachable as e:
             log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
         except Exception as e:
-            await self._fail(rid, *self._error(e), meta)
+            await self._failed(rid, e, meta)
 
     async def _prefill_one(self, rid: str, x: np.ndarray, meta: RequestMeta) -> None:
         if self.is_first:
@@ -398,6 +398,8 @@ class StageRunner:
         """Ships this stage's KV for ``rid`` to the DECODE stages holding the same layers, then frees it."""
         decode = self.layout.replicas[meta.decode_replica]
         for layer in self.segment.layers:
+            if rid not in self.active:  # released meanwhile (the planner moved it after a fault): nothing to ship
+                return
             k, v = await self._on_segment(functools.partial(self._export, rid, layer))
             await self.fabric.send(decode.holder(layer).node_id,
                                    KvBlock(self.layout.version, decode.id, rid, layer, k, v))
@@ -419,7 +421,7 @@ class StageRunner:
             out = await self._compute(functools.partial(self.segment.decode, ids, x), "decode", len(ids), ids)
         except Exception as e:
             if len(ids) == 1:
-                await self._fail(ids[0], *self._error(e))
+                await self._failed(ids[0], e)
                 return
             ids, out = await self._decode_apart(ids, x)  # find the request at fault; the others go on
             if not ids:
@@ -442,7 +444,7 @@ class StageRunner:
                 if await self._emit(state, token, send=False):
                     feed.append((rid, token))
             except Exception as e:  # this request's sampling or reply: it alone ends
-                await self._fail(rid, *self._error(e))
+                await self._failed(rid, e)
         if feed:
             await self._feed(feed)
 
@@ -466,7 +468,7 @@ class StageRunner:
                                                 "decode", 1, [rid]))
                 ok.append(rid)
             except Exception as e:
-                await self._fail(rid, *self._error(e))
+                await self._failed(rid, e)
         return ok, (np.concatenate(outs, axis=0) if outs else np.empty(0))
 
     async def _emit(self, state: SequenceState, token: int, send: bool = True) -> bool:
@@ -496,6 +498,13 @@ class StageRunner:
         await self._release_everywhere(state.id)
         await self.fabric.finished(state.id, state.meta, state.finish_reason or "stop")
 
+    async def _failed(self, rid: str, e: BaseException, meta: RequestMeta | None = None) -> None:
+        """Request ``rid`` failed here with ``e`` (see :meth:`_fail`)."""
+        if rid in self._gone:  # released while this stage worked on it: see _fail
+            log.debug("stage %s of replica %d: %s failed after its release: %r", self.index, self.replica.id, rid, e)
+            return
+        await self._fail(rid, *self._error(e), meta)
+
     def _error(self, e: BaseException | None) -> tuple[str, str]:
         """The reply code and message for a request that failed here with ``e``."""
         if isinstance(e, ContextLengthError):
@@ -508,7 +517,13 @@ class StageRunner:
 
     async def _fail(self, rid: str, code: str, message: str, meta: RequestMeta | None = None) -> None:
         """Ends request ``rid`` with an error reply and frees its KV at every stage of the replica. The reply
-        comes from here if this stage holds the request's stream or ``meta``, else from the last stage."""
+        comes from here if this stage holds the request's stream or ``meta``, else from the last stage. A request
+        released here while this stage worked on it ends without a word: whoever released it owns its outcome
+        (it finished, failed elsewhere, or moved to another replica after a fault, where it goes on)."""
+        if rid in self._gone:
+            log.debug("stage %s of replica %d: %s failed after its release: %s", self.index, self.replica.id, rid,
+                      message)
+            return
         state = self.sequences.get(rid)
         meta = state.meta if state is not None else meta
         if meta is not None:
