@@ -30,7 +30,7 @@ from meshllm.dataplane.auth import secret_key
 from meshllm.mesh import broker_check
 from meshllm.mesh.access import NODE_USER, app_login, node_token, with_login
 from meshllm.mesh.broker import BrokerURL, free_port
-from meshllm.mesh.discovery import MESHLLM_SERVICE
+from meshllm.mesh.discovery import MESHLLM_SERVICE, Discovery
 from meshllm.secret import MIN_SECRET_CHARS, root_key
 from tests.mesh_harness import LOOPBACK, NodeProc, mosquitto, wait_until
 from tests.serving_harness import all_ready, ask_raw, random_model, replica, tokens_of
@@ -284,8 +284,15 @@ def test_a_replayed_mdns_record_gets_no_password_and_the_mesh_carries_on(tmp_pat
             info = AsyncServiceInfo(MESHLLM_SERVICE, record.name, addresses=record.addresses, port=record.port,
                                     properties=record.properties, server=f"rogue-{secrets.token_hex(3)}.local.")
             await azc.async_register_service(info, allow_name_change=True)
-            try:
-                await asyncio.sleep(12)  # the survivor looks for a broker meanwhile
+            try:  # the survivor looks for a broker meanwhile, until it advertises one of its own (12 s at most)
+                async with Discovery("watcher", mesh, 0, interface=LOOPBACK, advertise=False,
+                                     key=secret_key(SECRET)) as watch:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(12):
+                            while (ad := watch.peers.get(other.node_id)) is None or ad.broker in (None, url):
+                                watch.changed.clear()
+                                await watch.changed.wait()
+                await asyncio.sleep(1.0)  # the rogue stays up a little longer: no late attempt either
             finally:
                 await azc.async_unregister_all_services()
                 await azc.async_close()
@@ -405,29 +412,33 @@ def test_a_retained_request_is_never_served_again(tmp_path: Path) -> None:
         req = {"id": "retained", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
         _raw_publish(broker, None, f"meshllm/v1/{mesh}/requests", json.dumps(req).encode(), qos=1, retain=True)
 
-        async def replies_to(rid: str, seconds: float) -> list[bytes]:
-            got: list[bytes] = []
+        got: list[bytes] = []
+
+        async def replies_to(rid: str) -> None:
             async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
                 await c.subscribe(f"meshllm/v1/{mesh}/replies/{rid}", qos=1)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(seconds):
-                        async for m in c.messages:
-                            got.append(bytes(m.payload))  # type: ignore[arg-type]
-            return got
+                async for m in c.messages:
+                    got.append(bytes(m.payload))  # type: ignore[arg-type]
 
-        async def watch_then_start() -> list[bytes]:
-            watcher = asyncio.create_task(replies_to("retained", 25))
+        async def watch_then_start() -> None:
+            watcher = asyncio.create_task(replies_to("retained"))
             await asyncio.sleep(0.5)
             node = NodeProc(mesh, "n1", broker=broker, log_dir=tmp_path, extra=[
                 "--model", str(model), "--plan-file", str(tmp_path / "plan.json")])
             try:
                 await asyncio.to_thread(node.wait_started)
                 await asyncio.to_thread(wait_until, lambda: all_ready(mesh, broker), 60, "n1 ready")
+                # the node got the retained request at its subscription, before this live one: had it served
+                # it, its 4 tokens would have streamed by the time the live request's 4 have
                 assert len(await asyncio.to_thread(_ask, broker, mesh, "live", None)) == 6
-                return await watcher
+                await asyncio.sleep(3.0)  # and a margin for a late start
             finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
                 node.kill()
-        assert asyncio.run(watch_then_start()) == []
+        asyncio.run(watch_then_start())
+        assert got == []
 
 
 def test_an_app_cannot_retain_on_the_embedded_broker(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ without a real-time clock and without internet often disagree on the time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
@@ -99,6 +100,7 @@ class Discovery:
         self._tasks = TaskOwner(log, f"discovery {node_id}")  # the lookups of records that appeared
         self._azc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
+        self._registered: asyncio.Future[None] | None = None  # our record's registration (probing, then on the LAN)
         self._browser: AsyncServiceBrowser | None = None
         # zeroconf's announcements of our record run on as a task of its own after (un)registering: ours to end
         self._broadcasts: list[asyncio.Future[Any]] = []
@@ -121,17 +123,25 @@ class Discovery:
         self._azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         if self.advertise:
             self._info = self._service_info()
-            # the node id travels in TXT; the instance name only has to be unique on the LAN, so a
-            # clash (a node of another mesh with the same id, a stale record) is resolved by renaming
-            self._broadcasts.append(asyncio.ensure_future(
-                await self._azc.async_register_service(self._info, allow_name_change=True)))
-            self._name = self._info.name  # zeroconf renames the info in place on a clash
+            # probing the name takes about a second (RFC 6762 8.1): a node that knows its broker need not wait
+            self._registered = asyncio.ensure_future(self._register(self._info))
         await self._tasks.__aenter__()
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [MESHLLM_SERVICE, MQTT_SERVICE],
                                             handlers=[self._on_change])
         return self
 
+    async def _register(self, info: AsyncServiceInfo) -> None:
+        assert self._azc is not None
+        # the node id travels in TXT; the instance name only has to be unique on the LAN, so a
+        # clash (a node of another mesh with the same id, a stale record) is resolved by renaming
+        self._broadcasts.append(asyncio.ensure_future(
+            await self._azc.async_register_service(info, allow_name_change=True)))
+        self._name = info.name  # zeroconf renames the info in place on a clash
+
     async def __aexit__(self, *exc: object) -> None:
+        if self._registered is not None:
+            with contextlib.suppress(Exception):  # (a failed registration was seen by set_broker, or by nobody)
+                await stop_task(self._registered)
         await self._tasks.stop()
         for b in self._broadcasts:
             await stop_task(b)  # the goodbye below says the last word
@@ -146,6 +156,8 @@ class Discovery:
         """Advertises (or withdraws) the broker this node hosts."""
         if url == self._broker or self._azc is None or not self.advertise:
             return
+        if self._registered is not None:
+            await self._registered  # our record is on the LAN before it is updated
         self._broker, self._epoch = url, epoch
         self._info = self._service_info()
         self._broadcasts = [b for b in self._broadcasts if not b.done()]
