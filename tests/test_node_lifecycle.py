@@ -78,7 +78,7 @@ def test_a_failure_after_joining_the_mesh_leaves_no_task_socket_or_broker(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A node with no model files and no peer to fetch them from fails after it joined: by then it hosts the
     mesh's broker, holds a session on it, advertises over mDNS and listens on its data plane."""
-    monkeypatch.setattr(model_files, "START_WAIT_S", 1.5)
+    monkeypatch.setattr(model_files, "START_WAIT_S", 3.0)  # past the settle time and the broker start
 
     async def go() -> None:
         before = _fds()
