@@ -118,7 +118,8 @@ def test_the_hadamard_rotation_of_a_weight_is_exact_in_float(block: int) -> None
         q.hadamard(24)
 
 
-def _part(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], x: str, shape: list[int], out: str) -> onnx.ModelProto:
+def _part(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], x: str, shape: list[int],
+          out: str) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "part", [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)],
                           [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
                           initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
@@ -162,8 +163,8 @@ def test_the_refined_head_recomputes_its_top_logits_with_float_activations(bits:
     d, v, block = 128, 500, 32
     w = rng.normal(size=(d, v)).astype(np.float32)
     x = rng.normal(size=(6, d)).astype(np.float32)
-    model = _part([helper.make_node("MatMul", ["head.norm.out", "head.output"], ["logits"], name="head.MatMul.@logits")],
-                  {"head.output": w}, "head.norm.out", [6, d], "logits")
+    node = helper.make_node("MatMul", ["head.norm.out", "head.output"], ["logits"], name="head.MatMul.@logits")
+    model = _part([node], {"head.output": w}, "head.norm.out", [6, d], "logits")
     spec = q.QuantSpec(bits, block, head_refine=8)
     out, _ = q.quantize_part(model, spec, "head")
     assert "TopK" in {nd.op_type for nd in out.graph.node}

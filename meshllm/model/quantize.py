@@ -343,6 +343,7 @@ class _Rewriter:
         kk = self.add(base + ".k", np.array([min(spec.head_refine, n)], np.int64))
         scales3 = base + ".scales3"
         minus1 = self.add(base + ".axis", np.array([-1], np.int64))
+        rows_shape = self.add(base + ".rows_shape", np.array([0, 0, -1], np.int64))
         return [
             self.matmul_nbits(node, names, b, spec, out=approx),
             helper.make_node("TopK", [approx, kk], [base + ".top", base + ".ids"], name=base + ".topk", axis=-1),
@@ -350,8 +351,7 @@ class _Rewriter:
             helper.make_node("GatherBlockQuantized", [names[0], base + ".ids", scales3], [base + ".rows3"],
                              name=base + ".gbq", domain=MS_DOMAIN, bits=b.bits, block_size=b.block_size,
                              gather_axis=0, quantize_axis=2),
-            helper.make_node("Reshape", [base + ".rows3", self.add(base + ".rows_shape", np.array([0, 0, -1], np.int64))],
-                             [base + ".rows"], name=base + ".rows"),  # (B, k, D)
+            helper.make_node("Reshape", [base + ".rows3", rows_shape], [base + ".rows"], name=base + ".rows"),  # B,k,D
             helper.make_node("Unsqueeze", [x, minus1], [base + ".col"], name=base + ".col"),  # (B, D, 1)
             helper.make_node("MatMul", [base + ".rows", base + ".col"], [base + ".exact3"], name=base + ".exact"),
             helper.make_node("Squeeze", [base + ".exact3", minus1], [base + ".exact_top"], name=base + ".squeeze"),
