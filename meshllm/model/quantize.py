@@ -108,8 +108,9 @@ class QuantSpec:
         """The scheme meshllm uses for ``dtype`` (chosen by measurement: docs/inference.md).
 
         int8 with int8 activations (accuracy level 4) rotates the down projection's input, refines
-        the head's top logits and gives the layers' blocks zero points: each cut its disagreement
-        with fp32 at no measurable cost in speed (docs/inference.md)."""
+        the head's top logits and gives the layers' blocks zero points: together they took its top-1
+        agreement with fp32 from 98.59 % to 99.06 % on the bundled model for ~3 % of a decode step's
+        kernel time and ~2 % more peak memory (110M shape; docs/inference.md)."""
         if dtype not in QUANT_DTYPES:
             raise QuantizeError(f"{dtype!r} is not a quantized dtype (choose from {', '.join(QUANT_DTYPES)})")
         tuned = dtype == "int8" and accuracy_level == 4
