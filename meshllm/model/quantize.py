@@ -110,7 +110,7 @@ class QuantSpec:
         int8 with int8 activations (accuracy level 4) rotates the down projection's input, refines
         the head's top logits and gives the layers' blocks zero points: together they took its top-1
         agreement with fp32 from 98.59 % to 99.06 % on the bundled model for ~3 % of a decode step's
-        kernel time and ~2 % more peak memory (110M shape; docs/inference.md)."""
+        kernel time, 2-4 % more peak memory and a ~9 % slower prefill (110M shape; docs/inference.md)."""
         if dtype not in QUANT_DTYPES:
             raise QuantizeError(f"{dtype!r} is not a quantized dtype (choose from {', '.join(QUANT_DTYPES)})")
         tuned = dtype == "int8" and accuracy_level == 4
