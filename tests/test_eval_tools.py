@@ -54,6 +54,19 @@ def test_eval_quality_refuses_an_unknown_dtype_in_one_line() -> None:
     assert r.returncode == 2 and "unknown dtype 'int3'" in r.stderr
 
 
+def test_int8_flips_tells_the_roundings_apart() -> None:
+    """tools/int8_flips.py: float activations over the dequantized weights really remove the int8 activations'
+    rounding (the whole model's, here), and the scheme's copy is the one ``meshllm quantize`` makes."""
+    r = tool("tools/int8_flips.py", "--variants", "plain,float-activations,scheme", "--max-tokens", "1000")
+    assert r.returncode == 0, r.stderr
+    rows = {c[0]: int(c[1]) for line in r.stdout.splitlines() if line.startswith("| ")
+            and (c := [x.strip() for x in line.strip("|").split("|")])[1].isdigit()}
+    assert set(rows) == {"plain", "float-activations", "scheme"}, r.stdout
+    assert rows["float-activations"] < rows["plain"], rows
+    bad = tool("tools/int8_flips.py", "--variants", "plain,int3")
+    assert bad.returncode == 2 and "unknown variant 'int3'" in bad.stderr
+
+
 def test_fp16_stand_in_is_a_verified_model_with_the_fp32_answers(tmp_path: Path) -> None:
     eval_quality.fp16_copy(BUNDLED, tmp_path / "fp16")
     m = load_manifest(tmp_path / "fp16")

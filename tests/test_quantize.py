@@ -101,6 +101,87 @@ def test_the_default_block_size_is_the_largest_that_divides_every_weight() -> No
     assert q.default_block_size((48, 48, 128)) == 32  # none fits: the export's check names 16
 
 
+# --- the int8 scheme's two remedies for int8 activations -------------------------------
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_the_hadamard_rotation_of_a_weight_is_exact_in_float(block: int) -> None:
+    h = q.hadamard(block)
+    np.testing.assert_array_equal(h @ h.T, block * np.eye(block))
+    rng = np.random.default_rng(block)
+    w = rng.normal(size=(4 * block, 24)).astype(np.float32)
+    x = rng.normal(size=(5, 4 * block)).astype(np.float32)
+    rotated = (x.reshape(5, 4, block) @ h).reshape(5, -1)
+    np.testing.assert_allclose(rotated @ q.rotate_rows(w, block), x @ w, rtol=1e-4, atol=1e-4)
+    assert q.rotate_rows(w, block).tobytes() == q.rotate_rows(w, block).tobytes()  # deterministic
+    with pytest.raises(q.QuantizeError, match="power of two"):
+        q.hadamard(24)
+
+
+def _part(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], x: str, shape: list[int],
+          out: str) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "part", [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(q.MS_DOMAIN, 1)])
+    m.ir_version = 9
+    return m
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_a_rotated_down_projection_rounds_heavy_tailed_activations_with_less_error() -> None:
+    """The SwiGLU product feeding the down projection is heavy-tailed (a product of two near-Gaussians):
+    rotated by the block Hadamard, its int8 blocks lose less (the kernel's error, measured against the
+    float product of the same dequantized weights)."""
+    rng = np.random.default_rng(3)
+    k, n, block = 512, 96, 64
+    w = (rng.normal(size=(k, n)) * 0.05).astype(np.float32)
+    x = (rng.normal(size=(1, 64, k)) * rng.normal(size=(1, 64, k))).astype(np.float32)
+    model = _part([helper.make_node("MatMul", ["layer0.act", "layer0.w2"], ["layer0.mlp_out"],
+                                    name="layer0.MatMul.mlp_out")], {"layer0.w2": w}, "layer0.act", [1, 64, k],
+                  "layer0.mlp_out")
+    errors = {}
+    for rotate in (False, True):
+        out, _ = q.quantize_part(model, q.QuantSpec(8, block, ffn_hadamard=rotate), "layer.0")
+        ops = [nd.op_type for nd in out.graph.node]
+        assert ops == (["Reshape", "MatMul", "Reshape", "MatMulNBits"] if rotate else ["MatMulNBits"])
+        got = _session(out).run(None, {"layer0.act": x})[0]
+        # the same graph computing in float32 (accuracy level 1): the float model up to the weights' rounding
+        exact = q.QuantSpec(8, block, accuracy_level=1, ffn_hadamard=rotate)
+        floats = _session(q.quantize_part(model, exact, "layer.0")[0]).run(None, {"layer0.act": x})[0]
+        np.testing.assert_allclose(floats, x @ w, atol=0.01 * np.abs(x @ w).max())
+        errors[rotate] = float(np.sqrt(((got - floats) ** 2).mean()))  # what the int8 activations cost
+    assert errors[True] < 0.75 * errors[False], errors  # measured 0.0066 vs 0.0098 (rms)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_refined_head_recomputes_its_top_logits_with_float_activations(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    d, v, block = 128, 500, 32
+    w = rng.normal(size=(d, v)).astype(np.float32)
+    x = rng.normal(size=(6, d)).astype(np.float32)
+    node = helper.make_node("MatMul", ["head.norm.out", "head.output"], ["logits"], name="head.MatMul.@logits")
+    model = _part([node], {"head.output": w}, "head.norm.out", [6, d], "logits")
+    spec = q.QuantSpec(bits, block, head_refine=8)
+    out, _ = q.quantize_part(model, spec, "head")
+    assert "TopK" in {nd.op_type for nd in out.graph.node}
+    got = _session(out).run(None, {"head.norm.out": x})[0]
+    plain = _session(q.quantize_part(model, q.QuantSpec(bits, block), "head")[0]).run(None, {"head.norm.out": x})[0]
+    blocks = q.quantize_blocks(w.T, bits, block)
+    floats = x.astype(np.float64) @ q.dequantize_blocks(blocks).T.astype(np.float64)  # float activations
+    top = np.argsort(-plain, axis=1)[:, :8]
+    rows = np.arange(6)[:, None]
+    np.testing.assert_allclose(got[rows, top], floats[rows, top], rtol=1e-5, atol=1e-4)  # refined
+    rest = np.ones_like(got, bool)
+    rest[rows, top] = False
+    np.testing.assert_array_equal(got[rest], plain[rest])  # the others as the int8-activation kernel gave them
+    assert (got.argmax(1) == floats.argmax(1)).all()
+    assert not np.allclose(plain[rows, top], floats[rows, top], rtol=1e-5, atol=1e-4)  # there was an error to fix
+
+
 # --- quantized exports run split like in one piece ---------------------------------------
 
 
@@ -143,10 +224,16 @@ def test_quantized_export_split_equals_one_process(which: str, dtype: str, llama
     # each part holds its quantized bytes, far below float32
     f32 = load_manifest(root / "fp32")
     ratio = sum(p.runtime_bytes for p in m.parts) / sum(p.runtime_bytes for p in f32.parts)
-    assert ratio < (0.2 if dtype == "int4" else 0.33), ratio
+    assert ratio < (0.2 if dtype == "int4" else 0.34), ratio  # hf: block 16, int8 with zero points: 1.31 bytes a weight
     graphs = [onnx.load(str(root / dtype / p.files[0]), load_external_data=False) for p in m.parts]
     ops = {n.op_type for m_ in graphs for n in m_.graph.node}
-    assert "MatMul" not in ops and "MatMulNBits" in ops and "GatherBlockQuantized" in ops
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops
+    # no float weight matrix is left: int8's only MatMuls rotate the down projection's input (a +-1 block
+    # matrix, one a layer) and recompute the head's top logits (from gathered rows)
+    matmuls = [n for m_ in graphs for n in m_.graph.node if n.op_type == "MatMul"]
+    assert [n.input[1] for n in matmuls if n.input[1].startswith("hadamard.")] == (
+        [f"hadamard.{m.quantization['block_size']}"] * m.config.n_layers if dtype == "int8" else [])
+    assert len(matmuls) == (m.config.n_layers + 1 if dtype == "int8" else 0)
 
 
 def test_tied_head_reads_the_embedding_table(llama2c_dir: Path) -> None:
@@ -209,6 +296,42 @@ def test_old_manifests_still_load_with_runtime_bytes(hf_dir: Path, tmp_path: Pat
 # --- the bundled model, the CLI, bad input ---------------------------------------------------
 
 
+def _quantized_copy(src: Path, out: Path, spec: q.QuantSpec) -> Path:
+    """``src`` quantized with ``spec`` (not necessarily a dtype's default scheme)."""
+    from meshllm.model.export import _write_manifest, write_parts
+
+    m = load_manifest(src)
+    out.mkdir()
+    for f in m.tokenizer_files():
+        shutil.copyfile(src / f, out / f)
+    models = ((p.name, onnx.load(str(src / p.files[0]))) for p in m.parts)
+    parts = write_parts(m.config, models, out, f"int{spec.bits}", spec)
+    _write_manifest(out, m.config, f"int{spec.bits}", m.tokenizer, m.name, m.source, parts, spec)
+    return out
+
+
+def test_int8_agrees_with_fp32_more_than_plain_int8_on_held_out_text(tmp_path: Path) -> None:
+    """The bundled model teacher-forced over the first 64 windows (16,384 tokens) of the held-out Austen
+    text, the way tools/eval_quality.py measures all 235: the int8 scheme (Hadamard-rotated down
+    projections, refined head) against plain int8 blocks at the same block size. Measured: 179 and 219
+    positions whose top-1 differs from fp32's (98.91 % and 98.66 %); over all 60,082 tokens 98.93 %
+    and 98.59 % (docs/inference.md)."""
+    from tools import eval_quality as eq
+
+    fp32 = LocalModel(BUNDLED, max_batch=1)
+    assert fp32.tokenizer.bos_id is not None
+    wins = eq.windows(eq.token_stream(fp32, eq.heldout_texts()), 256, fp32.tokenizer.bos_id)[:64]
+    m = quantize_model_dir(BUNDLED, tmp_path / "int8", dtype="int8")
+    assert m.quantization is not None and m.quantization["ffn_hadamard"] and m.quantization["head_refine"] == 8
+    plain = _quantized_copy(BUNDLED, tmp_path / "plain", q.QuantSpec(8, 64))
+    ref = eq.evaluate(BUNDLED, "fp32", wins, 16, None)
+    flips = {name: int((eq.evaluate(d, "int8", wins, 16, None).top1 != ref.top1).sum())
+             for name, d in (("scheme", tmp_path / "int8"), ("plain", plain))}
+    assert ref.tokens == 16384
+    assert flips["scheme"] <= 0.9 * flips["plain"], flips
+    assert flips["scheme"] <= 200, flips  # >= 98.8 % agreement
+
+
 def meshllm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meshllm", *args], capture_output=True, text=True, timeout=120)
 
@@ -219,7 +342,8 @@ def test_quantize_the_bundled_model_and_generate(tmp_path: Path) -> None:
     assert "int4 (block 64, accuracy level 4)" in p.stdout  # the default: 64 divides every weight's rows
     m = load_manifest(tmp_path / "q4")
     assert m.source["quantized_from"] == "fp32" and m.quantization == {
-        "bits": 4, "block_size": 64, "accuracy_level": 4, "symmetric": True, "table_bits": 4}
+        "bits": 4, "block_size": 64, "accuracy_level": 4, "symmetric": True, "table_bits": 4,
+        "ffn_hadamard": False, "head_refine": 0}
     g = meshllm("generate", "--model", str(tmp_path / "q4"), "--temperature", "0", "--max-tokens", "24", "--json",
                 "It is a truth universally acknowledged")
     assert g.returncode == 0, g.stderr
