@@ -217,8 +217,10 @@ class StageRunner:
             for item in self._held.pop(rid, []):
                 await self._put(item)
 
-    async def on_begin(self, frame: Begin) -> None:
-        """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
+    async def on_begin(self, frame: Begin, feed: list[tuple[str, int]] | None = None) -> None:
+        """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage. With
+        ``feed`` (prompts prefilled together here), the first token is added to it instead of being fed back
+        alone, so that the sequences of one step start decoding as one batch."""
         rid, meta = frame.key, frame.meta
         if rid in self._gone:  # failed (or moved) before its first token got here
             error = self._gone[rid]
@@ -230,7 +232,8 @@ class StageRunner:
         state = self.fabric.make_sequence(rid, meta, Sampler.restore(meta.sampling, frame.sampler_state))
         self.sequences[rid] = state
         try:
-            await self._emit(state, frame.token)
+            if await self._emit(state, frame.token, send=feed is None) and feed is not None:
+                feed.append((rid, frame.token))
         except PeerUnreachable as e:
             log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
         except Exception as e:
@@ -390,15 +393,18 @@ class StageRunner:
                     self._prefilling.add(item.rid)
                     await self._prefill(item)
             return
+        feed: list[tuple[str, int]] = []
         for item, (meta, out) in zip(batch, outs, strict=True):
             if item.rid not in self.active:  # released while it ran
                 continue
             try:
-                await self._prefilled(item.rid, meta, out)
+                await self._prefilled(item.rid, meta, out, feed)
             except PeerUnreachable as e:
                 log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
             except Exception as e:
                 await self._fail(item.rid, *self._error(e), meta)
+        if feed:  # (a sequence released meanwhile has its step dropped by the first stage)
+            await self._feed([(rid, token) for rid, token in feed if rid in self.sequences])
 
     async def _prefill_together(self, batch: list[_Item]) -> list[tuple[RequestMeta, np.ndarray]]:
         """Runs new prompts in one ``Segment.prefill_many``; on failure their cache slots are freed again."""
@@ -449,8 +455,10 @@ class StageRunner:
         out = await self._compute(prefill, "prefill", _tokens(x), [rid])
         await self._prefilled(rid, meta, out)
 
-    async def _prefilled(self, rid: str, meta: RequestMeta, out: np.ndarray) -> None:
-        """A prompt ran here: its activations go on to the next stage, or its first token is sampled."""
+    async def _prefilled(self, rid: str, meta: RequestMeta, out: np.ndarray,
+                         feed: list[tuple[str, int]] | None = None) -> None:
+        """A prompt ran here: its activations go on to the next stage, or its first token is sampled (and, with
+        ``feed``, added to it if this replica decodes it: see :meth:`on_begin`)."""
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                    Prefill(self.layout.version, self.replica.id, rid, out, meta))
@@ -464,7 +472,7 @@ class StageRunner:
             begin = Begin(self.layout.version, decode.id, rid, token, None if sampling.greedy else sampler.state(),
                           meta)
             if decode.id == self.replica.id:
-                await self.on_begin(begin)
+                await self.on_begin(begin, feed)
             else:
                 await self.fabric.send(decode.last.node_id, begin)
         if self.replica.role == "prefill":
