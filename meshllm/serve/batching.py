@@ -101,6 +101,11 @@ def stragglers(batch: Iterable[Hashable], lanes: Lanes | None, decoding: Iterabl
     return {s for s in decoding if s not in batch and s in lanes and lanes.lane_of(s) in lane_ids}
 
 
+#: Padded tokens of the prompts prefilled in one step: the activations of 4 chunks of a long prompt
+#: (:data:`meshllm.runtime.segment.PREFILL_CHUNK`).
+PROMPT_BATCH_TOKENS = 512
+
+
 def prompts_together(waiting: Sequence[int | None], max_rows: int, max_tokens: int) -> list[int]:
     """The positions in ``waiting`` (a stage's queue in arrival order, led by the prompt that runs next: a
     prompt's token count if it can be prefilled with others, None for anything else) of the prompts that

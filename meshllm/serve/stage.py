@@ -56,7 +56,7 @@ from meshllm.errors import ContextLengthError, GenerationError, MeshError
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
-from meshllm.serve.batching import Lanes, next_batch, prompts_together, stragglers
+from meshllm.serve.batching import PROMPT_BATCH_TOKENS, Lanes, next_batch, prompts_together, stragglers
 from meshllm.serve.layout import Layout, ReplicaLayout
 from meshllm.serve.protocol import (
     MAX_ERROR_CODE_CHARS,
@@ -78,8 +78,6 @@ T = TypeVar("T")
 GATHER_FIRST_S, GATHER_MAX_S = 0.02, 0.1  # a batch waits for its stragglers at most one round, and this long
 MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
 MAX_GONE = 4096  # released request keys remembered, so that a late frame of one cannot start it again
-# padded tokens of the prompts prefilled in one step: the activations of 4 chunks of a long prompt
-PROMPT_BATCH_TOKENS = 512
 
 
 # Emulation by the cost model: (kind "prefill" | "decode", tokens or batch, context) -> seconds
@@ -424,7 +422,8 @@ class StageRunner:
                 for rid in opened:
                     seg.close(rid)
                 raise
-        outs = await self._compute(prefill, "prefill", sum(_tokens(item.x) for item in batch), rids)
+        # (paced as the padded step it is: rows x the longest prompt, as the simulator counts it)
+        outs = await self._compute(prefill, "prefill", len(batch) * max(_tokens(item.x) for item in batch), rids)
         return list(zip(metas, outs, strict=True))
 
     def _started(self, meta: RequestMeta) -> RequestMeta:
