@@ -13,7 +13,8 @@ row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
 onnxruntime's GroupQueryAttention appends the new keys and values in place and
 never copies the cache. A batched decode step needs its sequences in
 consecutive slots; :meth:`Segment.decode` moves rows when the batch changes
-(a copy of one sequence's cache, not one per step).
+(a copy of one sequence's cache, not one per step). The prompts of new sequences
+can run together too (:meth:`Segment.prefill_many`: rows padded to the longest).
 
 This module runs graphs; it knows nothing of tokens, sampling or the network.
 """
