@@ -400,7 +400,7 @@ class StageRunner:
             except PeerUnreachable as e:
                 log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
             except Exception as e:
-                await self._fail(item.rid, *self._error(e), meta)
+                await self._failed(item.rid, e, meta)
         if feed:  # (a sequence released meanwhile has its step dropped by the first stage)
             await self._feed([(rid, token) for rid, token in feed if rid in self.sequences])
 
