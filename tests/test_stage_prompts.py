@@ -22,7 +22,7 @@ from meshllm.runtime.generate import LocalModel
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve.layout import Layout
-from meshllm.serve.protocol import Begin, Frame, Prefill, Release, RequestMeta, Step
+from meshllm.serve.protocol import Frame, Prefill, RequestMeta
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import StageRunner
 from tests.serving_harness import random_model, replica
@@ -53,15 +53,7 @@ class Wire:
                 self.node_id = node_id
 
             async def send(self, to: str, frame: Frame) -> None:
-                stage = wire.stages[to]
-                if isinstance(frame, Prefill):
-                    await stage.on_prefill(frame)
-                elif isinstance(frame, Step):
-                    await stage.on_step(frame)
-                elif isinstance(frame, Begin):
-                    await stage.on_begin(frame)
-                elif isinstance(frame, Release):
-                    await stage.on_release_frame(frame)
+                await wire.stages[to].on_frame(frame)  # type: ignore[arg-type]
 
             async def publish(self, topic: str, payload: dict[str, Any]) -> None:
                 wire.replies.setdefault(topic, []).append(payload)

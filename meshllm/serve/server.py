@@ -53,7 +53,6 @@ from meshllm.serve.protocol import (
     CancelStream,
     Done,
     Frame,
-    KvBlock,
     Prefill,
     Release,
     RequestMeta,
@@ -271,16 +270,7 @@ class ServingNode:
                 log.info("%s: dropped a %s frame: %s", self.node_id, frame.WIRE_TYPE, why)
             return
         try:  # frames are immutable: the runner shares nothing it could change with the sender
-            if isinstance(frame, Prefill):
-                await runner.on_prefill(frame)
-            elif isinstance(frame, Step):
-                await runner.on_step(frame)
-            elif isinstance(frame, KvBlock):
-                await runner.on_kv(frame)
-            elif isinstance(frame, Begin):
-                await runner.on_begin(frame)
-            elif isinstance(frame, Release):
-                await runner.on_release_frame(frame)
+            await runner.on_frame(frame)
         except GenerationError as e:
             # one request's problem: log it and keep the connection, which carries other requests
             log.error("%s: %s frame for %s refused: %s", self.node_id, frame.WIRE_TYPE,

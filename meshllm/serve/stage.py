@@ -158,6 +158,19 @@ class StageRunner:
             elif item.rid in self.active:
                 await self._fail(item.rid, api.BUSY, why)
 
+    async def on_frame(self, frame: Prefill | Step | KvBlock | Begin | Release) -> None:
+        """One frame of this stage's replica, to its handler (the data plane's, and tests', single entry)."""
+        if isinstance(frame, Prefill):
+            await self.on_prefill(frame)
+        elif isinstance(frame, Step):
+            await self.on_step(frame)
+        elif isinstance(frame, KvBlock):
+            await self.on_kv(frame)
+        elif isinstance(frame, Begin):
+            await self.on_begin(frame)
+        elif isinstance(frame, Release):
+            await self.on_release_frame(frame)
+
     async def on_prefill(self, frame: Prefill) -> None:
         rid = frame.key
         if rid in self._gone:  # released here already (failed, or moved): a late copy starts nothing
