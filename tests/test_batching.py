@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.serve.batching import Lanes, lanes_for, next_batch, stragglers
+from meshllm.serve.batching import Lanes, lanes_for, next_batch, prompts_together, stragglers
 
 QUEUES = st.lists(st.none() | st.sampled_from([f"s{i}" for i in range(24)]), max_size=40)
 
@@ -98,3 +98,33 @@ def test_one_lane_is_one_batch_of_every_sequence_held() -> None:
     waiting = ["a", None, "b", "a", "c"]
     assert next_batch(waiting, lanes, 16) == [0, 2, 4]
     assert stragglers(["a", "b"], lanes, {"a", "b", "c", "d"}) == {"c"}  # d has not run here yet
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.none() | st.integers(1, 200), min_size=1, max_size=40), st.integers(1, 16), st.integers(1, 600))
+def test_prompts_together_lead_with_the_first_and_stay_within_both_bounds(waiting, max_rows, max_tokens) -> None:
+    chosen = prompts_together(waiting, max_rows, max_tokens)
+    assert chosen[0] == 0 and chosen == sorted(set(chosen))  # the first prompt always runs: nothing starves
+    if len(chosen) == 1:
+        return
+    sizes = [waiting[i] for i in chosen]
+    assert None not in sizes  # only prompts that can join, and only with a first that can
+    assert len(chosen) <= max_rows and len(chosen) * max(s for s in sizes if s is not None) <= max_tokens
+    # greedy in arrival order: a joinable prompt left out would not have fitted when its turn came
+    taken = [0]
+    for i in range(1, len(waiting)):
+        n = waiting[i]
+        if i in chosen:
+            taken.append(i)
+        elif n is not None and len(taken) < max_rows and i < chosen[-1]:
+            longest = max(waiting[j] for j in taken)  # type: ignore[type-var]
+            assert max(longest, n) * (len(taken) + 1) > max_tokens
+
+
+def test_a_burst_of_short_prompts_is_one_step() -> None:
+    queue: list[object] = [9, None, 11, "x", 10, 12]
+    assert prompts_together([n if isinstance(n, int) else None for n in queue], 16, 512) == [0, 2, 4, 5]
+    assert prompts_together([9, 11, 10, 12], 2, 512) == [0, 1]  # as many rows as the segment holds
+    assert prompts_together([100, 300, 20], 16, 256) == [0, 2]  # 2 x 300 > 256: the long one waits its turn
+    assert prompts_together([None, 5, 5], 16, 512) == [0]  # a prompt that cannot join runs alone
+    assert prompts_together([], 16, 512) == []

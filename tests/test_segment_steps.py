@@ -1,7 +1,8 @@
 """How a segment runs its steps must not show in what they compute.
 
 A segment keeps its decode binding while the batch's slots stay the same; it prefills a long prompt in
-chunks (:data:`meshllm.runtime.segment.PREFILL_CHUNK`).
+chunks (:data:`meshllm.runtime.segment.PREFILL_CHUNK`), and the prompts of several new sequences in one
+step (:meth:`~meshllm.runtime.segment.Segment.prefill_many`, rows padded to the longest).
 
 The binding of the caches, the step's scalars and its output is reused from one decode step to the next
 (the bound output buffer is written again by every step), so these tests check what that could break:
@@ -17,6 +18,10 @@ import numpy as np
 import pytest
 
 from meshllm.errors import ContextLengthError, GenerationError
+from meshllm.model.export import export
+from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c
+from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin
+from meshllm.runtime.generate import LocalModel
 from meshllm.runtime.segment import Segment
 from tests.serving_harness import random_model
 
@@ -141,3 +146,90 @@ def test_a_prompt_past_the_context_changes_nothing(model: Path) -> None:
     assert seg.length(0) == 6
     with pytest.raises(GenerationError):
         Segment(model, prefill_chunk=0)
+
+
+def local_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
+    """The reference: ``n`` greedy tokens of ``prompt`` alone in the whole model in one process."""
+    lm = LocalModel(model_dir, verify=False)
+    seq = lm.open()
+    tokens = [int(lm.prefill(seq, prompt).argmax())]
+    while len(tokens) < n:
+        tokens.append(int(lm.decode([seq], tokens[-1:])[0].argmax()))
+    return tokens
+
+
+def test_prompts_prefilled_together_equal_one_at_a_time(model: Path) -> None:
+    """Prompts of 1 to 16 tokens (padded to 16) in one step on a split model, in slots that must move, then
+    decoded as one batch: every sequence's hidden states, logits and greedy tokens are those of its prompt
+    alone, exactly; the padding never shows (not in the next prompt's slot either)."""
+    rng = np.random.default_rng(5)
+    prompts = {f"p{n}": [int(t) for t in rng.integers(3, 500, n)] for n in (5, 1, 16, 2, 9)}
+    steps = 10
+    segs = [Segment(model, 0, 2, max_batch=7), Segment(model, 2, None, max_batch=7)]
+    alone = [Segment(model, 0, 2), Segment(model, 2, None)]
+    for s in segs:
+        s.open("other")  # takes slot 0: the batch's sequences are moved before the step
+    ids = list(prompts)
+    x: list[np.ndarray] = [np.array(p) for p in prompts.values()]
+    for s, a in zip(segs, alone, strict=True):
+        for seq in ids:
+            s.open(seq)
+        outs = s.prefill_many(ids, x)
+        ref = []
+        for seq, xi in zip(ids, x, strict=True):
+            a.open(seq)
+            ref.append(a.prefill(seq, xi))
+            a.close(seq)
+        for seq, o, r in zip(ids, outs, ref, strict=True):
+            assert o.shape == r.shape and np.array_equal(o, r), seq
+            assert s.length(seq) == len(prompts[seq])
+        x = outs
+    tokens = {seq: [int(o.argmax())] for seq, o in zip(ids, x, strict=True)}
+    for _ in range(steps - 1):
+        y = np.array([tokens[seq][-1] for seq in ids])
+        for s in segs:
+            y = s.decode(ids, y)
+        for seq, row in zip(ids, y, strict=True):
+            tokens[seq].append(int(row.argmax()))
+    for seq in ids:
+        assert tokens[seq] == local_greedy(model, prompts[seq], steps), seq
+    for s in segs:  # a slot a padded row wrote beyond its prompt serves a new sequence exactly
+        s.close("p1")
+    y = np.array(prompts["p9"])
+    for s in segs:
+        s.open("again")
+        y = s.prefill_many(["again"], [y])[0]
+    assert int(y.argmax()) == local_greedy(model, prompts["p9"], 1)[0]
+
+
+def test_prompts_together_refuse_what_one_step_cannot_hold(model: Path) -> None:
+    seg = Segment(model, 0, 2, max_batch=3, prefill_chunk=8)
+    for seq in "abc":
+        seg.open(seq)
+    seg.prefill("c", np.array([3, 4]))
+    for seqs, xs in ((["a", "b"], [np.array([3, 4])]),  # a prompt short
+                     (["a", "a"], [np.array([3]), np.array([4])]),  # a sequence twice
+                     (["a", "c"], [np.array([3]), np.array([4])]),  # c has tokens cached
+                     (["a", "b"], [np.array([3]), np.arange(3, 12)]),  # 9 tokens: more than one chunk
+                     (["a", "b"], [np.array([3]), np.array([], np.int64)]),  # an empty prompt
+                     (["a", "x"], [np.array([3]), np.array([4])])):  # x is not open
+        with pytest.raises(GenerationError):
+            seg.prefill_many(seqs, xs)
+    assert seg.length("a") == seg.length("b") == 0 and seg.length("c") == 2
+
+
+def test_a_head_size_whose_rope_runs_apart_prefills_one_prompt_at_a_time(tmp_path: Path) -> None:
+    """Head size 8: RoPE runs before the operator, at positions from ``seqlens_k``, which padding would shift."""
+    cfg = make_llama2c_config(64, 172, 1, 8, 4, 512, 64, shared_classifier=False)
+    write_llama2c(tmp_path / "m.bin", cfg, random_llama2c_weights(cfg, seed=1))
+    write_tokenizer_bin(tmp_path / "tokenizer.bin", *random_llama2c_vocab(512, seed=1))
+    export(tmp_path / "m.bin", tmp_path / "model", overwrite=True)
+    seg = Segment(tmp_path / "model", max_batch=2)
+    assert not seg.prefills_together
+    seg.open("a")
+    seg.open("b")
+    with pytest.raises(GenerationError):
+        seg.prefill_many(["a", "b"], [np.array([3, 4]), np.array([5])])
+    assert seg.length("a") == seg.length("b") == 0
+    assert int(seg.prefill_many(["a"], [np.array([3, 4])])[0].argmax()) == \
+        local_greedy(tmp_path / "model", [3, 4], 1)[0]

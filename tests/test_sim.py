@@ -162,6 +162,21 @@ def test_serving_batching_merges_decode_batches_at_every_stage() -> None:
     assert res.busy_s["a"] == pytest.approx(1.5) and res.busy_s["b"] == pytest.approx(4.0)
 
 
+def test_serving_batching_prefills_the_waiting_prompts_in_one_pass_as_the_stage_does() -> None:
+    """Five prompts at once on one stage where a token of prefill costs 0.1 s: the first enters alone (nothing
+    else waits yet), the next ones wait and then enter together, as one pass of their padded tokens
+    (meshllm.serve.batching.prompts_together: only prompts of one chunk; the 200-token one goes alone). The
+    idealised batching takes them one by one."""
+    cost = CostModel(_model(1), [_device("a", 1e7)])
+    reqs = [Request(i, 0.0, n, 1) for i, n in enumerate([10, 10, 5, 200, 20])]
+    plan = _plan(1, [("a", 0, 1)], slots=8)
+    serving = simulate(plan, cost, reqs, batching="serving")
+    # 0-1 s: the first; 1-7 s: 10, 5 and 20 tokens padded to 3 x 20; 7-27 s: the long one
+    assert list(serving.ttft) == pytest.approx([1.0, 7.0, 7.0, 27.0, 7.0])
+    lanes = simulate(plan, cost, reqs, batching="lanes")
+    assert list(lanes.ttft) == pytest.approx([1.0, 2.0, 2.5, 22.5, 24.5])
+
+
 @pytest.mark.parametrize("role", [Role.MIXED, Role.DECODE])
 def test_serving_batching_keeps_every_stage_of_a_pipeline_busy(role: Role) -> None:
     """Twelve sequences decoding together on a 3-stage replica of compute-bound stages (a run costs its batch

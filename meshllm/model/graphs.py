@@ -353,3 +353,56 @@ def with_kv_dtype(model: onnx.ModelProto, kv_dtype: str) -> onnx.ModelProto:
         if vi.name in caches:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT16
     return model
+
+
+#: The head's index of the position it reads (:func:`build_head`), which :func:`with_row_last` replaces.
+HEAD_LAST_INDEX = "head.last_index"
+
+
+def with_row_last(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A (merged) graph whose head reads, in each row, position ``min(seqlens_k[b], S - 1)`` instead of ``S - 1``,
+    in place; a graph without the head is returned as it is.
+
+    The two agree wherever a row has no padding: a decode step (S = 1) and a prompt chunk after earlier tokens
+    (``seqlens_k >= S - 1``) read position ``S - 1``, bit for bit. They differ only for new sequences prefilled
+    together (:meth:`meshllm.runtime.segment.Segment.prefill_many`): rows padded on the right to the longest,
+    each with its true length in ``seqlens_k``, whose last true token is at ``seqlens_k[b]``. Done at load, so
+    that model files exported before it serve batched prompts too."""
+    g = model.graph
+    at = next((i for i, n in enumerate(g.node) if n.op_type == "Gather" and len(n.input) == 2
+               and n.input[1] == HEAD_LAST_INDEX), None)
+    if at is None:
+        return model
+    old = g.node[at]
+    x, out, p = old.input[0], old.output[0], "head.row_last."
+
+    def const(name: str, arr: np.ndarray) -> str:
+        g.initializer.append(numpy_helper.from_array(np.asarray(arr), p + name))
+        return p + name
+
+    def node(op: str, inputs: list[str], name: str, **attrs: object) -> str:
+        new.append(helper.make_node(op, inputs, [p + name], name=p + name, **attrs))
+        return p + name
+
+    new: list[onnx.NodeProto] = []
+    shape = node("Shape", [x], "shape")  # (B, S, D)
+    s1 = node("Sub", [node("Gather", [shape, const("one_index", np.array(1, np.int64))], "S", axis=0),
+                      const("one", np.array(1, np.int64))], "S_minus_1")
+    row = node("Min", [node("Cast", [SEQLENS_K], "seqlens64", to=TensorProto.INT64), s1], "index")  # (B,)
+    index = node("Unsqueeze", [row, const("axes12", np.array([1, 2], np.int64))], "index3")  # (B, 1, 1)
+    dims = node("Concat", [node("Slice", [shape, const("zero1", np.array([0], np.int64)),
+                                          const("one1", np.array([1], np.int64))], "B"),
+                           const("one1b", np.array([1], np.int64)),
+                           node("Slice", [shape, const("two1", np.array([2], np.int64)),
+                                          const("three1", np.array([3], np.int64))], "D")], "dims", axis=0)
+    picked = node("GatherElements", [x, node("Expand", [index, dims], "indices")], "picked", axis=1)  # (B, 1, D)
+    new.append(helper.make_node("Squeeze", [picked, const("axis1", np.array([1], np.int64))], [out],
+                                name=p + "last"))  # (B, D)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes[:at] + new + nodes[at + 1:])
+    if not any(HEAD_LAST_INDEX in n.input for n in g.node):
+        kept = [t for t in g.initializer if t.name != HEAD_LAST_INDEX]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    return model

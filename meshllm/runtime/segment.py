@@ -13,7 +13,8 @@ row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
 onnxruntime's GroupQueryAttention appends the new keys and values in place and
 never copies the cache. A batched decode step needs its sequences in
 consecutive slots; :meth:`Segment.decode` moves rows when the batch changes
-(a copy of one sequence's cache, not one per step).
+(a copy of one sequence's cache, not one per step). The prompts of new sequences
+can run together too (:meth:`Segment.prefill_many`: rows padded to the longest).
 
 This module runs graphs; it knows nothing of tokens, sampling or the network.
 """
@@ -128,7 +129,7 @@ class Segment:
             raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(graphs.KV_DTYPES)}")
         self.kv_dtype = np.dtype(graphs.KV_DTYPES[self.kv_dtype_name])
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
-        model = graphs.with_kv_dtype(model, self.kv_dtype_name)
+        model = graphs.with_row_last(graphs.with_kv_dtype(model, self.kv_dtype_name))
         so = session_options(threads, spinning)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
         try:
@@ -273,6 +274,51 @@ class Segment:
             return outs[-1]
         return np.concatenate([o.reshape(1, -1, self.config.dim) for o in outs], axis=1)
 
+    @property
+    def prefills_together(self) -> bool:
+        """Whether :meth:`prefill_many` takes several prompts: with RoPE inside GroupQueryAttention, which
+        places a padded row's tokens from 0; the graph's own RoPE (other head sizes) places them from its
+        ``seqlens_k``, which padding shifts."""
+        return graphs.fused_rotary(self.config)
+
+    def prefill_many(self, seqs: Sequence[SeqId], xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Whole prompts of several new sequences in one step: ``xs[i]`` (as :meth:`prefill` takes it, at most
+        ``prefill_chunk`` tokens) for ``seqs[i]``, which has nothing cached. Returns what :meth:`prefill` would
+        return for each, the same numbers: each row only ever attends to its own tokens.
+
+        One step instead of one per prompt is what keeps a burst of prompts from holding a pipeline for a
+        round trip each. Rows are padded on the right to the longest; with no past, GroupQueryAttention takes
+        each row's true length from ``seqlens_k`` (its first-prompt mode: padding is never attended to) and the
+        head reads each row's last true position (:func:`meshllm.model.graphs.with_row_last`). A sequence with
+        tokens cached cannot join (the operator runs several rows of several tokens only with no past)."""
+        if len(seqs) != len(xs) or not seqs:
+            raise GenerationError(f"{len(xs)} prompts for {len(seqs)} sequences")
+        if len(seqs) > 1 and not self.prefills_together:
+            raise GenerationError(f"this model (head size {self.config.head_dim}) prefills one prompt at a time")
+        if len(set(seqs)) != len(seqs):
+            raise GenerationError("a sequence can only be prefilled once in a step")
+        if len(seqs) > self.max_batch:
+            raise GenerationError(f"{len(seqs)} prompts at once, but this segment holds {self.max_batch} sequences")
+        rows = [self._input(x, 1, None) for x in xs]
+        lens = np.array([r.shape[1] for r in rows], np.int64)
+        for seq, n in zip(seqs, lens, strict=True):
+            if n == 0:
+                raise GenerationError("empty prompt chunk")
+            if self.length(seq):
+                raise GenerationError(f"sequence {seq!r} has tokens cached: only new sequences prefill together")
+            if n > min(self.prefill_chunk, self.max_seq_len):
+                raise GenerationError(f"a prompt of {n} tokens is prefilled alone (more than one chunk of "
+                                      f"{self.prefill_chunk} or the context of {self.max_seq_len})")
+        width = int(lens.max())
+        x = np.zeros((len(rows), width, *rows[0].shape[2:]), rows[0].dtype)
+        for i, r in enumerate(rows):
+            x[i, :r.shape[1]] = r[0]
+        lo = self._arrange(seqs)
+        out = self._execute(lo, x, lens, False)
+        if self.has_head:  # (B, V): each row's last true position
+            return [out[i:i + 1].copy() for i in range(len(rows))]
+        return [np.ascontiguousarray(out[i:i + 1, :n]) for i, n in enumerate(lens)]
+
     def decode(self, seqs: Sequence[SeqId], x: np.ndarray) -> np.ndarray:
         """One new token for each of ``seqs`` (ids ``(B,)`` or hidden ``(B, 1, D)``)."""
         return self._run(list(seqs), self._input(x, len(seqs), 1), 1)
@@ -309,8 +355,12 @@ class Segment:
             raise ContextLengthError(
                 f"context length exceeded: {int(total.max())} tokens > {self.max_seq_len} (the model's context)"
             )
+        return self._execute(lo, x, total, n_new == 1)
+
+    def _execute(self, lo: int, x: np.ndarray, total: np.ndarray, decode: bool) -> np.ndarray:
+        """Runs one step for slots ``[lo, lo + len(total))``, which hold ``total`` tokens each after it."""
         io = self._io
-        decode = n_new == 1
+        b = len(total)
         if not decode or self._bound != (lo, b):
             self._bind(lo, b, decode)
         self._seqlens[:b] = total - 1

@@ -1,4 +1,5 @@
-"""Which decode steps a pipeline stage runs together next: one rule for the stage and the simulator. Pure.
+"""Which decode steps a pipeline stage runs together next (one rule for the stage and the simulator), and which
+prompts (:func:`prompts_together`; the simulator prefills one at a time). Pure.
 
 A replica of k stages keeps every stage working only with k micro-batches in flight: with one, each stage
 idles while the others compute (and while the last stage samples and streams), so k stages would give one
@@ -98,3 +99,31 @@ def stragglers(batch: Iterable[Hashable], lanes: Lanes | None, decoding: Iterabl
         return set(decoding) - batch
     lane_ids = {lanes.lane_of(s) for s in batch}
     return {s for s in decoding if s not in batch and s in lanes and lanes.lane_of(s) in lane_ids}
+
+
+#: Padded tokens of the prompts prefilled in one step: the activations of 4 chunks of a long prompt
+#: (:data:`meshllm.runtime.segment.PREFILL_CHUNK`).
+PROMPT_BATCH_TOKENS = 512
+
+
+def prompts_together(waiting: Sequence[int | None], max_rows: int, max_tokens: int) -> list[int]:
+    """The positions in ``waiting`` (a stage's queue in arrival order, led by the prompt that runs next: a
+    prompt's token count if it can be prefilled with others, None for anything else) of the prompts that
+    run now, in one step: the first and, if it can join, those after it that can, in order, while the step
+    has at most ``max_rows`` rows and at most ``max_tokens`` padded tokens (rows x the longest prompt).
+    Everything else stays queued, in order. One step for a burst of prompts instead of one each: each is a
+    trip through the whole pipeline during which no stage decodes."""
+    if not waiting:
+        return []
+    out = [0]
+    longest = waiting[0]
+    if longest is None:
+        return out
+    for i, n in enumerate(waiting[1:], 1):
+        if len(out) >= max_rows:
+            break
+        if n is None or max(longest, n) * (len(out) + 1) > max_tokens:
+            continue
+        out.append(i)
+        longest = max(longest, n)
+    return out

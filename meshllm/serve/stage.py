@@ -5,8 +5,10 @@ inbox. Its loop takes the next work item; decode steps that are ready are
 batched by the rule of :mod:`meshllm.serve.batching` (the first stage of a
 pipeline runs its sequences in ``lanes`` micro-batches, one per machine the
 replica's stages run on, so that every stage works at once; later stages run
-every step waiting for them in one ``Segment.decode``), prompts run one at a
-time. Results go to the next stage,
+every step waiting for them in one ``Segment.decode``); the prompts waiting at a
+stage are prefilled together in one ``Segment.prefill_many`` (``prompts_together``),
+so that a burst of requests costs one pipeline trip, not one per prompt, during
+which no stage decodes. Results go to the next stage,
 or, at the replica's last stage, become tokens:
 
 - in a PREFILL replica the last stage samples the first token and sends a
@@ -54,7 +56,7 @@ from meshllm.errors import ContextLengthError, GenerationError, MeshError
 from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
-from meshllm.serve.batching import Lanes, next_batch, stragglers
+from meshllm.serve.batching import PROMPT_BATCH_TOKENS, Lanes, next_batch, prompts_together, stragglers
 from meshllm.serve.layout import Layout, ReplicaLayout
 from meshllm.serve.protocol import (
     MAX_ERROR_CODE_CHARS,
@@ -157,7 +159,7 @@ class StageRunner:
                 await self._fail(item.rid, api.BUSY, why)
 
     async def on_frame(self, frame: Prefill | Step | KvBlock | Begin | Release) -> None:
-        """One frame of this stage's replica, to its handler (the data plane's single entry)."""
+        """One frame of this stage's replica, to its handler (the data plane's, and tests', single entry)."""
         if isinstance(frame, Prefill):
             await self.on_prefill(frame)
         elif isinstance(frame, Step):
@@ -226,8 +228,10 @@ class StageRunner:
             for item in self._held.pop(rid, []):
                 await self._put(item)
 
-    async def on_begin(self, frame: Begin) -> None:
-        """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage."""
+    async def on_begin(self, frame: Begin, feed: list[tuple[str, int]] | None = None) -> None:
+        """A prompt was prefilled elsewhere (or here): start streaming its tokens from this last stage. With
+        ``feed`` (prompts prefilled together here), the first token is added to it instead of being fed back
+        alone, so that the sequences of one step start decoding as one batch."""
         rid, meta = frame.key, frame.meta
         if rid in self._gone:  # failed (or moved) before its first token got here
             error = self._gone[rid]
@@ -239,7 +243,8 @@ class StageRunner:
         state = self.fabric.make_sequence(rid, meta, Sampler.restore(meta.sampling, frame.sampler_state))
         self.sequences[rid] = state
         try:
-            await self._emit(state, frame.token)
+            if await self._emit(state, frame.token, send=feed is None) and feed is not None:
+                feed.append((rid, frame.token))
         except PeerUnreachable as e:
             log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
         except Exception as e:
@@ -293,7 +298,7 @@ class StageRunner:
     async def _step(self) -> None:
         item = await self.inbox.get()
         if item.kind == "prefill":
-            await self._prefill(item)
+            await self._prefills(item)
             return
         queued = [item]
         while not self.inbox.empty():
@@ -363,6 +368,80 @@ class StageRunner:
         self.busy_s += time.perf_counter() - t
         return out
 
+    def _joinable(self, item: _Item) -> int | None:
+        """A queued prompt's tokens if it can be prefilled with others (a new sequence, one chunk), else None."""
+        if item.kind != "prefill" or item.rid not in self._prefilling or item.rid in self.active:
+            return None
+        n = _tokens(item.x)
+        seg = self.segment
+        return n if seg.prefills_together and 0 < n <= min(seg.prefill_chunk, seg.max_seq_len) else None
+
+    async def _prefills(self, first: _Item) -> None:
+        """Prefills ``first`` and, in the same step, the other prompts queued that can join it."""
+        queued = [first]
+        while not self.inbox.empty():
+            queued.append(self.inbox.get_nowait())
+        chosen = set(prompts_together([self._joinable(q) for q in queued], self.segment.max_batch,
+                                      PROMPT_BATCH_TOKENS))
+        for i, q in enumerate(queued):  # the rest waits, in order
+            if i not in chosen:
+                self.inbox.put_nowait(q)
+        batch = [queued[i] for i in sorted(chosen) if queued[i].rid in self._prefilling]
+        if len(batch) <= 1:
+            for item in batch:
+                await self._prefill(item)
+            return
+        for item in batch:
+            self._prefilling.discard(item.rid)
+        try:
+            outs = await self._prefill_together(batch)
+        except Exception as e:  # one of them is at fault (a cache slot short, bad input): each runs alone
+            log.debug("stage %s of replica %d: %d prompts together failed (%s): one at a time", self.index,
+                      self.replica.id, len(batch), e)
+            for item in batch:
+                if item.rid in self.active:  # (not released meanwhile)
+                    self.active.discard(item.rid)
+                    self._prefilling.add(item.rid)
+                    await self._prefill(item)
+            return
+        feed: list[tuple[str, int]] = []
+        for item, (meta, out) in zip(batch, outs, strict=True):
+            if item.rid not in self.active:  # released while it ran
+                continue
+            try:
+                await self._prefilled(item.rid, meta, out, feed)
+            except PeerUnreachable as e:
+                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+            except Exception as e:
+                await self._failed(item.rid, e, meta)
+        if feed:  # (a sequence released meanwhile has its step dropped by the first stage)
+            await self._feed([(rid, token) for rid, token in feed if rid in self.sequences])
+
+    async def _prefill_together(self, batch: list[_Item]) -> list[tuple[RequestMeta, np.ndarray]]:
+        """Runs new prompts in one ``Segment.prefill_many``; on failure their cache slots are freed again."""
+        metas = [self._started(item.meta) for item in batch]
+        rids = [item.rid for item in batch]
+        self.active.update(rids)
+        seg = self.segment
+
+        def prefill() -> list[np.ndarray]:
+            opened = []
+            try:
+                for rid in rids:
+                    seg.open(rid)
+                    opened.append(rid)
+                return seg.prefill_many(rids, [item.x for item in batch])
+            except Exception:
+                for rid in opened:
+                    seg.close(rid)
+                raise
+        # (paced as the padded step it is: rows x the longest prompt, as the simulator counts it)
+        outs = await self._compute(prefill, "prefill", len(batch) * max(_tokens(item.x) for item in batch), rids)
+        return list(zip(metas, outs, strict=True))
+
+    def _started(self, meta: RequestMeta) -> RequestMeta:
+        return meta.with_times(prefill_started_at=time.time()) if self.is_first else meta
+
     async def _prefill(self, item: _Item) -> None:
         rid, meta = item.rid, item.meta
         if rid not in self._prefilling:  # released (failed, cancelled, moved) while it waited
@@ -376,8 +455,7 @@ class StageRunner:
             await self._failed(rid, e, meta)
 
     async def _prefill_one(self, rid: str, x: np.ndarray, meta: RequestMeta) -> None:
-        if self.is_first:
-            meta = meta.with_times(prefill_started_at=time.time())
+        meta = self._started(meta)
         opened = rid not in self.active
         self.active.add(rid)
         seg = self.segment
@@ -386,8 +464,13 @@ class StageRunner:
             if opened:
                 seg.open(rid)
             return seg.prefill(rid, x)
-        n = int(x.shape[1] if x.ndim >= 2 else x.size)  # (S,) ids or (1, S, dim) hidden
-        out = await self._compute(prefill, "prefill", n, [rid])
+        out = await self._compute(prefill, "prefill", _tokens(x), [rid])
+        await self._prefilled(rid, meta, out)
+
+    async def _prefilled(self, rid: str, meta: RequestMeta, out: np.ndarray,
+                         feed: list[tuple[str, int]] | None = None) -> None:
+        """A prompt ran here: its activations go on to the next stage, or its first token is sampled (and, with
+        ``feed``, added to it if this replica decodes it: see :meth:`on_begin`)."""
         if not self.is_last:
             await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                    Prefill(self.layout.version, self.replica.id, rid, out, meta))
@@ -401,7 +484,7 @@ class StageRunner:
             begin = Begin(self.layout.version, decode.id, rid, token, None if sampling.greedy else sampler.state(),
                           meta)
             if decode.id == self.replica.id:
-                await self.on_begin(begin)
+                await self.on_begin(begin, feed)
             else:
                 await self.fabric.send(decode.last.node_id, begin)
         if self.replica.role == "prefill":
@@ -562,6 +645,11 @@ class StageRunner:
     async def _answer(self, rid: str, meta: RequestMeta, code: str, message: str) -> None:
         await _quietly(self.fabric.publish(meta.reply_to, api.error_reply(meta.request_id or rid, code, message)))
         await _quietly(self.fabric.finished(rid, meta, "error"))
+
+
+def _tokens(x: np.ndarray) -> int:
+    """A prompt's tokens: ``(S,)`` ids or ``(1, S, dim)`` hidden states."""
+    return int(x.shape[1] if x.ndim >= 2 else x.size)
 
 
 async def _quietly(aw: Awaitable[None]) -> None:

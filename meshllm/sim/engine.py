@@ -28,7 +28,10 @@ What is modelled (every time comes from :class:`~meshllm.plan.cost.CostModel`):
   batch, and the last stage feeds the batch's tokens back as one step.
 - A MIXED replica time-shares its stages: work enters the first stage only
   when that stage is free; when prompts and decode steps both wait, they
-  take turns (one prompt, one lane step). Strict decode-first (the
+  take turns (one prompt, one lane step; with ``batching="serving"`` the
+  prompt's turn takes the prompts waiting that meshllm's stage prefills in
+  one step with it, :func:`meshllm.serve.batching.prompts_together`, as one
+  pass of their padded tokens). Strict decode-first (the
   planner's MIXED model) starves prompts on a one-stage replica, whose only
   lane is always ready. Later stages serve what entered in entry order,
   without preemption, so a decode micro-batch can wait behind a whole
@@ -56,7 +59,8 @@ import numpy as np
 
 from meshllm.plan.cost import TOKEN_ID_BYTES, CostModel, StageRef
 from meshllm.plan.plan import Plan
-from meshllm.serve.batching import Lanes, lanes_for, next_batch, stragglers
+from meshllm.runtime.segment import PREFILL_CHUNK
+from meshllm.serve.batching import PROMPT_BATCH_TOKENS, Lanes, lanes_for, next_batch, prompts_together, stragglers
 from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
@@ -83,6 +87,7 @@ class _Replica:
         self.joining: list[list[list[int]]] = [[] for _ in range(k)]  # KV arrived during the lane's step
         self.stepping = [False] * k
         self.prompts: deque[int] = deque()  # routed prompts waiting to enter the first stage
+        self.slots = 1 << 30  # sequences its stages hold: the most prompts a prefill step takes
         self.lanes_ready: deque[int] = deque()  # lanes whose next step waits to enter the first stage
         self.wake_pending = False
         self.prompt_turn = True  # when both wait, the first stage alternates a prompt and a decode step
@@ -210,6 +215,7 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     for r in plan.replicas:
         reps[r.id].free = [ready_s] * len(reps[r.id].free)
         reps[r.id].per_stage = serving and r.role == "decode"
+        reps[r.id].slots = r.slots
     feeding: dict[int, list[list[int]]] = {}  # FED payload -> the sequences whose tokens go back
     by_id = {q.id: q for q in reqs}
     route: dict[int, Route] = {}
@@ -241,10 +247,11 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         """Let waiting work into the first stage while it is free; prompts and decode steps alternate."""
         while (rep.prompts or rep.lanes_ready) and rep.free[0] <= t:
             if rep.prompts and (rep.prompt_turn or not rep.lanes_ready):
-                q = by_id[rep.prompts.popleft()]
-                s, e = rep.prefill(t, q.n_in)
-                start[q.id] = s
-                push(e, PREFILLED, q.id)
+                batch = prompt_batch(rep)
+                s, e = rep.prefill(t, len(batch) * max(q.n_in for q in batch))
+                for q in batch:
+                    start[q.id] = s
+                    push(e, PREFILLED, q.id)
                 rep.prompt_turn = False
             else:
                 lane = serving_batch(rep) if serving else rep.lanes_ready.popleft()
@@ -256,6 +263,17 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         if (rep.prompts or rep.lanes_ready) and not rep.wake_pending and rep.free[0] > t:
             rep.wake_pending = True
             push(rep.free[0], STAGE0_FREE, rep.id)
+
+    def prompt_batch(rep: _Replica) -> list[Request]:
+        """The prompts that enter the first stage now: the first waiting and, with "serving" batching, those
+        meshllm's stage prefills with it in one step (padded to the longest)."""
+        if not serving:
+            return [by_id[rep.prompts.popleft()]]
+        waiting = [by_id[i] for i in rep.prompts]
+        chosen = set(prompts_together([q.n_in if q.n_in <= PREFILL_CHUNK else None for q in waiting], rep.slots,
+                                      PROMPT_BATCH_TOKENS))
+        rep.prompts = deque(q.id for i, q in enumerate(waiting) if i not in chosen)
+        return [q for i, q in enumerate(waiting) if i in chosen]
 
     def serving_batch(rep: _Replica) -> int | None:
         """A MIXED replica's next decode micro-batch, as meshllm's first stage chooses it from the steps waiting
