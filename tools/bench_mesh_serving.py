@@ -9,7 +9,8 @@
 5. a plan roll-out under load: decode tokens/s of the requests in flight while every node loads its
    stage of the new plan, as a fraction of their steady tokens/s just before (median of ``--rounds``).
 
-Usage: python tools/bench_mesh_serving.py [--only mesh,handoff,codec,conc,rollout] [--rounds N] [node options]
+Usage: python tools/bench_mesh_serving.py [--only mesh,handoff,codec,conc,rollout] [--rounds N] [--conc-rounds N]
+       [node options]
 (unknown options go to the three ``meshllm node`` processes, e.g. --threads 1)
 """
 
@@ -176,6 +177,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--rounds", type=int, default=3, help="plan roll-outs to measure (the median is reported)")
+    ap.add_argument("--conc-rounds", type=int, default=5,
+                    help="interleaved rounds of 1, 4 and 16 concurrent requests (medians are reported)")
     args, mesh_args = ap.parse_known_args()
     only = set(args.only.split(","))
     model = ensure_model("110m", "fp32")
@@ -191,7 +194,7 @@ def main() -> None:
 
     mesh = f"bench-serve-{secrets.token_hex(3)}"
     plan = {"version": 1, "n_layers": 12, "replicas": [replica(0, "mixed", CUTS[0], slots=16, context=1024)]}
-    conc: dict[int, float] = {}
+    conc: dict[int, list[float]] = {}
     rolls: list[tuple[float, float, float]] = []
     mesh_tps = 0.0
     if only & {"mesh", "conc", "rollout"}:
@@ -206,11 +209,14 @@ def main() -> None:
                     runs.append(s[-1]["timings"]["tokens_per_s"])
                 mesh_tps = statistics.median(runs)
             if "conc" in only:
-                for c in (1, 4, 16):
-                    reqs = [{**req, "id": f"c{c}-{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 32} for i in range(c)]
-                    t = time.perf_counter()
-                    streams = asyncio.run(ask_raw(broker, mesh, reqs, timeout=600))
-                    conc[c] = sum(len(tokens_of(s)) for s in streams) / (time.perf_counter() - t)
+                for r in range(args.conc_rounds):  # interleaved: each round runs 1, 4 and 16 back to back
+                    for c in (1, 4, 16):
+                        reqs = [{**req, "id": f"c{r}-{c}-{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 32}
+                                for i in range(c)]
+                        t = time.perf_counter()
+                        streams = asyncio.run(ask_raw(broker, mesh, reqs, timeout=600))
+                        conc.setdefault(c, []).append(
+                            sum(len(tokens_of(s)) for s in streams) / (time.perf_counter() - t))
             if "rollout" in only:
                 live = state(mesh, broker)["plan"]
                 for r in range(args.rounds):
@@ -227,8 +233,10 @@ def main() -> None:
         print(f"codec, 16 MiB block, encode+decode in memory: {mem_bps / 1e9:8.1f} GB/s  (goal >= 5 GB/s)")
         print(f"codec, 16 MiB block over loopback TCP:        {tcp_bps / 1e9:8.2f} GB/s")
     for c, tps in conc.items():
-        print(f"3-stage mesh, {c:2d} concurrent requests: {tps:7.1f} tokens/s aggregate"
-              + (f"   {tps / conc[1]:.1f}x one" if c > 1 and 1 in conc else ""))
+        ratios = [t / one for t, one in zip(tps, conc[1], strict=True)]  # per round: the same moment's load
+        print(f"3-stage mesh, {c:2d} concurrent requests: {statistics.median(tps):7.1f} tokens/s aggregate"
+              + (f"   {statistics.median(ratios):.1f}x one (median of {len(ratios)} rounds: "
+                 + " ".join(f"{x:.2f}" for x in ratios) + ")" if c > 1 else ""))
     if rolls:
         for steady, rolling, load_s in rolls:
             print(f"plan roll-out: {rolling:6.1f} tokens/s in flight while loading ({load_s:.1f} s) vs {steady:6.1f} "
