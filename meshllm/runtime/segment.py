@@ -8,14 +8,15 @@ the head when ``stop == n_layers``.
 KV caches live here, per layer, as preallocated arrays of shape
 ``(max_batch, kv_heads, max_seq_len, head_dim)``, float32 or float16 (the
 model's ``kv_dtype`` or the node's choice; the graph is retyped to match at
-load, see :func:`meshllm.model.graphs.with_kv_dtype`); each sequence owns one batch
+load, see :func:`meshllm.runtime.onnx_wire.with_float16_kv`); each sequence owns one batch
 row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
 onnxruntime's GroupQueryAttention appends the new keys and values in place and
 never copies the cache. A batched decode step needs its sequences in
 consecutive slots; :meth:`Segment.decode` moves rows when the batch changes
 (a copy of one sequence's cache, not one per step).
 
-This module runs graphs; it knows nothing of tokens, sampling or the network.
+This module runs graphs; it knows nothing of tokens, sampling or the network. It does not import
+``onnx``: part graphs are merged at the protobuf wire level (:mod:`meshllm.runtime.onnx_wire`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from meshllm.errors import ContextLengthError, GenerationError, ManifestError, ModelError
-from meshllm.model import graphs
+from meshllm.model import interface
 from meshllm.model.manifest import Manifest, load_manifest, verify_files
+from meshllm.runtime import onnx_wire
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +59,20 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     return so
 
 
-def merge_parts(model_dir: Path, files: Sequence[str], name: str) -> onnx.ModelProto:
-    """Concatenates part graphs; tensors flow by their interface names (``hidden.<i>`` ...)."""
+def merge_parts(model_dir: Path, files: Sequence[str], name: str) -> bytes:
+    """Concatenates part graphs (a serialized ``ModelProto``); tensors flow by their interface names
+    (``hidden.<i>`` ...)."""
     protos = []
     for f in files:
         try:
-            protos.append(onnx.load(str(model_dir / f), load_external_data=False))
-        except Exception as e:  # protobuf decode errors have no common base
+            protos.append((model_dir / f).read_bytes())
+            onnx_wire.parse(protos[-1])
+        except (OSError, ModelError) as e:
             raise ModelError(f"{model_dir / f}: not a readable ONNX graph ({e})") from None
-    nodes = [n for p in protos for n in p.graph.node]
-    produced = {o for n in nodes for o in n.output}
-    inits: dict[str, onnx.TensorProto] = {}
-    inputs: dict[str, onnx.ValueInfoProto] = {}
-    for p in protos:
-        for t in p.graph.initializer:
-            inits.setdefault(t.name, t)  # shared constants (RoPE tables) are kept once
-        for vi in p.graph.input:
-            if vi.name not in produced:
-                inputs.setdefault(vi.name, vi)
-    last_out = protos[-1].graph.output[0]
-    presents = [vi for p in protos for vi in p.graph.output if vi.name.startswith("present_")]
-    graph = onnx.helper.make_graph(nodes, name, list(inputs.values()), [last_out, *presents],
-                                   initializer=list(inits.values()))
-    model = onnx.helper.make_model(graph, opset_imports=protos[0].opset_import, producer_name="meshllm")
-    model.ir_version = protos[0].ir_version
-    return model
+    try:
+        return onnx_wire.merge(protos, name)
+    except ModelError as e:
+        raise ModelError(f"{model_dir}: cannot merge the graphs of {', '.join(files)} ({e})") from None
 
 
 class Segment:
@@ -124,19 +114,20 @@ class Segment:
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         graph_files = [p.files[0] for p in parts]
         self.kv_dtype_name = kv_dtype or cfg.kv_dtype
-        if self.kv_dtype_name not in graphs.KV_DTYPES:
-            raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(graphs.KV_DTYPES)}")
-        self.kv_dtype = np.dtype(graphs.KV_DTYPES[self.kv_dtype_name])
+        if self.kv_dtype_name not in interface.KV_DTYPES:
+            raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(interface.KV_DTYPES)}")
+        self.kv_dtype = np.dtype(interface.KV_DTYPES[self.kv_dtype_name])
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
-        model = graphs.with_kv_dtype(model, self.kv_dtype_name)
+        if self.kv_dtype_name == "fp16":
+            model = onnx_wire.with_float16_kv(model)
         so = session_options(threads, spinning)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own, unrelated error types
             raise ModelError(f"{self.model_dir}: cannot load layers [{self.start}, {self.stop}): {e}") from None
-        self.input_name = graphs.INPUT_IDS if self.has_embed else graphs.hidden_out(self.start - 1)
-        self.output_name = graphs.LOGITS if self.has_head else graphs.hidden_out(self.stop - 1)
+        self.input_name = interface.INPUT_IDS if self.has_embed else interface.hidden_out(self.start - 1)
+        self.output_name = interface.LOGITS if self.has_head else interface.hidden_out(self.stop - 1)
         shape = (max_batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
         self._k = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
         self._v = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
@@ -339,8 +330,8 @@ class Segment:
         io = self._io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        io.bind_input(graphs.SEQLENS_K, "cpu", 0, np.int32, [b], self._seqlens.ctypes.data)
-        io.bind_input(graphs.TOTAL_SEQ_LEN, "cpu", 0, np.int32, [], self._total.ctypes.data)
+        io.bind_input(interface.SEQLENS_K, "cpu", 0, np.int32, [b], self._seqlens.ctypes.data)
+        io.bind_input(interface.TOTAL_SEQ_LEN, "cpu", 0, np.int32, [], self._total.ctypes.data)
         if decode:
             io.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out_shape(b, 1)), self._out.ctypes.data)
         else:
@@ -349,8 +340,8 @@ class Segment:
         offset = lo * self._row_bytes
         for j, layer in enumerate(range(self.start, self.stop)):
             for cache, past, present in (
-                (self._k[j], graphs.past_key(layer), graphs.present_key(layer)),
-                (self._v[j], graphs.past_value(layer), graphs.present_value(layer)),
+                (self._k[j], interface.past_key(layer), interface.present_key(layer)),
+                (self._v[j], interface.past_value(layer), interface.present_value(layer)),
             ):
                 ptr = cache.ctypes.data + offset
                 io.bind_input(past, "cpu", 0, self.kv_dtype, shape, ptr)

@@ -1,0 +1,46 @@
+"""The tensor interface of model parts: names and KV cache dtypes shared by the graph builder and the runtime.
+
+Apart from :mod:`meshllm.model.graphs` so that the runtime can name a part's tensors without importing
+``onnx`` (the builder's dependency): a serving process never builds a graph (docs/inference.md).
+
+Tensor interface (B = batch, S = new tokens, D = dim, M = cache length)::
+
+    embed:  input_ids int64 (B, S)            -> hidden (B, S, D)
+    layer:  hidden (B, S, D), seqlens_k int32 (B), total_seq_len int32 ()
+            past_key / past_value (B, KV, M, hd)
+                                              -> hidden, present_key, present_value
+    head:   hidden (B, S, D)                  -> logits (B, V) of the last position
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Dtypes of the KV cache (``ModelConfig.kv_dtype``, ``meshllm node --kv-dtype``).
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+INPUT_IDS = "input_ids"
+HIDDEN = "hidden"
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQ_LEN = "total_seq_len"
+LOGITS = "logits"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def present_key(layer: int) -> str:
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value.{layer}"
+
+
+def hidden_out(layer: int) -> str:
+    return f"hidden.{layer + 1}"

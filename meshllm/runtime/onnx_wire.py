@@ -1,0 +1,259 @@
+"""ONNX part graphs merged and retyped at the protobuf wire level, without the ``onnx`` package.
+
+Why: a segment only has to concatenate its part graphs and, for a float16 KV cache, retype the caches;
+both touch a handful of fields. Importing ``onnx`` for that (with ``ml_dtypes``, protobuf's Python
+classes and the graph checker) cost every serving process ~10 MB of resident memory before it held a
+single weight (docs/inference.md). Here a message is a list of its wire records; every record this
+module does not edit (weights' external-data references, attributes, shapes) is copied byte for byte,
+so the output is what ``onnx`` would serialize (``tests/test_memory_runtime.py`` compares the two).
+
+Wire format: a record is a varint key ``field << 3 | wire type`` and a payload (0: varint, 1: 8
+bytes, 2: varint length and bytes, 5: 4 bytes). Field numbers below are those of ``onnx.proto``.
+This module knows nothing of segments or sessions; it raises :class:`ModelError` on bytes that are
+not a protobuf message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from meshllm.errors import ModelError
+
+# onnx.proto field numbers (the few this module reads or writes)
+MODEL_IR_VERSION, MODEL_PRODUCER_NAME, MODEL_GRAPH, MODEL_OPSET_IMPORT = 1, 2, 7, 8
+GRAPH_NODE, GRAPH_NAME, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 2, 5, 11, 12
+NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_OP_TYPE, NODE_ATTRIBUTE, NODE_DOMAIN = 1, 2, 3, 4, 5, 7
+TENSOR_NAME = 8
+VALUE_INFO_NAME, VALUE_INFO_TYPE = 1, 2
+TYPE_TENSOR, TENSOR_TYPE_ELEM_TYPE = 1, 1
+ATTRIBUTE_NAME, ATTRIBUTE_I, ATTRIBUTE_TYPE = 1, 3, 20
+ATTRIBUTE_TYPE_INT = 2
+FLOAT, FLOAT16 = 1, 10  # TensorProto.DataType
+
+MS_DOMAIN = "com.microsoft"
+PRODUCER = "meshllm"
+
+VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
+
+
+class Record(NamedTuple):
+    """One field occurrence: its number, its value (int for varints, bytes otherwise) and its encoding."""
+
+    field: int
+    value: int | bytes
+    raw: bytes
+
+    @property
+    def data(self) -> bytes:
+        if not isinstance(self.value, bytes):
+            raise ModelError(f"protobuf field {self.field} is a number where a message or string was expected")
+        return self.value
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]  # IndexError at the end: a truncated message
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def parse(buf: bytes) -> list[Record]:
+    """The records of one message, in order."""
+    out: list[Record] = []
+    pos, end = 0, len(buf)
+    try:
+        while pos < end:
+            start = pos
+            key, pos = _read_varint(buf, pos)
+            field, wire = key >> 3, key & 7
+            value: int | bytes
+            if wire == VARINT:
+                value, pos = _read_varint(buf, pos)
+            elif wire == LENGTH:
+                n, pos = _read_varint(buf, pos)
+                value = buf[pos:pos + n]
+                pos += n
+            elif wire in (FIXED64, FIXED32):
+                n = 8 if wire == FIXED64 else 4
+                value = buf[pos:pos + n]
+                pos += n
+            else:
+                raise ValueError(f"wire type {wire}")
+            if pos > end or field == 0:
+                raise ValueError("truncated" if pos > end else "field 0")
+            out.append(Record(field, value, buf[start:pos]))
+    except (IndexError, ValueError) as e:
+        raise ModelError(f"not a protobuf message ({e or 'truncated'})") from None
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def varint_field(field: int, n: int) -> bytes:
+    return _varint(field << 3 | VARINT) + _varint(n)
+
+
+def length_field(field: int, payload: bytes | str) -> bytes:
+    data = payload.encode("utf-8") if isinstance(payload, str) else payload
+    return _varint(field << 3 | LENGTH) + _varint(len(data)) + data
+
+
+def first(records: Iterable[Record], field: int) -> Record | None:
+    return next((r for r in records if r.field == field), None)
+
+
+def strings(records: Iterable[Record], field: int) -> list[str]:
+    return [r.text for r in records if r.field == field]
+
+
+def name_of(message: bytes, field: int) -> str:
+    rec = first(parse(message), field)
+    return rec.text if rec is not None else ""
+
+
+# --- merging ------------------------------------------------------------------
+
+
+def merge(parts: Sequence[bytes], name: str) -> bytes:
+    """Part models (serialized ``ModelProto``) concatenated into one; tensors flow by name.
+
+    The graph's inputs are the parts' inputs that no node produces (each once), its outputs the
+    last part's first output (hidden states or logits) and every ``present_*``; an initializer
+    shared by several parts (the RoPE tables) is kept once. ``ir_version`` and ``opset_import``
+    come from the first part."""
+    if not parts:
+        raise ModelError("no part graphs to merge")
+    models = [parse(p) for p in parts]
+    graphs = []
+    for m in models:
+        g = first(m, MODEL_GRAPH)
+        if g is None:
+            raise ModelError("an ONNX model without a graph")
+        graphs.append(parse(g.data))
+    nodes = [r for g in graphs for r in g if r.field == GRAPH_NODE]
+    produced = {o for n in nodes for o in strings(parse(n.data), NODE_OUTPUT)}
+    inits: dict[str, bytes] = {}
+    inputs: dict[str, bytes] = {}
+    for g in graphs:
+        for r in g:
+            if r.field == GRAPH_INITIALIZER:
+                inits.setdefault(name_of(r.data, TENSOR_NAME), r.raw)
+            elif r.field == GRAPH_INPUT:
+                n = name_of(r.data, VALUE_INFO_NAME)
+                if n not in produced:
+                    inputs.setdefault(n, r.raw)
+    last_out = first(graphs[-1], GRAPH_OUTPUT)
+    if last_out is None:
+        raise ModelError("a part graph without outputs")
+    presents = [r.raw for g in graphs for r in g
+                if r.field == GRAPH_OUTPUT and name_of(r.data, VALUE_INFO_NAME).startswith("present_")]
+    graph = b"".join([*(n.raw for n in nodes), length_field(GRAPH_NAME, name), *inits.values(), *inputs.values(),
+                      last_out.raw, *presents])
+    ir = first(models[0], MODEL_IR_VERSION)
+    opsets = [r.raw for r in models[0] if r.field == MODEL_OPSET_IMPORT]
+    return b"".join([ir.raw if ir is not None else b"", length_field(MODEL_PRODUCER_NAME, PRODUCER),
+                     length_field(MODEL_GRAPH, graph), *opsets])
+
+
+# --- the KV cache's dtype -----------------------------------------------------
+
+
+def _node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, to: int) -> bytes:
+    """A ``Cast`` node (the only node this module makes), encoded as ``onnx.helper.make_node`` does."""
+    attr = length_field(ATTRIBUTE_NAME, "to") + varint_field(ATTRIBUTE_I, to) + varint_field(ATTRIBUTE_TYPE,
+                                                                                             ATTRIBUTE_TYPE_INT)
+    return length_field(GRAPH_NODE, b"".join([*(length_field(NODE_INPUT, i) for i in inputs),
+                                              *(length_field(NODE_OUTPUT, o) for o in outputs),
+                                              length_field(NODE_NAME, name), length_field(NODE_OP_TYPE, op),
+                                              length_field(NODE_ATTRIBUTE, attr)]))
+
+
+def _replace(records: Sequence[Record], field: int, index: int, value: str) -> list[Record]:
+    """``records`` with the ``index``-th occurrence of string ``field`` set to ``value``."""
+    out, seen = [], 0
+    for r in records:
+        if r.field == field:
+            if seen == index:
+                raw = length_field(field, value)
+                r = Record(field, value.encode("utf-8"), raw)
+            seen += 1
+        out.append(r)
+    return out
+
+
+def _retype(value_info: Record, elem_type: int) -> bytes:
+    """A graph input/output record with its tensor's element type set to ``elem_type``."""
+    fields = []
+    for r in parse(value_info.data):
+        if r.field == VALUE_INFO_TYPE:
+            tp = []
+            for t in parse(r.data):
+                if t.field == TYPE_TENSOR:
+                    tensor = [varint_field(TENSOR_TYPE_ELEM_TYPE, elem_type) if e.field == TENSOR_TYPE_ELEM_TYPE
+                              else e.raw for e in parse(t.data)]
+                    t = Record(t.field, b"", length_field(TYPE_TENSOR, b"".join(tensor)))
+                tp.append(t.raw)
+            r = Record(r.field, b"", length_field(VALUE_INFO_TYPE, b"".join(tp)))
+        fields.append(r.raw)
+    return length_field(value_info.field, b"".join(fields))
+
+
+def with_float16_kv(model: bytes) -> bytes:
+    """The model with its KV caches (``past_*``/``present_*``) float16.
+
+    GroupQueryAttention has one type T for q, k, v, the caches and the cos/sin tables, so a float16
+    cache makes the whole operator float16: Casts go in front of its float inputs and one after its
+    output; everything else stays float32."""
+    records = parse(model)
+    g = first(records, MODEL_GRAPH)
+    if g is None:
+        raise ModelError("an ONNX model without a graph")
+    graph: list[bytes] = []
+    cast: dict[str, str] = {}  # float32 tensor -> its float16 copy (the RoPE tables are shared)
+    for r in parse(g.data):
+        if r.field == GRAPH_NODE:
+            node = parse(r.data)
+            op, domain = first(node, NODE_OP_TYPE), first(node, NODE_DOMAIN)
+            if op is None or op.text != "GroupQueryAttention" or domain is None or domain.text != MS_DOMAIN:
+                graph.append(r.raw)
+                continue
+            ins = strings(node, NODE_INPUT)
+            for i in (0, 1, 2, 7, 8):  # query, key, value, cos_cache, sin_cache
+                if i < len(ins) and ins[i]:
+                    src = ins[i]
+                    if src not in cast:
+                        cast[src] = src + ".f16"
+                        graph.append(_node("Cast", [src], [cast[src]], f"Cast.{src}.f16", FLOAT16))
+                    node = _replace(node, NODE_INPUT, i, cast[src])
+            out = strings(node, NODE_OUTPUT)[0]
+            node = _replace(node, NODE_OUTPUT, 0, out + ".f16")
+            graph.append(length_field(GRAPH_NODE, b"".join(n.raw for n in node)))
+            graph.append(_node("Cast", [out + ".f16"], [out], f"Cast.{out}.f32", FLOAT))
+        elif r.field in (GRAPH_INPUT, GRAPH_OUTPUT) and \
+                name_of(r.data, VALUE_INFO_NAME).startswith(("past_", "present_")):
+            graph.append(_retype(r, FLOAT16))
+        else:
+            graph.append(r.raw)
+    return b"".join(length_field(MODEL_GRAPH, b"".join(graph)) if r.field == MODEL_GRAPH else r.raw
+                    for r in records)
