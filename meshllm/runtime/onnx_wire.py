@@ -257,3 +257,85 @@ def with_float16_kv(model: bytes) -> bytes:
             graph.append(r.raw)
     return b"".join(length_field(MODEL_GRAPH, b"".join(graph)) if r.field == MODEL_GRAPH else r.raw
                     for r in records)
+
+
+# --- reading a part's nodes and initializers ---------------------------------------
+
+TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_RAW_DATA, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 1, 2, 9, 13, 14
+ENTRY_KEY, ENTRY_VALUE = 1, 2
+EXTERNAL = 1  # TensorProto.DataLocation
+
+
+class Node(NamedTuple):
+    op_type: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    ints: dict[str, int]  # the integer attributes
+
+
+class Tensor(NamedTuple):
+    """An initializer: its name, data type and shape, and where its bytes are (external data only)."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    location: str | None  # the external file, relative to the model directory; None: inline data
+    offset: int
+    length: int
+
+
+def _ints(records: Iterable[Record], field: int) -> list[int]:
+    out: list[int] = []
+    for r in records:
+        if r.field != field:
+            continue
+        if isinstance(r.value, int):
+            out.append(r.value)
+        else:  # packed
+            pos = 0
+            while pos < len(r.value):
+                v, pos = _read_varint(r.value, pos)
+                out.append(v)
+    return out
+
+
+def read_node(message: bytes) -> Node:
+    rec = parse(message)
+    ints = {}
+    for a in (r for r in rec if r.field == NODE_ATTRIBUTE):
+        attr = parse(a.data)
+        name, i = first(attr, ATTRIBUTE_NAME), first(attr, ATTRIBUTE_I)
+        if name is not None and i is not None and isinstance(i.value, int):
+            ints[name.text] = i.value
+    op, domain = first(rec, NODE_OP_TYPE), first(rec, NODE_DOMAIN)
+    return Node(op.text if op else "", domain.text if domain else "", strings(rec, NODE_INPUT),
+                strings(rec, NODE_OUTPUT), ints)
+
+
+def read_tensor(message: bytes) -> Tensor:
+    rec = parse(message)
+    name, dtype = first(rec, TENSOR_NAME), first(rec, TENSOR_DATA_TYPE)
+    where = first(rec, TENSOR_DATA_LOCATION)
+    ext: dict[str, str] = {}
+    for e in (r for r in rec if r.field == TENSOR_EXTERNAL_DATA):
+        kv = parse(e.data)
+        k, v = first(kv, ENTRY_KEY), first(kv, ENTRY_VALUE)
+        if k is not None and v is not None:
+            ext[k.text] = v.text
+    external = where is not None and where.value == EXTERNAL and "location" in ext
+    return Tensor(name.text if name else "", int(dtype.value) if dtype and isinstance(dtype.value, int) else 0,
+                  tuple(_ints(rec, TENSOR_DIMS)), ext["location"] if external else None,
+                  int(ext.get("offset", 0)) if external else 0, int(ext.get("length", -1)) if external else 0)
+
+
+def graph_contents(model: bytes) -> tuple[list[Node], dict[str, Tensor], list[str], list[str]]:
+    """A model's nodes, initializers by name, and the names of its graph's inputs and outputs."""
+    g = first(parse(model), MODEL_GRAPH)
+    if g is None:
+        raise ModelError("an ONNX model without a graph")
+    rec = parse(g.data)
+    nodes = [read_node(r.data) for r in rec if r.field == GRAPH_NODE]
+    tensors = {t.name: t for t in (read_tensor(r.data) for r in rec if r.field == GRAPH_INITIALIZER)}
+    return (nodes, tensors, [name_of(r.data, VALUE_INFO_NAME) for r in rec if r.field == GRAPH_INPUT],
+            [name_of(r.data, VALUE_INFO_NAME) for r in rec if r.field == GRAPH_OUTPUT])

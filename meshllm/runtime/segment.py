@@ -2,8 +2,10 @@
 
 The segment is the unit a node runs. At load, the per-layer graphs of the
 model directory are concatenated into one graph (one session per segment: one
-thread pool, one ``run`` per step), with the embedding when ``start == 0`` and
-the head when ``stop == n_layers``.
+thread pool, one ``run`` per step), with the head when ``stop == n_layers``.
+The first segment (``start == 0``) looks up its tokens' embedding rows itself, reading
+them from the model file per step (:mod:`meshllm.runtime.embedding`), so no copy of
+the table is held; an embedding graph of another form stays in the session.
 
 KV caches live here, per layer, as preallocated arrays of shape
 ``(max_batch, kv_heads, max_seq_len, head_dim)``, float32 or float16 (the
@@ -33,6 +35,7 @@ from meshllm.errors import ContextLengthError, GenerationError, ManifestError, M
 from meshllm.model import interface
 from meshllm.model.manifest import Manifest, load_manifest, verify_files
 from meshllm.runtime import onnx_wire
+from meshllm.runtime.embedding import EmbeddingRows, runtime_embedding
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,12 @@ class Segment:
         if self.kv_dtype_name not in interface.KV_DTYPES:
             raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(interface.KV_DTYPES)}")
         self.kv_dtype = np.dtype(interface.KV_DTYPES[self.kv_dtype_name])
+        # the first segment looks its tokens' embedding rows up itself (never holding the table) where it can
+        self._embed: EmbeddingRows | None = None
+        if self.has_embed:
+            self._embed = runtime_embedding(self.model_dir, graph_files[0], cfg.dim)
+            if self._embed is not None:
+                graph_files = graph_files[1:]
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
         if self.kv_dtype_name == "fp16":
             model = onnx_wire.with_float16_kv(model)
@@ -126,7 +135,8 @@ class Segment:
             self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own, unrelated error types
             raise ModelError(f"{self.model_dir}: cannot load layers [{self.start}, {self.stop}): {e}") from None
-        self.input_name = interface.INPUT_IDS if self.has_embed else interface.hidden_out(self.start - 1)
+        self.input_name = (interface.HIDDEN if self._embed is not None else interface.INPUT_IDS) if self.has_embed \
+            else interface.hidden_out(self.start - 1)
         self.output_name = interface.LOGITS if self.has_head else interface.hidden_out(self.stop - 1)
         shape = (max_batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
         self._k = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
@@ -306,6 +316,8 @@ class Segment:
             self._bind(lo, b, decode)
         self._seqlens[:b] = total - 1
         self._total[...] = total.max()
+        if self._embed is not None:
+            x = self._embed(x)
         io.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
         try:
             self.session.run_with_iobinding(io)
