@@ -74,7 +74,8 @@ def test_a_segment_with_the_runtime_lookup_gives_the_logits_of_the_graph(models:
         t.ClearField("data_location")
         del t.external_data[:]
     onnx.save(m, str(inline / "embed.onnx"))
-    segs = [Segment(models / dtype, max_batch=2, prefill_chunk=32), Segment(inline, max_batch=2, verify=False, prefill_chunk=32)]
+    segs = [Segment(models / dtype, max_batch=2, prefill_chunk=32),
+            Segment(inline, max_batch=2, verify=False, prefill_chunk=32)]
     assert segs[0]._embed is not None and segs[1]._embed is None
     outs = []
     for s in segs:
