@@ -133,3 +133,14 @@ def test_a_table_file_shorter_than_its_rows_is_refused_at_load(models: Path, tmp
     data.write_bytes(data.read_bytes()[:1000])
     with pytest.raises(ModelError, match="embed.onnx.data: shorter than the embedding table"):
         runtime_embedding(broken, "embed.onnx", 128)
+
+
+def test_a_table_with_fewer_rows_than_the_vocabulary_is_refused_at_load(models: Path, tmp_path: Path) -> None:
+    # ids are checked against vocab_size before a step: a row beyond the table would be read past its end
+    broken = tmp_path / "int4"
+    shutil.copytree(models / "int4", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["config"]["vocab_size"] = 600
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="embedding table has 512 rows but the config's vocab_size is 600"):
+        Segment(broken)

@@ -127,6 +127,9 @@ class Segment:
             self._embed = runtime_embedding(self.model_dir, graph_files[0], cfg.dim)
             if self._embed is not None:
                 graph_files = graph_files[1:]
+                if self._embed.layout.rows != cfg.vocab_size:
+                    raise ModelError(f"{self.model_dir}: the embedding table has {self._embed.layout.rows} rows "
+                                     f"but the config's vocab_size is {cfg.vocab_size}")
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
         if self.kv_dtype_name == "fp16":
             model = onnx_wire.with_float16_kv(model)
