@@ -9,8 +9,9 @@ so the output is what ``onnx`` would serialize (``tests/test_memory_runtime.py``
 
 Wire format: a record is a varint key ``field << 3 | wire type`` and a payload (0: varint, 1: 8
 bytes, 2: varint length and bytes, 5: 4 bytes). Field numbers below are those of ``onnx.proto``.
-This module knows nothing of segments or sessions; it raises :class:`ModelError` on bytes that are
-not a protobuf message.
+It also reads a part's nodes and initializers (names, types, shapes, where external data lies),
+which the runtime's embedding lookup needs. This module knows nothing of segments or sessions; it
+raises :class:`ModelError` on bytes that are not a protobuf message.
 """
 
 from __future__ import annotations
@@ -179,14 +180,13 @@ def merge(parts: Sequence[bytes], name: str) -> bytes:
 # --- the KV cache's dtype -----------------------------------------------------
 
 
-def _node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, to: int) -> bytes:
-    """A ``Cast`` node (the only node this module makes), encoded as ``onnx.helper.make_node`` does."""
-    attr = length_field(ATTRIBUTE_NAME, "to") + varint_field(ATTRIBUTE_I, to) + varint_field(ATTRIBUTE_TYPE,
-                                                                                             ATTRIBUTE_TYPE_INT)
-    return length_field(GRAPH_NODE, b"".join([*(length_field(NODE_INPUT, i) for i in inputs),
-                                              *(length_field(NODE_OUTPUT, o) for o in outputs),
-                                              length_field(NODE_NAME, name), length_field(NODE_OP_TYPE, op),
-                                              length_field(NODE_ATTRIBUTE, attr)]))
+def _cast(src: str, dst: str, name: str, to: int) -> bytes:
+    """A graph's ``Cast`` node record (the only node this module makes), encoded as ``onnx.helper`` does."""
+    attr = (length_field(ATTRIBUTE_NAME, "to") + varint_field(ATTRIBUTE_I, to)
+            + varint_field(ATTRIBUTE_TYPE, ATTRIBUTE_TYPE_INT))
+    node = (length_field(NODE_INPUT, src) + length_field(NODE_OUTPUT, dst) + length_field(NODE_NAME, name)
+            + length_field(NODE_OP_TYPE, "Cast") + length_field(NODE_ATTRIBUTE, attr))
+    return length_field(GRAPH_NODE, node)
 
 
 def _replace(records: Sequence[Record], field: int, index: int, value: str) -> list[Record]:
@@ -203,20 +203,22 @@ def _replace(records: Sequence[Record], field: int, index: int, value: str) -> l
 
 
 def _retype(value_info: Record, elem_type: int) -> bytes:
-    """A graph input/output record with its tensor's element type set to ``elem_type``."""
-    fields = []
-    for r in parse(value_info.data):
-        if r.field == VALUE_INFO_TYPE:
-            tp = []
-            for t in parse(r.data):
-                if t.field == TYPE_TENSOR:
-                    tensor = [varint_field(TENSOR_TYPE_ELEM_TYPE, elem_type) if e.field == TENSOR_TYPE_ELEM_TYPE
-                              else e.raw for e in parse(t.data)]
-                    t = Record(t.field, b"", length_field(TYPE_TENSOR, b"".join(tensor)))
-                tp.append(t.raw)
-            r = Record(r.field, b"", length_field(VALUE_INFO_TYPE, b"".join(tp)))
-        fields.append(r.raw)
-    return length_field(value_info.field, b"".join(fields))
+    """A graph input/output record with its tensor's element type set to ``elem_type``
+    (``ValueInfoProto.type.tensor_type.elem_type``); every other field as it was."""
+
+    def edit(message: bytes, path: tuple[int, ...]) -> bytes:
+        out = []
+        for r in parse(message):
+            if r.field != path[0]:
+                out.append(r.raw)
+            elif len(path) == 1:
+                out.append(varint_field(r.field, elem_type))
+            else:
+                out.append(length_field(r.field, edit(r.data, path[1:])))
+        return b"".join(out)
+
+    return length_field(value_info.field,
+                        edit(value_info.data, (VALUE_INFO_TYPE, TYPE_TENSOR, TENSOR_TYPE_ELEM_TYPE)))
 
 
 def with_float16_kv(model: bytes) -> bytes:
@@ -244,12 +246,12 @@ def with_float16_kv(model: bytes) -> bytes:
                     src = ins[i]
                     if src not in cast:
                         cast[src] = src + ".f16"
-                        graph.append(_node("Cast", [src], [cast[src]], f"Cast.{src}.f16", FLOAT16))
+                        graph.append(_cast(src, cast[src], f"Cast.{src}.f16", FLOAT16))
                     node = _replace(node, NODE_INPUT, i, cast[src])
             out = strings(node, NODE_OUTPUT)[0]
             node = _replace(node, NODE_OUTPUT, 0, out + ".f16")
             graph.append(length_field(GRAPH_NODE, b"".join(n.raw for n in node)))
-            graph.append(_node("Cast", [out + ".f16"], [out], f"Cast.{out}.f32", FLOAT))
+            graph.append(_cast(out + ".f16", out, f"Cast.{out}.f32", FLOAT))
         elif r.field in (GRAPH_INPUT, GRAPH_OUTPUT) and \
                 name_of(r.data, VALUE_INFO_NAME).startswith(("past_", "present_")):
             graph.append(_retype(r, FLOAT16))
@@ -294,9 +296,12 @@ def _ints(records: Iterable[Record], field: int) -> list[int]:
             out.append(r.value)
         else:  # packed
             pos = 0
-            while pos < len(r.value):
-                v, pos = _read_varint(r.value, pos)
-                out.append(v)
+            try:
+                while pos < len(r.value):
+                    v, pos = _read_varint(r.value, pos)
+                    out.append(v)
+            except (IndexError, ValueError):
+                raise ModelError(f"protobuf field {field}: a truncated packed list") from None
     return out
 
 
