@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from meshllm.errors import ModelError
@@ -30,6 +32,9 @@ from meshllm.runtime import onnx_wire
 from meshllm.runtime.segment import Segment, merge_parts
 
 ROOT = Path(__file__).resolve().parent.parent
+_TINY = make_llama2c_config(16, 32, 1, 2, 1, 32, 8, shared_classifier=True)
+#: a small real part graph (one layer, weights inline) for the damaged-bytes property
+GRAPH = graphs.build_layer(_TINY, random_llama2c_weights(_TINY, seed=1), 0, "fp32").SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +122,21 @@ def test_a_file_that_is_not_a_graph_is_refused_with_its_name(models: Path, tmp_p
     (tmp_path / "x.onnx").write_bytes(b"\x08\x07")  # a message, but no graph in it
     with pytest.raises(ModelError, match="cannot merge"):
         merge_parts(tmp_path, ["x.onnx"], "x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 199), st.binary(max_size=8))
+def test_damaged_graph_bytes_give_a_model_error_or_a_model_never_another_exception(
+        junk: bytes, cut: int, splice: bytes) -> None:
+    # random bytes, and a real part graph spliced or cut short
+    for data in (junk, GRAPH[:cut] + splice + GRAPH[cut:], GRAPH[:cut]):
+        for fn in (lambda d: onnx_wire.merge([d], "x"), lambda d: onnx_wire.with_float16_kv(d),
+                   onnx_wire.graph_contents):
+            try:
+                out = fn(data)
+            except ModelError:
+                continue
+            assert out is not None
 
 
 def test_the_package_builds_graphs_with_the_interface_the_runtime_names(models: Path) -> None:
