@@ -53,7 +53,10 @@ class Record(NamedTuple):
 
     @property
     def text(self) -> str:
-        return self.data.decode("utf-8")
+        try:
+            return self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"protobuf field {self.field} is not UTF-8 text") from None
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
