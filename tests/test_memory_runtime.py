@@ -122,6 +122,11 @@ def test_a_file_that_is_not_a_graph_is_refused_with_its_name(models: Path, tmp_p
     (tmp_path / "x.onnx").write_bytes(b"\x08\x07")  # a message, but no graph in it
     with pytest.raises(ModelError, match="cannot merge"):
         merge_parts(tmp_path, ["x.onnx"], "x")
+    # a graph whose node output name is not UTF-8
+    node = onnx_wire.length_field(onnx_wire.GRAPH_NODE, onnx_wire.length_field(onnx_wire.NODE_OUTPUT, b"\xff\xfe"))
+    (tmp_path / "y.onnx").write_bytes(onnx_wire.length_field(onnx_wire.MODEL_GRAPH, node))
+    with pytest.raises(ModelError, match="not UTF-8"):
+        merge_parts(tmp_path, ["y.onnx"], "y")
 
 
 @settings(max_examples=300, deadline=None)
