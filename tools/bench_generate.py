@@ -16,7 +16,8 @@ slows all of them alike):
 - decode ms/token at positions 16 and 480 (batch 1), and tokens/s;
 - prefill tokens/s for a 512-token prompt;
 - peak resident memory of a process that loads the model and runs the above
-  (each dtype in its own subprocess, so peaks do not mix);
+  (each dtype in its own subprocess, so peaks do not mix; the subprocess imports
+  the runtime only, not the export side);
 - the bytes one decode step reads (weights of the layers and head as loaded,
   from the manifest's per-part run-time bytes, plus the KV cache at position 16),
   the floor for those bytes (an onnxruntime matrix-vector product over a float32
@@ -47,12 +48,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meshllm.model.export import export  # noqa: E402
-from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c  # noqa: E402
+# Only what a measuring child needs is imported here: its peak memory is the runtime's, so the export side
+# (which imports onnx, ~10 MB) is imported where models are made, in the parent.
 from meshllm.model.manifest import Manifest, load_manifest  # noqa: E402
-from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin  # noqa: E402
-from meshllm.plan.cost import part_runtime_bytes  # noqa: E402
-from meshllm.profile import matmul_session, median_seconds  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
 # name: (dim, ffn, layers, heads, kv heads, vocab, context, description)
@@ -82,6 +80,10 @@ def ensure_model(shape: str, dtype: str, bench: Path = BENCH) -> Path:
     out = bench / f"{shape}-random-{dtype}"
     if (out / "manifest.json").is_file():
         return out
+    from meshllm.model.export import export
+    from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c
+    from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin
+
     dim, ffn, layers, heads, kv, vocab, ctx, _ = SHAPES[shape]
     ckpt = bench / f"{shape}-random.bin"
     if not ckpt.is_file():
@@ -106,6 +108,8 @@ def ensure_model(shape: str, dtype: str, bench: Path = BENCH) -> Path:
 
 def step_bytes(m: Manifest, position: int) -> int:
     """Bytes one batch-1 decode step reads: layer and head weights as loaded, and the KV cache so far."""
+    from meshllm.plan.cost import part_runtime_bytes
+
     weights = sum(part_runtime_bytes(m.part(f"layer.{i}")) for i in range(m.config.n_layers))
     weights += part_runtime_bytes(m.part("head"))
     kv = sum(c.kv_bytes_per_token for c in m.layer_costs) * position
@@ -191,6 +195,8 @@ def matvec_floor_ms(n_bytes: int, k: int, threads: int | None = None, reps: int 
     """Median time of x(1,k) @ W(k, n) in onnxruntime with W of ``n_bytes`` float32 bytes (the same
     measurement a node makes of its memory bandwidth, over the bytes a decode step reads), with the
     decode's threads and clock."""
+    from meshllm.profile import matmul_session, median_seconds
+
     sess, x = matmul_session(1, k, max(1, n_bytes // 4 // k), threads)
     if clock is time.perf_counter:
         return median_seconds(sess, x, reps) * 1e3

@@ -5,13 +5,7 @@ Each function reads like the block it builds (shapes in comments). The layer
 graph is the unit of placement: the runtime concatenates consecutive layer
 graphs into one segment graph (see :mod:`meshllm.runtime.segment`).
 
-Tensor interface (B = batch, S = new tokens, D = dim, M = cache length)::
-
-    embed:  input_ids int64 (B, S)            -> hidden (B, S, D)
-    layer:  hidden (B, S, D), seqlens_k int32 (B), total_seq_len int32 ()
-            past_key / past_value (B, KV, M, hd)
-                                              -> hidden, present_key, present_value
-    head:   hidden (B, S, D)                  -> logits (B, V) of the last position
+The tensor interface between parts (names, shapes) is in :mod:`meshllm.model.interface`.
 
 Attention is ``com.microsoft.GroupQueryAttention`` with RoPE inside
 (``do_rotary``) and a packed QKV input. The fused rotary needs a head size that
@@ -21,10 +15,10 @@ and the operator gets ``do_rotary=0``. When the runtime binds ``past_*`` and
 ``present_*`` to one buffer, onnxruntime writes the new keys/values in place
 (no per-step copy of the cache); see ``shared/ORT-NOTES.md``.
 
-Exported graphs always hold a float32 KV cache; :func:`with_kv_dtype` turns a
-(merged) graph's caches into float16 at load, so the KV dtype is a run-time
-choice (per model in its config, per node on the command line) and never
-changes the model files.
+Exported graphs always hold a float32 KV cache; the runtime turns a (merged)
+graph's caches into float16 at load (:func:`meshllm.runtime.onnx_wire.with_float16_kv`),
+so the KV dtype is a run-time choice (per model in its config, per node on the
+command line) and never changes the model files.
 """
 
 from __future__ import annotations
@@ -38,6 +32,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meshllm.errors import UnsupportedModelError
 from meshllm.model.config import ModelConfig
+from meshllm.model.interface import (  # noqa: F401 (the part interface, re-exported)
+    FUSED_ROTARY_MULTIPLE,
+    HEAD_LAST_INDEX,
+    HIDDEN,
+    INPUT_IDS,
+    KV_DTYPES,
+    LOGITS,
+    SEQLENS_K,
+    TOTAL_SEQ_LEN,
+    fused_rotary,
+    hidden_out,
+    past_key,
+    past_value,
+    present_key,
+    present_value,
+)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -46,39 +56,6 @@ IR_VERSION = 9
 #: Storage dtypes of weights. Compute is always float32 on CPU; half-precision
 #: weights are upcast inside the graph (a Cast that onnxruntime folds at load).
 WEIGHT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-
-#: Dtypes of the KV cache (``ModelConfig.kv_dtype``, ``meshllm node --kv-dtype``).
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-
-#: GroupQueryAttention's fused rotary (do_rotary=1) needs head sizes that are multiples of this.
-FUSED_ROTARY_MULTIPLE = 16
-
-# Public tensor names of a part's interface.
-INPUT_IDS = "input_ids"
-HIDDEN = "hidden"
-SEQLENS_K = "seqlens_k"
-TOTAL_SEQ_LEN = "total_seq_len"
-LOGITS = "logits"
-
-
-def past_key(layer: int) -> str:
-    return f"past_key.{layer}"
-
-
-def past_value(layer: int) -> str:
-    return f"past_value.{layer}"
-
-
-def present_key(layer: int) -> str:
-    return f"present_key.{layer}"
-
-
-def present_value(layer: int) -> str:
-    return f"present_value.{layer}"
-
-
-def hidden_out(layer: int) -> str:
-    return f"hidden.{layer + 1}"
 
 
 @dataclass
@@ -164,11 +141,6 @@ def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     pos = np.arange(cfg.max_seq_len, dtype=np.float32)
     ang = np.outer(pos, inv_freq32).astype(np.float32)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
-def fused_rotary(cfg: ModelConfig) -> bool:
-    """Whether GroupQueryAttention can apply RoPE itself (faster: no separate pass over q and k)."""
-    return cfg.head_dim % FUSED_ROTARY_MULTIPLE == 0
 
 
 def positions(b: _Builder, x: str) -> str:
@@ -303,6 +275,7 @@ def build_head(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype: str) 
     """Final RMSNorm + LM head on the last position only: decode never needs more."""
     b = _Builder("head.", dtype, [], [])
     x = hidden_out(cfg.n_layers - 1)
+    # the index is named HEAD_LAST_INDEX ("head." + "last_index"): the runtime rewrites this Gather at load
     last = b.node("Gather", [x, b.const("last_index", np.array(-1, np.int64))], "last", axis=1)  # (B, D)
     normed = rms_norm(b, last, weights["norm"], cfg.norm_eps, "norm")
     out_w = weights["tok_embeddings"] if cfg.tied_embeddings else weights["output"]
@@ -312,97 +285,3 @@ def build_head(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype: str) 
         [_f32(x, ["B", "S", cfg.dim])],
         [_f32(LOGITS, ["B", cfg.vocab_size])],
     )
-
-
-# --- KV cache dtype -------------------------------------------------------
-
-
-def with_kv_dtype(model: onnx.ModelProto, kv_dtype: str) -> onnx.ModelProto:
-    """The graph with its KV caches (``past_*``/``present_*``) in ``kv_dtype``, in place.
-
-    GroupQueryAttention has one type T for q, k, v, the caches and the cos/sin tables, so a
-    float16 cache makes the whole operator float16: Casts go in front of its float inputs and one
-    after its output; everything else stays float32. float32 leaves the graph as it is."""
-    if kv_dtype not in KV_DTYPES:
-        raise UnsupportedModelError(f"KV dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
-    if kv_dtype == "fp32":
-        return model
-    g = model.graph
-    caches = {vi.name for vi in (*g.input, *g.output) if vi.name.startswith(("past_", "present_"))}
-    cast: dict[str, str] = {}  # float32 tensor -> its float16 copy (the RoPE tables are shared)
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN:
-            for i in (0, 1, 2, 7, 8):  # query, key, value, cos_cache, sin_cache
-                if i < len(n.input) and n.input[i]:
-                    src = n.input[i]
-                    if src not in cast:
-                        cast[src] = src + ".f16"
-                        nodes.append(helper.make_node("Cast", [src], [cast[src]], name=f"Cast.{src}.f16",
-                                                      to=TensorProto.FLOAT16))
-                    n.input[i] = cast[src]
-            out = n.output[0]
-            n.output[0] = out + ".f16"
-            nodes.append(n)
-            nodes.append(helper.make_node("Cast", [n.output[0]], [out], name=f"Cast.{out}.f32", to=TensorProto.FLOAT))
-        else:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    for vi in (*g.input, *g.output):
-        if vi.name in caches:
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-    return model
-
-
-#: The head's index of the position it reads (:func:`build_head`), which :func:`with_row_last` replaces.
-HEAD_LAST_INDEX = "head.last_index"
-
-
-def with_row_last(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A (merged) graph whose head reads, in each row, position ``min(seqlens_k[b], S - 1)`` instead of ``S - 1``,
-    in place; a graph without the head is returned as it is.
-
-    The two agree wherever a row has no padding: a decode step (S = 1) and a prompt chunk after earlier tokens
-    (``seqlens_k >= S - 1``) read position ``S - 1``, bit for bit. They differ only for new sequences prefilled
-    together (:meth:`meshllm.runtime.segment.Segment.prefill_many`): rows padded on the right to the longest,
-    each with its true length in ``seqlens_k``, whose last true token is at ``seqlens_k[b]``. Done at load, so
-    that model files exported before it serve batched prompts too."""
-    g = model.graph
-    at = next((i for i, n in enumerate(g.node) if n.op_type == "Gather" and len(n.input) == 2
-               and n.input[1] == HEAD_LAST_INDEX), None)
-    if at is None:
-        return model
-    old = g.node[at]
-    x, out, p = old.input[0], old.output[0], "head.row_last."
-
-    def const(name: str, arr: np.ndarray) -> str:
-        g.initializer.append(numpy_helper.from_array(np.asarray(arr), p + name))
-        return p + name
-
-    def node(op: str, inputs: list[str], name: str, **attrs: object) -> str:
-        new.append(helper.make_node(op, inputs, [p + name], name=p + name, **attrs))
-        return p + name
-
-    new: list[onnx.NodeProto] = []
-    shape = node("Shape", [x], "shape")  # (B, S, D)
-    s1 = node("Sub", [node("Gather", [shape, const("one_index", np.array(1, np.int64))], "S", axis=0),
-                      const("one", np.array(1, np.int64))], "S_minus_1")
-    row = node("Min", [node("Cast", [SEQLENS_K], "seqlens64", to=TensorProto.INT64), s1], "index")  # (B,)
-    index = node("Unsqueeze", [row, const("axes12", np.array([1, 2], np.int64))], "index3")  # (B, 1, 1)
-    dims = node("Concat", [node("Slice", [shape, const("zero1", np.array([0], np.int64)),
-                                          const("one1", np.array([1], np.int64))], "B"),
-                           const("one1b", np.array([1], np.int64)),
-                           node("Slice", [shape, const("two1", np.array([2], np.int64)),
-                                          const("three1", np.array([3], np.int64))], "D")], "dims", axis=0)
-    picked = node("GatherElements", [x, node("Expand", [index, dims], "indices")], "picked", axis=1)  # (B, 1, D)
-    new.append(helper.make_node("Squeeze", [picked, const("axis1", np.array([1], np.int64))], [out],
-                                name=p + "last"))  # (B, D)
-    nodes = list(g.node)
-    del g.node[:]
-    g.node.extend(nodes[:at] + new + nodes[at + 1:])
-    if not any(HEAD_LAST_INDEX in n.input for n in g.node):
-        kept = [t for t in g.initializer if t.name != HEAD_LAST_INDEX]
-        del g.initializer[:]
-        g.initializer.extend(kept)
-    return model

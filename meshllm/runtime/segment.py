@@ -2,13 +2,15 @@
 
 The segment is the unit a node runs. At load, the per-layer graphs of the
 model directory are concatenated into one graph (one session per segment: one
-thread pool, one ``run`` per step), with the embedding when ``start == 0`` and
-the head when ``stop == n_layers``.
+thread pool, one ``run`` per step), with the head when ``stop == n_layers``.
+The first segment (``start == 0``) looks up its tokens' embedding rows itself, reading
+them from the model file per step (:mod:`meshllm.runtime.embedding`), so no copy of
+the table is held; an embedding graph of another form stays in the session.
 
 KV caches live here, per layer, as preallocated arrays of shape
 ``(max_batch, kv_heads, max_seq_len, head_dim)``, float32 or float16 (the
 model's ``kv_dtype`` or the node's choice; the graph is retyped to match at
-load, see :func:`meshllm.model.graphs.with_kv_dtype`); each sequence owns one batch
+load, see :func:`meshllm.runtime.onnx_wire.with_float16_kv`); each sequence owns one batch
 row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
 onnxruntime's GroupQueryAttention appends the new keys and values in place and
 never copies the cache. A batched decode step needs its sequences in
@@ -16,7 +18,8 @@ consecutive slots; :meth:`Segment.decode` moves rows when the batch changes
 (a copy of one sequence's cache, not one per step). The prompts of new sequences
 can run together too (:meth:`Segment.prefill_many`: rows padded to the longest).
 
-This module runs graphs; it knows nothing of tokens, sampling or the network.
+This module runs graphs; it knows nothing of tokens, sampling or the network. It does not import
+``onnx``: part graphs are merged at the protobuf wire level (:mod:`meshllm.runtime.onnx_wire`).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from meshllm.errors import ContextLengthError, GenerationError, ManifestError, ModelError
-from meshllm.model import graphs
+from meshllm.model import interface
 from meshllm.model.manifest import Manifest, load_manifest, verify_files
+from meshllm.runtime import onnx_wire
+from meshllm.runtime.embedding import EmbeddingRows, runtime_embedding
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,9 @@ SeqId = Hashable
 
 #: A longer prompt is prefilled in chunks of this many tokens: the activations of a step grow with its
 #: tokens (and onnxruntime's arena keeps its peak), so 512 tokens at once held ~50 MB more than 4 x 128
-#: on the 110M shape, at the same speed (docs/inference.md).
-PREFILL_CHUNK = 128
+#: on the 110M shape, at the same speed, and 8 x 64 ~10 MB less than 4 x 128 (5 % of an int4 process)
+#: for a prefill 2-5 % slower (docs/inference.md).
+PREFILL_CHUNK = 64
 
 
 def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
@@ -59,31 +64,20 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     return so
 
 
-def merge_parts(model_dir: Path, files: Sequence[str], name: str) -> onnx.ModelProto:
-    """Concatenates part graphs; tensors flow by their interface names (``hidden.<i>`` ...)."""
+def merge_parts(model_dir: Path, files: Sequence[str], name: str) -> bytes:
+    """Concatenates part graphs (a serialized ``ModelProto``); tensors flow by their interface names
+    (``hidden.<i>`` ...)."""
     protos = []
     for f in files:
         try:
-            protos.append(onnx.load(str(model_dir / f), load_external_data=False))
-        except Exception as e:  # protobuf decode errors have no common base
+            protos.append((model_dir / f).read_bytes())
+            onnx_wire.parse(protos[-1])
+        except (OSError, ModelError) as e:
             raise ModelError(f"{model_dir / f}: not a readable ONNX graph ({e})") from None
-    nodes = [n for p in protos for n in p.graph.node]
-    produced = {o for n in nodes for o in n.output}
-    inits: dict[str, onnx.TensorProto] = {}
-    inputs: dict[str, onnx.ValueInfoProto] = {}
-    for p in protos:
-        for t in p.graph.initializer:
-            inits.setdefault(t.name, t)  # shared constants (RoPE tables) are kept once
-        for vi in p.graph.input:
-            if vi.name not in produced:
-                inputs.setdefault(vi.name, vi)
-    last_out = protos[-1].graph.output[0]
-    presents = [vi for p in protos for vi in p.graph.output if vi.name.startswith("present_")]
-    graph = onnx.helper.make_graph(nodes, name, list(inputs.values()), [last_out, *presents],
-                                   initializer=list(inits.values()))
-    model = onnx.helper.make_model(graph, opset_imports=protos[0].opset_import, producer_name="meshllm")
-    model.ir_version = protos[0].ir_version
-    return model
+    try:
+        return onnx_wire.merge(protos, name)
+    except ModelError as e:
+        raise ModelError(f"{model_dir}: cannot merge the graphs of {', '.join(files)} ({e})") from None
 
 
 class Segment:
@@ -125,19 +119,31 @@ class Segment:
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         graph_files = [p.files[0] for p in parts]
         self.kv_dtype_name = kv_dtype or cfg.kv_dtype
-        if self.kv_dtype_name not in graphs.KV_DTYPES:
-            raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(graphs.KV_DTYPES)}")
-        self.kv_dtype = np.dtype(graphs.KV_DTYPES[self.kv_dtype_name])
+        if self.kv_dtype_name not in interface.KV_DTYPES:
+            raise ModelError(f"KV dtype {self.kv_dtype_name!r} is not one of {sorted(interface.KV_DTYPES)}")
+        self.kv_dtype = np.dtype(interface.KV_DTYPES[self.kv_dtype_name])
+        # the first segment looks its tokens' embedding rows up itself (never holding the table) where it can
+        self._embed: EmbeddingRows | None = None
+        if self.has_embed:
+            self._embed = runtime_embedding(self.model_dir, graph_files[0], cfg.dim)
+            if self._embed is not None:
+                graph_files = graph_files[1:]
+                if self._embed.layout.rows != cfg.vocab_size:
+                    raise ModelError(f"{self.model_dir}: the embedding table has {self._embed.layout.rows} rows "
+                                     f"but the config's vocab_size is {cfg.vocab_size}")
         model = merge_parts(self.model_dir, graph_files, f"segment_{self.start}_{self.stop}")
-        model = graphs.with_row_last(graphs.with_kv_dtype(model, self.kv_dtype_name))
+        if self.kv_dtype_name == "fp16":
+            model = onnx_wire.with_float16_kv(model)
+        model = onnx_wire.with_row_last(model)
         so = session_options(threads, spinning)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.model_dir))
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own, unrelated error types
             raise ModelError(f"{self.model_dir}: cannot load layers [{self.start}, {self.stop}): {e}") from None
-        self.input_name = graphs.INPUT_IDS if self.has_embed else graphs.hidden_out(self.start - 1)
-        self.output_name = graphs.LOGITS if self.has_head else graphs.hidden_out(self.stop - 1)
+        self.input_name = (interface.HIDDEN if self._embed is not None else interface.INPUT_IDS) if self.has_embed \
+            else interface.hidden_out(self.start - 1)
+        self.output_name = interface.LOGITS if self.has_head else interface.hidden_out(self.stop - 1)
         shape = (max_batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
         self._k = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
         self._v = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
@@ -279,7 +285,7 @@ class Segment:
         """Whether :meth:`prefill_many` takes several prompts: with RoPE inside GroupQueryAttention, which
         places a padded row's tokens from 0; the graph's own RoPE (other head sizes) places them from its
         ``seqlens_k``, which padding shifts."""
-        return graphs.fused_rotary(self.config)
+        return interface.fused_rotary(self.config)
 
     def prefill_many(self, seqs: Sequence[SeqId], xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Whole prompts of several new sequences in one step: ``xs[i]`` (as :meth:`prefill` takes it, at most
@@ -289,7 +295,7 @@ class Segment:
         One step instead of one per prompt is what keeps a burst of prompts from holding a pipeline for a
         round trip each. Rows are padded on the right to the longest; with no past, GroupQueryAttention takes
         each row's true length from ``seqlens_k`` (its first-prompt mode: padding is never attended to) and the
-        head reads each row's last true position (:func:`meshllm.model.graphs.with_row_last`). A sequence with
+        head reads each row's last true position (:func:`meshllm.runtime.onnx_wire.with_row_last`). A sequence with
         tokens cached cannot join (the operator runs several rows of several tokens only with no past)."""
         if len(seqs) != len(xs) or not seqs:
             raise GenerationError(f"{len(xs)} prompts for {len(seqs)} sequences")
@@ -365,6 +371,8 @@ class Segment:
             self._bind(lo, b, decode)
         self._seqlens[:b] = total - 1
         self._total[...] = total.max()
+        if self._embed is not None:
+            x = self._embed(x)
         io.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
         try:
             self.session.run_with_iobinding(io)
@@ -389,8 +397,8 @@ class Segment:
         io = self._io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        io.bind_input(graphs.SEQLENS_K, "cpu", 0, np.int32, [b], self._seqlens.ctypes.data)
-        io.bind_input(graphs.TOTAL_SEQ_LEN, "cpu", 0, np.int32, [], self._total.ctypes.data)
+        io.bind_input(interface.SEQLENS_K, "cpu", 0, np.int32, [b], self._seqlens.ctypes.data)
+        io.bind_input(interface.TOTAL_SEQ_LEN, "cpu", 0, np.int32, [], self._total.ctypes.data)
         if decode:
             io.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out_shape(b, 1)), self._out.ctypes.data)
         else:
@@ -399,8 +407,8 @@ class Segment:
         offset = lo * self._row_bytes
         for j, layer in enumerate(range(self.start, self.stop)):
             for cache, past, present in (
-                (self._k[j], graphs.past_key(layer), graphs.present_key(layer)),
-                (self._v[j], graphs.past_value(layer), graphs.present_value(layer)),
+                (self._k[j], interface.past_key(layer), interface.present_key(layer)),
+                (self._v[j], interface.past_value(layer), interface.present_value(layer)),
             ):
                 ptr = cache.ctypes.data + offset
                 io.bind_input(past, "cpu", 0, self.kv_dtype, shape, ptr)

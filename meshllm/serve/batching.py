@@ -101,8 +101,9 @@ def stragglers(batch: Iterable[Hashable], lanes: Lanes | None, decoding: Iterabl
     return {s for s in decoding if s not in batch and s in lanes and lanes.lane_of(s) in lane_ids}
 
 
-#: Padded tokens of the prompts prefilled in one step: the activations of 4 chunks of a long prompt
-#: (:data:`meshllm.runtime.segment.PREFILL_CHUNK`).
+#: Padded tokens of the prompts prefilled in one step: 8 chunks of a long prompt
+#: (:data:`meshllm.runtime.segment.PREFILL_CHUNK`, 64). A step's activations grow with its tokens, so a full
+#: batch of prompts peaks above one chunk (docs/inference.md).
 PROMPT_BATCH_TOKENS = 512
 
 
