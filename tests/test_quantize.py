@@ -391,6 +391,11 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_dir: Path, llama2c_dir: Pat
 
 
 def test_int4_model_on_a_two_node_mesh_equals_one_process(tmp_path: Path) -> None:
+    """The requests go one after the other: int4's MatMulNBits computes a row differently (by an ulp) in a batch
+    of one and of several, and its int8 activations can turn that into a quantization step (0.03 in a logit,
+    seen at one decode step of these prompts), so two sequences decoding together need not give one process's
+    greedy tokens. Whether they run together is up to the mesh's timing; the split across nodes is what this
+    test is about (batching is exact, and tested, in float32)."""
     from tests.mesh_harness import mosquitto
     from tests.serving_harness import ask_raw, random_model, replica, serving_mesh, tokens_of
 
@@ -402,5 +407,5 @@ def test_int4_model_on_a_two_node_mesh_equals_one_process(tmp_path: Path) -> Non
     mesh = f"t-quant-{secrets.token_hex(3)}"
     with mosquitto() as broker, serving_mesh(mesh, broker, tmp_path / "int4", ["n1", "n2"], plan, tmp_path):
         reqs = [{"id": f"r{i}", "prompt": p, "max_tokens": 24, "temperature": 0} for i, p in enumerate(prompts)]
-        streams = asyncio.run(ask_raw(broker, mesh, reqs))
+        streams = [asyncio.run(ask_raw(broker, mesh, [r]))[0] for r in reqs]
     assert [tokens_of(s) for s in streams] == expected
