@@ -23,8 +23,8 @@ command line) and never changes the model files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import onnx
@@ -218,15 +218,17 @@ def swiglu(b: _Builder, x: str, w: Mapping[str, np.ndarray], layer: int) -> str:
 def decoder_layer(b: _Builder, cfg: ModelConfig, x: str, w: Mapping[str, np.ndarray], layer: int) -> str:
     """x + attn(norm(x)), then + mlp(norm(.)) — the pre-norm Llama block."""
     p = f"layers.{layer}."
-    h = b.node("Add", [x, attention(b, cfg, rms_norm(b, x, w[p + "attention_norm"], cfg.norm_eps, "attn_norm"), w, layer)], "h")
-    out = b.node("Add", [h, swiglu(b, rms_norm(b, h, w[p + "ffn_norm"], cfg.norm_eps, "ffn_norm"), w, layer)], "@" + hidden_out(layer))
-    return out
+    attn = attention(b, cfg, rms_norm(b, x, w[p + "attention_norm"], cfg.norm_eps, "attn_norm"), w, layer)
+    h = b.node("Add", [x, attn], "h")
+    mlp = swiglu(b, rms_norm(b, h, w[p + "ffn_norm"], cfg.norm_eps, "ffn_norm"), w, layer)
+    return b.node("Add", [h, mlp], "@" + hidden_out(layer))
 
 
 # --- graphs ---------------------------------------------------------------
 
 
-def _model(b: _Builder, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+def _model(b: _Builder, name: str, inputs: list[onnx.ValueInfoProto],
+           outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
     graph = helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.inits)
     model = helper.make_model(
         graph,
