@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import aiomqtt
 
@@ -24,6 +25,17 @@ def random_model(root: Path, layers: int = 4, seed: int = 3) -> Path:
     write_tokenizer_bin(root / "tokenizer.bin", *random_llama2c_vocab(512, seed=seed))
     export(root / "m.bin", root / "model", overwrite=True)
     return root / "model"
+
+
+def random_exports(root: Path, dtypes: tuple[str, ...], layers: int, seed: int) -> Path:
+    """A random llama2.c model with a tied head, exported once per dtype under ``root / dtype``."""
+    cfg = make_llama2c_config(128, 256, layers, 8, 2, 512, 128, shared_classifier=True)
+    root.mkdir(parents=True, exist_ok=True)
+    write_llama2c(root / "m.bin", cfg, random_llama2c_weights(cfg, seed=seed))
+    write_tokenizer_bin(root / "tokenizer.bin", *random_llama2c_vocab(512, seed=seed))
+    for dtype in dtypes:
+        export(root / "m.bin", root / dtype, dtype=dtype)
+    return root
 
 
 def replica(rid: int, role: str, stages: list[tuple[str, int, int]], slots: int = 4, context: int = 128) -> dict:

@@ -22,11 +22,9 @@ import onnxruntime as ort
 import pytest
 
 from meshllm.errors import ModelError
-from meshllm.model.export import export
-from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c
-from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin
 from meshllm.runtime.embedding import runtime_embedding
 from meshllm.runtime.segment import Segment
+from tests.serving_harness import random_exports
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("fp32", "fp16", "int4", "int8")
@@ -35,12 +33,7 @@ DTYPES = ("fp32", "fp16", "int4", "int8")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("emb")
-    cfg = make_llama2c_config(128, 256, 2, 8, 2, 512, 128, shared_classifier=True)
-    write_llama2c(root / "m.bin", cfg, random_llama2c_weights(cfg, seed=11))
-    write_tokenizer_bin(root / "tokenizer.bin", *random_llama2c_vocab(512, seed=11))
-    for dtype in DTYPES:
-        export(root / "m.bin", root / dtype, dtype=dtype)
-    return root
+    return random_exports(root, DTYPES, layers=2, seed=11)
 
 
 def graph_embedding(model_dir: Path, ids: np.ndarray) -> np.ndarray:

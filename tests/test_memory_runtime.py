@@ -24,12 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meshllm.errors import ModelError
 from meshllm.model import graphs
-from meshllm.model.export import export
-from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c
+from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights
 from meshllm.model.manifest import load_manifest
-from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin
 from meshllm.runtime import onnx_wire
 from meshllm.runtime.segment import Segment, merge_parts
+from tests.serving_harness import random_exports
 
 ROOT = Path(__file__).resolve().parent.parent
 _TINY = make_llama2c_config(16, 32, 1, 2, 1, 32, 8, shared_classifier=True)
@@ -42,12 +41,7 @@ HEAD = graphs.build_head(_TINY, random_llama2c_weights(_TINY, seed=1), "fp32").S
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mem")
-    cfg = make_llama2c_config(128, 256, 3, 8, 2, 512, 128, shared_classifier=True)
-    write_llama2c(root / "m.bin", cfg, random_llama2c_weights(cfg, seed=7))
-    write_tokenizer_bin(root / "tokenizer.bin", *random_llama2c_vocab(512, seed=7))
-    for dtype in ("fp32", "fp16", "int4", "int8"):
-        export(root / "m.bin", root / dtype, dtype=dtype)
-    return root
+    return random_exports(root, ("fp32", "fp16", "int4", "int8"), layers=3, seed=7)
 
 
 # --- the oracle: the onnx-based merge and KV retyping the runtime used before ------------------------

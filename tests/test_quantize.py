@@ -19,13 +19,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meshllm.model import quantize as q
 from meshllm.model.export import export, quantize_model_dir
-from meshllm.model.llama2c import make_llama2c_config, random_llama2c_weights, write_llama2c
 from meshllm.model.manifest import FORMAT_VERSION, load_manifest
-from meshllm.model.tokenizer import random_llama2c_vocab, write_tokenizer_bin
 from meshllm.runtime.generate import LocalModel
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.runtime.segment import Segment
 from tests.hf_models import write_hf_model
+from tests.serving_harness import random_exports
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "tiny-austen"
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -188,12 +187,7 @@ def test_the_refined_head_recomputes_its_top_logits_with_float_activations(bits:
 @pytest.fixture(scope="module")
 def llama2c_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("l2c")
-    cfg = make_llama2c_config(128, 256, 4, 8, 2, 512, 128, shared_classifier=True)
-    write_llama2c(root / "m.bin", cfg, random_llama2c_weights(cfg, seed=5))
-    write_tokenizer_bin(root / "tokenizer.bin", *random_llama2c_vocab(512, seed=5))
-    for dtype in ("fp32", "int4", "int8"):
-        export(root / "m.bin", root / dtype, dtype=dtype)
-    return root
+    return random_exports(root, ("fp32", "int4", "int8"), layers=4, seed=5)
 
 
 @pytest.fixture(scope="module")
