@@ -9,6 +9,7 @@ alone or with others, and a prompt that fails costs only itself.
 from __future__ import annotations
 
 import asyncio
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from meshllm.model.manifest import load_manifest
-from meshllm.model.tokenizer import load_tokenizer
 from meshllm.runtime.generate import LocalModel
-from meshllm.runtime.sampling import Sampler, SamplingParams
+from meshllm.runtime.sampling import SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve.layout import Layout
 from meshllm.serve.protocol import Frame, Prefill, RequestMeta
-from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import StageRunner
 from tests.serving_harness import random_model, replica
+from tests.test_stage_ownership import Fabric
 
 SLOTS = 12
 CONTEXT = 128
@@ -36,37 +35,21 @@ def model(tmp_path_factory) -> Path:
     return random_model(tmp_path_factory.mktemp("prompts"))
 
 
-class Wire:
+class Wire(Fabric):
     """The two nodes' fabric: frames go to the stage of the node they are sent to; replies are kept."""
 
     def __init__(self, model: Path) -> None:
-        self.tokenizer = load_tokenizer(model, load_manifest(model).tokenizer)
+        super().__init__(model)
         self.stages: dict[str, StageRunner] = {}
-        self.replies: dict[str, list[dict[str, Any]]] = {}
-        self.ended: dict[str, str] = {}
 
-    def fabric(self, node_id: str) -> Any:
-        wire = self
+    async def send(self, to: str, frame: Frame) -> None:
+        await self.stages[to].on_frame(frame)  # type: ignore[arg-type]
 
-        class Node:
-            def __init__(self) -> None:
-                self.node_id = node_id
-
-            async def send(self, to: str, frame: Frame) -> None:
-                await wire.stages[to].on_frame(frame)  # type: ignore[arg-type]
-
-            async def publish(self, topic: str, payload: dict[str, Any]) -> None:
-                wire.replies.setdefault(topic, []).append(payload)
-
-            def make_sequence(self, request_id: str, meta: RequestMeta, sampler: Sampler) -> SequenceState:
-                return SequenceState(request_id, meta, sampler, wire.tokenizer, frozenset(), self.publish)
-
-            async def finished(self, request_id: str, meta: RequestMeta, finish_reason: str) -> None:
-                wire.ended[request_id] = finish_reason
-
-            def stream_ended(self, seq: SequenceState) -> None:
-                pass
-        return Node()
+    def fabric(self, node_id: str) -> Wire:
+        """The wire as one node sees it (its id; the stages and replies shared)."""
+        view = copy.copy(self)
+        view.node_id = node_id
+        return view
 
     def tokens(self, rid: str) -> list[int]:
         return [m["token_id"] for m in self.replies.get(f"replies/{rid}", []) if "token_id" in m]
