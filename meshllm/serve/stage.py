@@ -300,9 +300,7 @@ class StageRunner:
         if item.kind == "prefill":
             await self._prefills(item)
             return
-        queued = [item]
-        while not self.inbox.empty():
-            queued.append(self.inbox.get_nowait())
+        queued = self._with_queued(item)
         chosen = set(next_batch([q.rid if q.kind == "step" else None for q in queued], self._lanes,
                                 self.segment.max_batch))
         batch = {queued[i].rid: queued[i] for i in sorted(chosen)}
@@ -311,6 +309,14 @@ class StageRunner:
         for d in later:  # prompts, other lanes' steps (and a second step of one request) wait, in order
             self.inbox.put_nowait(d)
         await self._decode([b for b in batch.values() if b.rid in self.active])
+
+    def _with_queued(self, first: _Item) -> list[_Item]:
+        """``first`` and every item queued behind it, taken out of the inbox in order (the caller puts back
+        what it does not run now)."""
+        queued = [first]
+        while not self.inbox.empty():
+            queued.append(self.inbox.get_nowait())
+        return queued
 
     async def _gather(self, batch: dict[str, _Item], later: list[_Item]) -> None:
         """Waits for the steps of the other sequences of the batch's lane (:mod:`meshllm.serve.batching`), so that
@@ -378,9 +384,7 @@ class StageRunner:
 
     async def _prefills(self, first: _Item) -> None:
         """Prefills ``first`` and, in the same step, the other prompts queued that can join it."""
-        queued = [first]
-        while not self.inbox.empty():
-            queued.append(self.inbox.get_nowait())
+        queued = self._with_queued(first)
         chosen = set(prompts_together([self._joinable(q) for q in queued], self.segment.max_batch,
                                       PROMPT_BATCH_TOKENS))
         for i, q in enumerate(queued):  # the rest waits, in order
@@ -596,9 +600,6 @@ class StageRunner:
 
     async def _failed(self, rid: str, e: BaseException, meta: RequestMeta | None = None) -> None:
         """Request ``rid`` failed here with ``e`` (see :meth:`_fail`)."""
-        if rid in self._gone:  # released while this stage worked on it: see _fail
-            log.debug("stage %s of replica %d: %s failed after its release: %r", self.index, self.replica.id, rid, e)
-            return
         await self._fail(rid, *self._error(e), meta)
 
     def _error(self, e: BaseException | None) -> tuple[str, str]:
