@@ -76,8 +76,9 @@ class SimLimits:
 
 
 class _Replica:
-    def __init__(self, cost: CostModel, rid: int, stages: Sequence[tuple[int, int, int]]) -> None:
+    def __init__(self, cost: CostModel, rid: int, stages: Sequence[tuple[int, int, int]], slots: int) -> None:
         self.cost, self.id = cost, rid
+        self.slots = slots  # sequences its stages hold: the most prompts a prefill step takes
         self.stages = tuple(stages)  # (device index, start, stop)
         self.refs = [StageRef(d, a, b) for d, a, b in stages]
         self.free = [0.0] * len(stages)  # when each stage's queue empties
@@ -87,7 +88,6 @@ class _Replica:
         self.joining: list[list[list[int]]] = [[] for _ in range(k)]  # KV arrived during the lane's step
         self.stepping = [False] * k
         self.prompts: deque[int] = deque()  # routed prompts waiting to enter the first stage
-        self.slots = 1 << 30  # sequences its stages hold: the most prompts a prefill step takes
         self.lanes_ready: deque[int] = deque()  # lanes whose next step waits to enter the first stage
         self.wake_pending = False
         self.prompt_turn = True  # when both wait, the first stage alternates a prompt and a decode step
@@ -210,12 +210,11 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     serving = batching == "serving"
     router = router if router is not None else router_for(plan, cost)
-    reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages])
+    reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages], r.slots)
             for r in plan.replicas}
     for r in plan.replicas:
         reps[r.id].free = [ready_s] * len(reps[r.id].free)
         reps[r.id].per_stage = serving and r.role == "decode"
-        reps[r.id].slots = r.slots
     feeding: dict[int, list[list[int]]] = {}  # FED payload -> the sequences whose tokens go back
     by_id = {q.id: q for q in reqs}
     route: dict[int, Route] = {}
