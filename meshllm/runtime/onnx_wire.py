@@ -139,6 +139,19 @@ def name_of(message: bytes, field: int) -> str:
     return rec.text if rec is not None else ""
 
 
+def graph_of(model: Sequence[Record]) -> Record:
+    """The graph record of a model's records (:class:`ModelError` if it has none)."""
+    g = first(model, MODEL_GRAPH)
+    if g is None:
+        raise ModelError("an ONNX model without a graph")
+    return g
+
+
+def with_graph(model: Sequence[Record], graph: bytes) -> bytes:
+    """The model's records with its graph replaced by ``graph`` (the graph's fields, serialized)."""
+    return b"".join(length_field(MODEL_GRAPH, graph) if r.field == MODEL_GRAPH else r.raw for r in model)
+
+
 # --- merging ------------------------------------------------------------------
 
 
@@ -152,12 +165,7 @@ def merge(parts: Sequence[bytes], name: str) -> bytes:
     if not parts:
         raise ModelError("no part graphs to merge")
     models = [parse(p) for p in parts]
-    graphs = []
-    for m in models:
-        g = first(m, MODEL_GRAPH)
-        if g is None:
-            raise ModelError("an ONNX model without a graph")
-        graphs.append(parse(g.data))
+    graphs = [parse(graph_of(m).data) for m in models]
     nodes = [r for g in graphs for r in g if r.field == GRAPH_NODE]
     produced = {o for n in nodes for o in strings(parse(n.data), NODE_OUTPUT)}
     inits: dict[str, bytes] = {}
@@ -240,12 +248,9 @@ def with_float16_kv(model: bytes) -> bytes:
     cache makes the whole operator float16: Casts go in front of its float inputs and one after its
     output; everything else stays float32."""
     records = parse(model)
-    g = first(records, MODEL_GRAPH)
-    if g is None:
-        raise ModelError("an ONNX model without a graph")
     graph: list[bytes] = []
     cast: dict[str, str] = {}  # float32 tensor -> its float16 copy (the RoPE tables are shared)
-    for r in parse(g.data):
+    for r in parse(graph_of(records).data):
         if r.field == GRAPH_NODE:
             node = parse(r.data)
             op, domain = first(node, NODE_OP_TYPE), first(node, NODE_DOMAIN)
@@ -269,8 +274,7 @@ def with_float16_kv(model: bytes) -> bytes:
             graph.append(_retype(r, FLOAT16))
         else:
             graph.append(r.raw)
-    return b"".join(length_field(MODEL_GRAPH, b"".join(graph)) if r.field == MODEL_GRAPH else r.raw
-                    for r in records)
+    return with_graph(records, b"".join(graph))
 
 
 # --- reading a part's nodes and initializers ---------------------------------------
@@ -348,10 +352,7 @@ def read_tensor(message: bytes) -> Tensor:
 
 def graph_contents(model: bytes) -> tuple[list[Node], dict[str, Tensor], list[str], list[str]]:
     """A model's nodes, initializers by name, and the names of its graph's inputs and outputs."""
-    g = first(parse(model), MODEL_GRAPH)
-    if g is None:
-        raise ModelError("an ONNX model without a graph")
-    rec = parse(g.data)
+    rec = parse(graph_of(parse(model)).data)
     nodes = [read_node(r.data) for r in rec if r.field == GRAPH_NODE]
     tensors = {t.name: t for t in (read_tensor(r.data) for r in rec if r.field == GRAPH_INITIALIZER)}
     return (nodes, tensors, [name_of(r.data, VALUE_INFO_NAME) for r in rec if r.field == GRAPH_INPUT],
@@ -413,10 +414,7 @@ def with_row_last(model: bytes) -> bytes:
     after the other initializers, and ``head.last_index`` is dropped once nothing reads it: the bytes
     ``onnx`` would serialize for the same edit (``tests/test_memory_runtime.py``)."""
     records = parse(model)
-    g = first(records, MODEL_GRAPH)
-    if g is None:
-        raise ModelError("an ONNX model without a graph")
-    graph = parse(g.data)
+    graph = parse(graph_of(records).data)
     nodes = {i: read_node(r.data) for i, r in enumerate(graph) if r.field == GRAPH_NODE}
     at = next((i for i, n in nodes.items() if n.op_type == "Gather" and len(n.inputs) == 2
                and n.inputs[1] == HEAD_LAST_INDEX), None)
@@ -435,5 +433,4 @@ def with_row_last(model: bytes) -> bytes:
             out.append(r.raw)
         if i == after:
             out.extend(new_inits)
-    return b"".join(length_field(MODEL_GRAPH, b"".join(out)) if r.field == MODEL_GRAPH else r.raw
-                    for r in records)
+    return with_graph(records, b"".join(out))
