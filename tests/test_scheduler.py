@@ -26,7 +26,7 @@ from meshllm.serve.dispatch import Dispatcher
 from meshllm.serve.journal import Journal, request_of
 from meshllm.serve.layout import Layout
 from meshllm.serve.protocol import Done, Frame
-from meshllm.serve.scheduler import Job, Scheduler
+from meshllm.serve.scheduler import KV_PAGE_SLACK, Job, Scheduler, kv_need
 from tests.serving_harness import replica
 
 # two PREFILL/DECODE-split replicas and a MIXED one, small slots so that queues form
@@ -55,9 +55,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         for j in jobs:
             assert self.s.owns(j) and self.held[j.id] is j, "drained a job it does not hold"
 
-    @rule(rid=st.sampled_from(IDS), n=st.integers(0, 50), accepted=st.booleans())
-    def admit(self, rid: str, n: int, accepted: bool) -> None:
-        job = Job(rid, f"x/{rid}", n)
+    @rule(rid=st.sampled_from(IDS), n=st.integers(0, 50), reach=st.integers(0, 200), accepted=st.booleans())
+    def admit(self, rid: str, n: int, reach: int, accepted: bool) -> None:
+        job = Job(rid, f"x/{rid}", n, n_kv=reach and n + reach)  # 0: unknown, a whole context
         try:
             routed = self.s.admit(job, accepted=accepted)
         except api.RequestFailed as e:
@@ -142,7 +142,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert sum(self.s.pending_tokens.values()) == sum(j.n_prompt for j in self.s.jobs.values())
         counted = Counter(j.decode_r for j in self.s.jobs.values() if j.id not in self.restored)
         for r, n in counted.items():
-            assert n <= self.layout.replicas[r].slots, f"replica {r} runs {n} > {self.layout.replicas[r].slots}"
+            assert n <= self.layout.replicas[r].rows, f"replica {r} runs {n} > {self.layout.replicas[r].rows}"
+        kv: Counter[int] = Counter()
+        for j in self.s.jobs.values():
+            if j.id not in self.restored:
+                kv[j.decode_r] += kv_need(j, self.layout.replicas[j.decode_r])
+        for r, n in kv.items():
+            assert n <= self.layout.replicas[r].kv_budget, f"replica {r} holds {n} KV positions > its budget"
 
 
 SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
@@ -190,6 +196,39 @@ def test_a_mixed_replica_decodes_what_it_prefilled_and_only_up_to_its_slots() ->
     s = _sched(_layout(_rep(0, "mixed", "a", slots=2), _rep(1, "mixed", "b", slots=1)))
     routed = [s.admit(Job(f"r{i}", "x", 10)) for i in range(4)]
     assert [(j.prefill_r, j.decode_r) if j is not None else None for j in routed] == [(0, 0), (1, 1), (0, 0), None]
+
+
+def test_sequences_take_the_kv_positions_they_can_reach_not_a_whole_context() -> None:
+    # a DECODE replica with 2 slots of 128 positions (256 in all) and a MIXED one whose memory holds 600
+    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=2),
+                       {**_rep(2, "mixed", "c", slots=1), "kv_tokens": 600}))
+    d, m = s.layout.replicas[1], s.layout.replicas[2]
+    assert (d.kv_budget, d.rows, m.kv_budget, m.rows) == (256, 16, 600, 16)
+    short = [Job(f"s{i}", "x", 10, n_kv=10 + 30) for i in range(20)]  # 40 positions + a page: 72 each
+    routed = [s.admit(j) for j in short]
+    on = Counter(j.decode_r for j in routed if j is not None)
+    # the decode replica takes 3 (3 x 72 <= 256 < 4 x 72), the mixed one 8 (8 x 72 <= 600), the rest wait
+    assert on == {1: 3, 2: 8} and len(s.queue) == 9
+    assert s.kv_in_use == {1: 3 * (40 + KV_PAGE_SLACK), 2: 8 * (40 + KV_PAGE_SLACK)}
+    # one that can reach a whole context takes one (a row is a context long: no page on top)
+    assert kv_need(Job("long", "x", 100, n_kv=5000), d) == 128 and kv_need(Job("old", "x", 1), d) == 128
+    for j in routed[:2]:
+        assert j is not None
+        s.done(j.id)
+    assert len(s.queue) == 7  # two places freed, two waiting ones took them
+
+
+def test_a_replica_takes_at_most_its_rows_however_short_its_sequences() -> None:
+    s = _sched(_layout({**_rep(0, "mixed", "a", slots=1), "kv_tokens": 100_000}))
+    routed = [s.admit(Job(f"r{i}", "x", 1, n_kv=2)) for i in range(20)]
+    assert sum(j is not None for j in routed) == s.layout.replicas[0].rows == 16
+
+
+def test_a_plan_without_a_context_keeps_counting_slots() -> None:
+    s = _sched(_layout({**_rep(0, "mixed", "a", slots=2), "context": 0}))
+    assert s.layout.replicas[0].rows == 2
+    routed = [s.admit(Job(f"r{i}", "x", 1, n_kv=2)) for i in range(3)]
+    assert [j is not None for j in routed] == [True, True, False]
 
 
 def test_waiting_requests_go_in_arrival_order_and_accepted_ones_first() -> None:
@@ -350,7 +389,8 @@ class Bench:
 
     async def request(self, rid: str, prompt: str = "hello") -> None:
         """A request arrives (as the node's MQTT receive loop hands it over)."""
-        payload = json.dumps({"id": rid, "prompt": prompt, "max_tokens": 4, "temperature": 0}).encode()
+        # max_tokens of a whole context (128): each request takes a whole slot, so that queues form
+        payload = json.dumps({"id": rid, "prompt": prompt, "max_tokens": 128, "temperature": 0}).encode()
         await self.dispatcher.on_request(SimpleNamespace(payload=payload, retain=False))
 
     def finish(self, key: str) -> None:

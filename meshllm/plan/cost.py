@@ -363,6 +363,13 @@ class CostModel:
         self._check_range(start, stop)
         return float(self._static_mem[start, stop] + kv_tokens * (self.cum_kv[stop] - self.cum_kv[start]))
 
+    def kv_room(self, device: int | str, start: int, stop: int, capacity: float | None = None) -> float:
+        """KV positions a stage of ``[start, stop)`` on ``device`` holds beside its weights (``capacity``: its
+        memory, if not the device's); the scheduler admits sequences by their tokens up to this."""
+        mem = capacity if capacity is not None and capacity > 0 else self.mem[self.device_index(device)]
+        per_token = float(self.cum_kv[stop] - self.cum_kv[start])
+        return (mem - self.memory(start, stop, 0)) / max(per_token, 1e-12)
+
     def fits(self, device: int | str, start: int, stop: int, kv_tokens: float) -> bool:
         return bool(self.memory(start, stop, kv_tokens) <= self.mem[self.device_index(device)])
 

@@ -18,12 +18,19 @@ import math
 from collections.abc import Sequence
 
 from meshllm.plan.plan import Plan, Role
+from meshllm.plan.roles import efficiency_order
 from meshllm.plan.system import ReplicaSpec, Scored, SystemModel
 
 PILOT_SEED = 7919  # a seed of its own: the evaluation's streams are seeds 1, 2, ...
-MAX_CANDIDATES = 5  # simulated at most (the analytically best first)
+MAX_CANDIDATES = 5  # simulated at most (the analytically best first) ...
+SPLIT_ALL_UP_TO = 16  # ... and, on meshes of up to this many devices, every split of the one-class machines
 TIE_S, TIE_FRACTION = 0.01, 0.02  # pilot waits this close are a tie (the earlier candidate stays)
 PILOT_TOKENS = 20_000  # output tokens a pilot stream may carry (bounds its events on long-output workloads)
+
+
+def spec_key(c: Scored) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """What tells two candidates apart: each replica's role and devices."""
+    return tuple(sorted((s.role.value, s.partition.devices) for s in c.replicas))
 
 
 def candidates(sm: SystemModel, groupings: Sequence[Sequence[Sequence[int]]]) -> list[Scored]:
@@ -44,13 +51,34 @@ def candidates(sm: SystemModel, groupings: Sequence[Sequence[Sequence[int]]]) ->
             if not any(all(s.role is Role.MIXED for s in a) for a in assigns):
                 assigns.append(tuple(sm.specs_for(e, Role.MIXED) for e in ok))
         for specs in assigns:
-            key = tuple(sorted((s.role.value, s.partition.devices) for s in specs))
+            key = tuple(sorted((s.role.value, s.partition.devices) for s in specs))  # as spec_key
             if key not in out:
                 try:
                     out[key] = sm.scored_specs(specs)
                 except ValueError:
                     continue
     return sorted(out.values(), key=lambda s: (s.fitness if math.isfinite(s.fitness) else math.inf,))
+
+
+def every_split(sm: SystemModel, groups: Sequence[Sequence[int]]) -> list[Scored]:
+    """Every PREFILL/DECODE split of a grouping's replicas in the role rule's efficiency order (1 to R-1
+    PREFILL), scored analytically. The analytic model does not see a PREFILL replica lending itself to
+    decoding (the scheduler's mixed pool), so it ranks PREFILL-heavy splits low that the pilot may rank first;
+    on small meshes they are all worth one pilot run."""
+    ok = [e for e in (sm.group(g) for g in groups if g) if e.feasible]
+    if len(ok) < 2:
+        return []
+    a = [e.prefill_service.max_rate for e in ok]  # type: ignore[union-attr]
+    d = [e.decode_service.max_token_rate for e in ok]  # type: ignore[union-attr]
+    order = efficiency_order(a, d)
+    out = []
+    for p in range(1, len(ok)):
+        specs = tuple(sm.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE) for rank, i in enumerate(order))
+        try:
+            out.append(sm.scored_specs(specs))
+        except ValueError:
+            continue
+    return out
 
 
 def pilot_wait(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> float:
@@ -66,15 +94,16 @@ def pilot_wait(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> f
 
 
 def elect(sm: SystemModel, cands: Sequence[Scored], method: str, n: int, version: int = 1,
-          seed: int | None = None) -> tuple[Plan, list[tuple[Plan, float]]]:
+          seed: int | None = None, extra: Sequence[Scored] = ()) -> tuple[Plan, list[tuple[Plan, float]]]:
     """The candidate whose plan waits least in a pilot simulation of ``n`` requests; and every (plan, wait) tried.
 
-    Candidates are tried in their order (the analytic favourite first); a later one must wait less by
+    Candidates are tried in their order (the analytic favourite first), then ``extra`` ones (distinct from
+    those); a later one must wait less by
     more than ``TIE_S`` and ``TIE_FRACTION`` (pilot noise), and once a plan makes requests wait less
     than ``TIE_S`` on average nothing can clearly beat it, so the rest are not simulated.
     """
     tried: list[tuple[Plan, float]] = []
-    for c in cands[:MAX_CANDIDATES]:
+    for c in [*cands[:MAX_CANDIDATES], *extra]:
         plan = sm.to_plan(c, method, version=version, seed=seed)
         tried.append((plan, pilot_wait(sm, plan, n)))
         if tried[-1][1] < TIE_S:

@@ -72,6 +72,12 @@ class Replica:
     prefill_rate: float  # prompts/s at saturation (this partition)
     decode_token_rate: float  # tokens/s with every slot busy (this partition)
     order_exact: bool = True
+    kv_tokens: int = 0  # KV positions its memory holds beside the weights (0: slots x context, as plans before)
+
+    @property
+    def kv_budget(self) -> int:
+        """KV positions the scheduler may hand out on this replica, by the tokens each sequence can reach."""
+        return max(self.kv_tokens, self.slots * self.context)
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -144,7 +150,7 @@ class Plan:
                     "id": r.id, "role": r.role.value, "slots": r.slots, "context": r.context,
                     "bottleneck_s": _num(r.bottleneck_s), "latency_s": _num(r.latency_s),
                     "prefill_rate": r.prefill_rate, "decode_token_rate": r.decode_token_rate,
-                    "order_exact": r.order_exact,
+                    "order_exact": r.order_exact, "kv_tokens": r.kv_tokens,
                     "stages": [
                         {"node_id": s.node_id, "start": s.start, "stop": s.stop, "run_s": s.run_s,
                          "send_s": s.send_s, "memory_bytes": s.memory_bytes,
@@ -190,7 +196,7 @@ class Plan:
                     bottleneck_s=_unnum(get(r, "bottleneck_s", None)), latency_s=_unnum(get(r, "latency_s", None)),
                     prefill_rate=float(get(r, "prefill_rate", 0.0) or 0.0),
                     decode_token_rate=float(get(r, "decode_token_rate", 0.0) or 0.0),
-                    order_exact=bool(r.get("order_exact", True)),
+                    order_exact=bool(r.get("order_exact", True)), kv_tokens=max(0, int(r.get("kv_tokens", 0) or 0)),
                     stages=tuple(Stage(str(s["node_id"]), int(s["start"]), int(s["stop"]),
                                        *(float(get(s, k, math.nan)) for k in _STAGE_FIGURES))
                                  for s in r["stages"]),

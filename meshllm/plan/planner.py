@@ -16,7 +16,16 @@ from dataclasses import replace
 
 from meshllm.plan.baselines import BASELINES, baseline_plan, splitwise_machines
 from meshllm.plan.cost import CostModel, DeviceFactors, ModelCosts
-from meshllm.plan.elect import TIE_S, candidates, elect, pilot_wait
+from meshllm.plan.elect import (
+    MAX_CANDIDATES,
+    SPLIT_ALL_UP_TO,
+    TIE_S,
+    candidates,
+    elect,
+    every_split,
+    pilot_wait,
+    spec_key,
+)
 from meshllm.plan.errors import PlanError
 from meshllm.plan.ga import run_ga
 from meshllm.plan.partition import Partition, Placement
@@ -64,7 +73,10 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
     if cands:  # the analytic model proposes, a short simulation decides; the GA's own choice is tried first
         own = sm.score(result.groups)
         cands = [own, *[c for c in cands if c.replicas != own.replicas]] if own.replicas else cands
-        plan, tried = elect(sm, cands, "ga", pilot_size(sm), version=version, seed=sm.options.seed)
+        first = {spec_key(c) for c in cands[:MAX_CANDIDATES]}
+        splits = [c for c in every_split(sm, seeds[0]) if spec_key(c) not in first] \
+            if len(sm.cost.devices) <= SPLIT_ALL_UP_TO else []
+        plan, tried = elect(sm, cands, "ga", pilot_size(sm), version=version, seed=sm.options.seed, extra=splits)
         extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
     else:
         plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)

@@ -454,11 +454,12 @@ class SystemModel:
                 Stage(cost.devices[p.device].node_id, p.start, p.stop, p.run_s, p.send_s,
                       cost.memory(p.start, p.stop, kv), float(cost.mem[p.device]))
                 for p in s.partition.stages)
+            room = min(cost.kv_room(p.device, p.start, p.stop) for p in s.partition.stages)
             replicas.append(Replica(
                 id=rid, role=s.role, stages=stages, slots=s.slots, context=s.context,
                 bottleneck_s=s.partition.bottleneck_s, latency_s=s.partition.latency_s,
                 prefill_rate=s.prefill.max_rate, decode_token_rate=s.decode.max_token_rate,
-                order_exact=s.partition.order_exact))
+                order_exact=s.partition.order_exact, kv_tokens=max(int(room), kv)))
         used = {p.device for s in specs for p in s.partition.stages}
         idle = tuple(cost.devices[i].node_id for i in range(len(cost.devices)) if i not in used)
         plan = Plan(version=version, model=cost.model.name, dtype=cost.model.dtype, n_layers=cost.L, method=method,

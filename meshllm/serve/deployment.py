@@ -56,7 +56,7 @@ class DeployNode(Protocol):
 
 
 class Deployment:
-    # The scheduler admits at most ``slots`` sequences per replica, but a finished sequence's
+    # The scheduler admits at most ``rows`` sequences per replica, but a finished sequence's
     # release and the next sequence's KV reach a stage over different connections, in either
     # order; spare cache rows absorb that overlap instead of refusing the newcomer.
     SLOT_HEADROOM = 2
@@ -129,7 +129,7 @@ class Deployment:
             assert index is not None and self.manifest is not None
             st = replica.stages[index]
             context = min(replica.context or self.manifest.config.max_seq_len, self.manifest.config.max_seq_len)
-            key = (st.start, st.stop, replica.slots, context)
+            key = (st.start, st.stop, replica.rows, context)
             segment = None
             if self._segment is not None and self._segment[0] == key and not self._segment_in_use():
                 segment = self._segment[1]
@@ -145,7 +145,7 @@ class Deployment:
                 loop = asyncio.get_running_loop()
                 # at the lowest CPU priority: building the session must not take the cores from decoding
                 segment = await loop.run_in_executor(self.loader, at_idle_priority, lambda: Segment(
-                    self.model_dir, st.start, st.stop, max_batch=replica.slots + self.SLOT_HEADROOM,
+                    self.model_dir, st.start, st.stop, max_batch=replica.rows + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
                     spinning=False, kv_dtype=self.kv_dtype))
                 self._segment = (key, segment)

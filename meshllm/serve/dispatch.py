@@ -261,7 +261,7 @@ class Dispatcher:
             sampling["seed"] = int(digest[:15], 16)
         meta = {"reply_to": req.reply_to, "sampling": sampling, "prompt_len": len(ids),
                 "last_prompt_token": ids[-1], "t_received": time.time(), "request_id": req.id, "digest": digest}
-        job = Job(req.id, req.reply_to, len(ids), prompt=ids, meta=meta)
+        job = Job(req.id, req.reply_to, len(ids), prompt=ids, meta=meta, n_kv=_kv_reach(meta))
         routed = sched.admit(job)  # raises busy
         # Journal writes go out in the order they are made (one MQTT session), so a queued record never
         # overtakes its route.
@@ -375,7 +375,7 @@ class Dispatcher:
             await self.fabric.publish_retained(self.node.topics.job(job.id), "")
             return
         job = Job(job.id, job.reply_to, len(job.prompt), attempt=job.attempt, prompt=job.prompt,
-                  meta={**job.meta, "dispatch_tries": tries})
+                  meta={**job.meta, "dispatch_tries": tries}, n_kv=job.n_kv)
         queued = await self._journal_queued(job)
         await asyncio.sleep(RETRY_S)
         if self.journal.jobs.get(job.id) is queued:  # else resumed, cancelled or ended meanwhile
@@ -545,7 +545,7 @@ class Dispatcher:
                     await self._readmit(rec, [], None)
                 elif rec.route.nodes <= alive:
                     sched.restore(Job(rec.id, str(rec.meta["reply_to"]), 0, rec.route.prefill_r,
-                                      rec.route.decode_r, attempt=rec.attempt))
+                                      rec.route.decode_r, attempt=rec.attempt, n_kv=_kv_reach(rec.meta)))
         for rec in self.journal.stranded(alive):
             await self._resume(rec, alive)
 
@@ -594,7 +594,16 @@ class Dispatcher:
             meta["resume"] = Resume(tuple(tokens), sampler).encode()
         await self._requeue(Job(rec.id, str(rec.meta["reply_to"]), len(rec.prompt) + len(tokens),
                                 attempt=rec.attempt if attempt is None else attempt, prompt=rec.prompt + tokens,
-                                meta=meta))
+                                meta=meta, n_kv=_kv_reach(meta)))
+
+
+def _kv_reach(meta: dict[str, Any]) -> int:
+    """KV positions a request can reach: its prompt and its ``max_tokens`` (0, a whole context, if a journal
+    record from elsewhere lacks them)."""
+    try:
+        return max(0, int(meta["prompt_len"]) + int(meta["sampling"]["max_tokens"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def _journaled(meta: dict[str, Any]) -> dict[str, Any]:

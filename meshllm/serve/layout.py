@@ -25,15 +25,32 @@ class StageLayout:
     stop: int
 
 
+# Sequences a decode-capable replica's stages hold at most (cache rows). Their memory is what their tokens
+# need (the runtime gives a closed row's pages back), so the scheduler admits by tokens within ``kv_tokens``
+# and this bounds only the batch: as the planner's largest decode batch (PlanOptions.max_decode_slots).
+DECODE_ROWS = 16
+
+
 @dataclass(frozen=True)
 class ReplicaLayout:
     id: int
     role: str
     stages: tuple[StageLayout, ...]
-    slots: int
-    context: int
+    slots: int  # sequences the plan reserved a whole context for (the planner's figure)
+    context: int  # the most KV positions one sequence may reach
     prefill_tokens_per_s: float  # predicted, for routing
     decode_tokens_per_s: float
+    kv_tokens: int = 0  # KV positions the replica's memory holds: what its sequences' tokens may add up to
+
+    @property
+    def rows(self) -> int:
+        """Sequences its stages hold at once (cache rows): up to DECODE_ROWS as their tokens fit ``kv_budget``
+        (a PREFILL replica too: it decodes when it lends itself), or its slots in a plan that gives no context."""
+        return max(self.slots, DECODE_ROWS) if self.kv_budget else self.slots
+
+    @property
+    def kv_budget(self) -> int:
+        return max(self.kv_tokens, self.slots * self.context)
 
     @property
     def first(self) -> StageLayout:
@@ -93,7 +110,7 @@ class Layout:
         mean_in = max(plan.workload.input.mean, 1.0)  # to turn predicted prompts/s into tokens/s
         replicas = {r.id: ReplicaLayout(
             r.id, r.role.value, tuple(StageLayout(s.node_id, s.start, s.stop) for s in r.stages), r.slots,
-            r.context, r.prefill_rate * mean_in, r.decode_token_rate) for r in plan.replicas}
+            r.context, r.prefill_rate * mean_in, r.decode_token_rate, r.kv_budget) for r in plan.replicas}
         if len(replicas) != len(plan.replicas):
             raise LayoutError(f"plan v{plan.version}: two replicas have one id")
         roles = {r.role for r in plan.replicas}

@@ -3,19 +3,26 @@
 Runs on the planner node, fed by the serving layer. A request goes to the
 ready prefill-capable replica whose queued prompt tokens would clear soonest
 (queued tokens / predicted prefill tokens/s), and to the ready decode-capable
-replica with the most free decode slots relative to its size; a MIXED replica
-decodes what it prefilled. When every decode slot is taken the request waits
-in a bounded FIFO; beyond that bound it is refused with ``busy``.
+replica with the least of its KV memory in use; a MIXED replica decodes what
+it prefilled, and so does a PREFILL replica when no decode replica has room
+(it lends its memory, as Splitwise's mixed pool does). A sequence takes the KV positions it can reach (its prompt and
+``max_tokens``, at most the replica's context, plus a page's worth), not a
+whole context: a replica admits sequences while their positions fit its
+``kv_budget`` and a cache row is free (the runtime gives a finished
+sequence's pages back, so its memory follows the tokens, as a paged cache's
+does). When no decode replica has room the request waits in a bounded FIFO;
+beyond that bound it is refused with ``busy``.
 
 Invariants (:meth:`Scheduler.violations` checks them; tests/test_scheduler.py
 drives every operation in any order against them):
 
 - a job is held at most once: in ``jobs`` (dispatched, running) or in
   ``queue`` (waiting), never both, never twice;
-- the load of a replica is *derived* from the jobs it runs (decode slots in
-  use, prompt tokens not yet prefilled), never kept in a counter beside them,
-  so it can neither drift nor go negative;
-- a job admitted without ``accepted`` only goes to a replica with a free slot;
+- the load of a replica is *derived* from the jobs it runs (sequences and KV
+  positions in use, prompt tokens not yet prefilled), never kept in a counter
+  beside them, so it can neither drift nor go negative;
+- a job admitted without ``accepted`` only goes to a replica with a free row
+  and room for its KV positions;
 - a job leaves only through :meth:`~Scheduler.done`, :meth:`~Scheduler.forget`,
   :meth:`~Scheduler.release` or :meth:`~Scheduler.cancel_queued`, and the
   dispatcher acts only on the very :class:`Job` object the scheduler holds
@@ -32,7 +39,11 @@ from typing import Any
 from meshllm.errors import RequestFailed
 from meshllm.serve import api
 from meshllm.serve.journal import frame_key
-from meshllm.serve.layout import Layout
+from meshllm.serve.layout import Layout, ReplicaLayout
+
+# KV positions added to each sequence's reservation: the runtime's cache holds a sequence in whole pages per
+# layer and head (4 KiB: 16 positions of a 64-wide float32 head, 32 of float16), so its last page is reserved too.
+KV_PAGE_SLACK = 32
 
 
 @dataclass(eq=False)  # identity: two admissions of the same request id are two jobs
@@ -43,6 +54,7 @@ class Job:
     prefill_r: int = -1
     decode_r: int = -1
     attempt: int = 0  # how many times it moved off a replica that lost a node
+    n_kv: int = 0  # KV positions the sequence can reach: prompt + max_tokens (0: unknown, a whole context)
     # what the dispatcher sends once the job is routed (the scheduler never reads them): carried here, not in a
     # table beside the scheduler that could go out of step with it
     prompt: list[int] = field(default_factory=list, repr=False)  # token ids to prefill (with resumed tokens)
@@ -68,6 +80,21 @@ class Scheduler:
         return dict(Counter(j.decode_r for j in self.jobs.values()))
 
     @property
+    def kv_in_use(self) -> dict[int, int]:
+        """Per decode replica, the KV positions its sequences may reach (derived from ``jobs``)."""
+        out: Counter[int] = Counter()
+        for j in self.jobs.values():
+            r = self.layout.replicas.get(j.decode_r)
+            if r is not None:
+                out[j.decode_r] += kv_need(j, r)
+        return dict(out)
+
+    def _room(self, r: ReplicaLayout, job: Job, active: dict[int, int], kv: dict[int, int]) -> bool:
+        if active.get(r.id, 0) >= r.rows:
+            return False
+        return not r.kv_budget or kv.get(r.id, 0) + kv_need(job, r) <= r.kv_budget
+
+    @property
     def pending_tokens(self) -> dict[int, int]:
         """Per prefill replica, the prompt tokens sent to it and not yet prefilled (derived from ``jobs``)."""
         out: Counter[int] = Counter()
@@ -76,29 +103,37 @@ class Scheduler:
                 out[j.prefill_r] += j.n_prompt
         return dict(out)
 
-    def _decode_for(self, prefill_r: int, active: dict[int, int]) -> int | None:
+    def _decode_for(self, prefill_r: int, job: Job, active: dict[int, int], kv: dict[int, int]) -> int | None:
         r = self.layout.replicas[prefill_r]
         if r.role == "mixed":
-            return prefill_r if active.get(prefill_r, 0) < r.slots else None
-        free = [(active.get(d.id, 0) / d.slots, d.id) for d in self.layout.replicas.values()
-                if d.id in self.ready and d.role == "decode" and active.get(d.id, 0) < d.slots]
+            return prefill_r if self._room(r, job, active, kv) else None
+        free = [(kv.get(d.id, 0) / d.kv_budget if d.kv_budget else active.get(d.id, 0) / d.rows, d.id)
+                for d in self.layout.replicas.values()
+                if d.id in self.ready and d.role == "decode" and self._room(d, job, active, kv)]
         return min(free)[1] if free else None
 
-    def route(self, n_prompt: int) -> tuple[int, int] | None:
-        """(prefill replica, decode replica) with the least expected wait, or None if all decode slots are busy."""
-        active, pending = self.active, self.pending_tokens
-        options = []
+    def route(self, job: Job) -> tuple[int, int] | None:
+        """(prefill replica, decode replica) with the least expected wait, or None if nothing has room.
+
+        When no decode-capable replica has room, a PREFILL replica with room decodes the sequence itself
+        (it lends its memory to decoding, as Splitwise's mixed pool does) rather than keep it waiting."""
+        active, pending, kv = self.active, self.pending_tokens, self.kv_in_use
+        options, lenders = [], []
         for r in self.layout.replicas.values():
             if r.id not in self.ready or not r.does_prefill:
                 continue
-            d = self._decode_for(r.id, active)
-            if d is None:
-                continue
-            wait = (pending.get(r.id, 0) + n_prompt) / max(r.prefill_tokens_per_s, 1e-9)
-            options.append((wait, r.id, d))
-        if not options:
+            wait = (pending.get(r.id, 0) + job.n_prompt) / max(r.prefill_tokens_per_s, 1e-9)
+            d = self._decode_for(r.id, job, active, kv)
+            if d is not None:
+                options.append((wait, r.id, d))
+            elif r.role == "prefill" and r.kv_budget:
+                # its prompts in flight hold KV there too, until they are handed off
+                held = {r.id: kv.get(r.id, 0) + pending.get(r.id, 0)}
+                if self._room(r, job, active, held):
+                    lenders.append((wait, r.id, r.id))
+        if not options and not lenders:
             return None
-        _, p, d = min(options)
+        _, p, d = min(options or lenders)
         return p, d
 
     def held(self, job_id: str) -> Job | None:
@@ -136,7 +171,7 @@ class Scheduler:
         return None
 
     def _dispatch(self, job: Job) -> bool:
-        choice = self.route(job.n_prompt)
+        choice = self.route(job)
         if choice is None:
             return False
         job.prefill_r, job.decode_r = choice
@@ -201,3 +236,12 @@ class Scheduler:
         if negative := [j.id for j in self.jobs.values() if j.n_prompt < 0]:
             out.append(f"negative pending prompt tokens: {negative}")
         return out
+
+
+def kv_need(job: Job, replica: ReplicaLayout) -> int:
+    """KV positions ``job`` reserves on ``replica``: what it can reach plus its last page, at most a context
+    (a cache row is a context long)."""
+    if job.n_kv <= 0:
+        return replica.context
+    reach = job.n_kv + KV_PAGE_SLACK
+    return min(reach, replica.context) if replica.context > 0 else reach

@@ -491,7 +491,7 @@ class StageRunner:
                 await self.on_begin(begin, feed)
             else:
                 await self.fabric.send(decode.last.node_id, begin)
-        if self.replica.role == "prefill":
+        if meta.decode_replica != self.replica.id:  # a PREFILL replica that lends itself decodes it here
             await self._hand_off(rid, meta)
 
     async def _hand_off(self, rid: str, meta: RequestMeta) -> None:

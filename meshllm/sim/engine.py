@@ -61,6 +61,7 @@ from meshllm.plan.cost import TOKEN_ID_BYTES, CostModel, StageRef
 from meshllm.plan.plan import Plan
 from meshllm.runtime.segment import PREFILL_CHUNK
 from meshllm.serve.batching import PROMPT_BATCH_TOKENS, Lanes, lanes_for, next_batch, prompts_together, stragglers
+from meshllm.serve.layout import Layout
 from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
@@ -210,7 +211,10 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     serving = batching == "serving"
     router = router if router is not None else router_for(plan, cost)
-    reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages], r.slots)
+    # cache rows as the serving layer sizes them (Splitwise's machines: their slots, as its router counts)
+    rows = ({r.id: r.slots for r in plan.replicas} if plan.method == "splitwise"
+            else {r.id: r.rows for r in Layout.from_plan(plan).replicas.values()})
+    reps = {r.id: _Replica(cost, r.id, [(cost.index[s.node_id], s.start, s.stop) for s in r.stages], rows[r.id])
             for r in plan.replicas}
     for r in plan.replicas:
         reps[r.id].free = [ready_s] * len(reps[r.id].free)

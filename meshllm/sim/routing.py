@@ -68,7 +68,7 @@ class MeshRouter:
         self._reqs: dict[str, Request] = {}
 
     def admit(self, req: Request) -> Route | None:
-        job = Job(str(req.id), "sim", req.n_in)
+        job = Job(str(req.id), "sim", req.n_in, n_kv=req.n_in + req.n_out)  # max_tokens = its drawn output
         self._reqs[job.id] = req
         got = self.scheduler.admit(job)
         return (got.prefill_r, got.decode_r) if got is not None else None
@@ -124,11 +124,7 @@ class SplitwiseRouter:
         """KV tokens the replica's memory holds beside its weights (its slots x context without a cost model)."""
         if self.cost is None:
             return max(r.slots * r.context, 1)
-        c = self.cost
-        rooms = [(s.memory_capacity if s.memory_capacity > 0 else c.mem[c.index[s.node_id]])
-                 - c.memory(s.start, s.stop, 0) for s in r.stages]
-        per_tok = [c.cum_kv[s.stop] - c.cum_kv[s.start] for s in r.stages]
-        return max(int(min(m / max(k, 1e-12) for m, k in zip(rooms, per_tok, strict=True))), 1)
+        return max(int(min(self.cost.kv_room(s.node_id, s.start, s.stop, s.memory_capacity) for s in r.stages)), 1)
 
     def _prefill_s(self, r: int, n: int) -> tuple[float, float]:
         """(bottleneck, latency) seconds of one prompt of ``n`` tokens on replica ``r``."""
