@@ -11,7 +11,10 @@ KV caches live here, per layer, as preallocated arrays of shape
 ``(max_batch, kv_heads, max_seq_len, head_dim)``, float32 or float16 (the
 model's ``kv_dtype`` or the node's choice; the graph is retyped to match at
 load, see :func:`meshllm.runtime.onnx_wire.with_float16_kv`); each sequence owns one batch
-row ("slot"). ``past_*`` and ``present_*`` are bound to the same memory, so
+row ("slot"). The caches are anonymous mappings in small pages, resident where written; closing a sequence
+and moving rows give back the pages beyond each row's own length, so the memory a segment uses follows the
+tokens its sequences hold (a paged KV cache, the OS's pages as its pages), not ``max_batch`` rows at full
+length or a row's high-water mark. ``past_*`` and ``present_*`` are bound to the same memory, so
 onnxruntime's GroupQueryAttention appends the new keys and values in place and
 never copies the cache. A batched decode step needs its sequences in
 consecutive slots; :meth:`Segment.decode` moves rows when the batch changes
@@ -25,6 +28,7 @@ This module runs graphs; it knows nothing of tokens, sampling or the network. It
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -47,6 +51,26 @@ SeqId = Hashable
 #: on the 110M shape, at the same speed, and 8 x 64 ~10 MB less than 4 x 128 (5 % of an int4 process)
 #: for a prefill 2-5 % slower (docs/inference.md).
 PREFILL_CHUNK = 64
+
+
+def kv_array(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, mmap.mmap]:
+    """A zeroed, C-contiguous, page-aligned array on an anonymous private mapping of its own, and the
+    mapping (to give pages back with :func:`give_back`). ``np.zeros`` would ask for huge pages (numpy advises
+    them from 4 MB), which make 2 MB resident for a row's first token and cannot be given back by the row."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mem.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mem, dtype).reshape(shape), mem
+
+
+def give_back(mem: mmap.mmap, start: int, stop: int) -> None:
+    """Returns the whole pages within bytes ``[start, stop)`` of ``mem`` to the OS (``MADV_DONTNEED``: they
+    read zeros after on Linux); a page partly outside the range stays."""
+    start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = stop // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start and hasattr(mmap, "MADV_DONTNEED"):
+        mem.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
@@ -145,8 +169,10 @@ class Segment:
             else interface.hidden_out(self.start - 1)
         self.output_name = interface.LOGITS if self.has_head else interface.hidden_out(self.stop - 1)
         shape = (max_batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
-        self._k = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
-        self._v = [np.zeros(shape, self.kv_dtype) for _ in range(self.start, self.stop)]
+        caches = [kv_array(shape, self.kv_dtype) for _ in range(2 * (self.stop - self.start))]
+        self._k = [a for a, _ in caches[0::2]]
+        self._v = [a for a, _ in caches[1::2]]
+        self._maps = [m for _, m in caches]  # the mappings of the arrays, to give their pages back
         self._row_bytes = int(np.prod(shape[1:])) * self.kv_dtype.itemsize
         self._owner: list[SeqId | None] = [None] * max_batch
         self._slot: dict[SeqId, int] = {}
@@ -172,10 +198,12 @@ class Segment:
         self._len[slot] = 0
 
     def close(self, seq: SeqId) -> None:
+        """Frees ``seq``'s slot and gives its pages back: the slot's next sequence may be far shorter."""
         slot = self._slot.pop(seq, None)
         if slot is not None:
             self._owner[slot] = None
             self._len[slot] = 0
+            self._give_back(slot, 0)
 
     def length(self, seq: SeqId) -> int:
         """Tokens cached for ``seq``."""
@@ -192,12 +220,12 @@ class Segment:
             raise GenerationError(f"sequence {seq!r} is not open in this segment") from None
 
     def _swap(self, a: int, b: int) -> None:
-        n = int(max(self._len[a], self._len[b]))
-        if n:
-            for cache in (*self._k, *self._v):
-                tmp = cache[a, :, :n].copy()
-                cache[a, :, :n] = cache[b, :, :n]
-                cache[b, :, :n] = tmp
+        """Swaps the sequences of slots ``a`` and ``b``; each row keeps only the pages its new sequence needs."""
+        la, lb = int(self._len[a]), int(self._len[b])
+        for cache in (*self._k, *self._v):
+            tmp = cache[a, :, :la].copy()
+            cache[a, :, :lb] = cache[b, :, :lb]
+            cache[b, :, :la] = tmp
         oa, ob = self._owner[a], self._owner[b]
         self._owner[a], self._owner[b] = ob, oa
         if oa is not None:
@@ -205,6 +233,22 @@ class Segment:
         if ob is not None:
             self._slot[ob] = a
         self._len[[a, b]] = self._len[[b, a]]
+        self._give_back(a, lb)
+        self._give_back(b, la)
+
+    def _give_back(self, slot: int, keep: int) -> None:
+        """Gives the pages of ``slot``'s rows beyond their first ``keep`` positions back to the OS, per head
+        (whole pages only: a page shared with the next head stays)."""
+        heads, seq_len, head_dim = self._k[0].shape[1:]
+        if keep >= seq_len:
+            return
+        token = head_dim * self.kv_dtype.itemsize
+        row = slot * self._row_bytes
+        spans = [(row, row + self._row_bytes)] if keep == 0 else \
+            [(row + (h * seq_len + keep) * token, row + (h + 1) * seq_len * token) for h in range(heads)]
+        for mem in self._maps:
+            for start, stop in spans:
+                give_back(mem, start, stop)
 
     def _arrange(self, seqs: Sequence[SeqId]) -> int:
         """Puts ``seqs`` in consecutive slots, in order; returns the first slot."""
