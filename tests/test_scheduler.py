@@ -70,7 +70,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.held[rid] = job
         if routed is not None:
             assert routed is job and self.s.owns(job)
-            assert self.layout.replicas[job.prefill_r].does_prefill and self.layout.replicas[job.decode_r].does_decode
+            p, d = self.layout.replicas[job.prefill_r], self.layout.replicas[job.decode_r]
+            # a PREFILL replica decodes only what it prefilled itself (it lent itself: no decode replica had room)
+            assert p.does_prefill and (d.does_decode or (d.role == "prefill" and d is p))
         else:
             assert any(q is job for q in self.s.queue)
 
@@ -186,10 +188,12 @@ def test_a_prompt_goes_to_the_prefill_replica_whose_queued_tokens_clear_soonest(
 
 def test_decode_goes_to_the_replica_with_the_most_free_slots_for_its_size() -> None:
     s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=2), _rep(2, "decode", "c", slots=4)))
-    routed = [s.admit(Job(f"r{i}", "x", 1)) for i in range(7)]
-    # shares in use: (0/2, 0/4) -> 1 (lower id); (1/2, 0/4) -> 2; (1/2, 1/4) -> 2; (1/2, 2/4) -> 1; then 2, 2
-    assert [j.decode_r if j is not None else None for j in routed] == [1, 2, 2, 1, 2, 2, None]
-    assert s.active == {1: 2, 2: 4} and [q.id for q in s.queue] == ["r6"]
+    routed = [s.admit(Job(f"r{i}", "x", 1)) for i in range(11)]
+    # shares in use: (0/2, 0/4) -> 1 (lower id); (1/2, 0/4) -> 2; (1/2, 1/4) -> 2; (1/2, 2/4) -> 1; then 2, 2;
+    # then both are full and the PREFILL replica decodes what it prefills, as far as its own memory holds (4
+    # slots of 128 positions, beside the 6 prompt positions it still has to prefill for the others): 3 more
+    assert [j.decode_r if j is not None else None for j in routed] == [1, 2, 2, 1, 2, 2, 0, 0, 0, None, None]
+    assert s.active == {0: 3, 1: 2, 2: 4} and [q.id for q in s.queue] == ["r9", "r10"]
 
 
 def test_a_mixed_replica_decodes_what_it_prefilled_and_only_up_to_its_slots() -> None:
@@ -207,15 +211,17 @@ def test_sequences_take_the_kv_positions_they_can_reach_not_a_whole_context() ->
     short = [Job(f"s{i}", "x", 10, n_kv=10 + 30) for i in range(20)]  # 40 positions + a page: 72 each
     routed = [s.admit(j) for j in short]
     on = Counter(j.decode_r for j in routed if j is not None)
-    # the decode replica takes 3 (3 x 72 <= 256 < 4 x 72), the mixed one 8 (8 x 72 <= 600), the rest wait
-    assert on == {1: 3, 2: 8} and len(s.queue) == 9
-    assert s.kv_in_use == {1: 3 * (40 + KV_PAGE_SLACK), 2: 8 * (40 + KV_PAGE_SLACK)}
+    # the decode replica takes 3 (3 x 72 <= 256 < 4 x 72), the mixed one 8 (8 x 72 <= 600); then the PREFILL
+    # replica (4 slots of 128: 512) lends itself, as far as its memory holds beside the prompts it still has to
+    # prefill for the decode replica (3 x 10 positions): 30 + 6 x 72 <= 512 < 30 + 7 x 72
+    assert on == {1: 3, 2: 8, 0: 6} and len(s.queue) == 3
+    assert s.kv_in_use == {1: 3 * (40 + KV_PAGE_SLACK), 2: 8 * (40 + KV_PAGE_SLACK), 0: 6 * (40 + KV_PAGE_SLACK)}
     # one that can reach a whole context takes one (a row is a context long: no page on top)
     assert kv_need(Job("long", "x", 100, n_kv=5000), d) == 128 and kv_need(Job("old", "x", 1), d) == 128
     for j in routed[:2]:
         assert j is not None
         s.done(j.id)
-    assert len(s.queue) == 7  # two places freed, two waiting ones took them
+    assert len(s.queue) == 1  # two places freed, two waiting ones took them
 
 
 def test_a_replica_takes_at_most_its_rows_however_short_its_sequences() -> None:
@@ -248,7 +254,7 @@ def test_waiting_requests_go_in_arrival_order_and_accepted_ones_first() -> None:
 
 
 def test_a_new_request_does_not_overtake_waiting_ones() -> None:
-    s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=1)))
+    s = _sched(_layout(_rep(0, "mixed", "a", slots=1)))
     s.admit(Job("r0", "x", 1))
     assert s.admit(Job("r1", "x", 1)) is None
     s.forget("r0")  # a slot is free, but r1 was first: r2 waits behind it until the queue is drained
@@ -258,7 +264,7 @@ def test_a_new_request_does_not_overtake_waiting_ones() -> None:
 
 def test_replicas_that_are_not_ready_get_nothing_and_requests_wait_for_them() -> None:
     layout = _layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b"), _rep(2, "mixed", "c"))
-    s = Scheduler(layout, ready={0})  # no decode replica ready: a request waits, it is not refused
+    s = Scheduler(layout, ready={1})  # nothing ready that prefills: a request waits, it is not refused
     assert s.admit(Job("r0", "x", 5)) is None
     s.ready = {2}
     assert [(j.prefill_r, j.decode_r) for j in s.drain()] == [(2, 2)]
@@ -270,7 +276,8 @@ def test_a_restored_job_counts_against_its_replica() -> None:
     s = _sched(_layout(_rep(0, "prefill", "a"), _rep(1, "decode", "b", slots=1)))
     s.restore(Job("old", "x", 40, 0, 1))  # dispatched by the previous planner
     assert s.active == {1: 1} and s.pending_tokens == {}  # its prompt is not waited on
-    assert s.admit(Job("new", "x", 1)) is None
+    new = s.admit(Job("new", "x", 1))
+    assert new is not None and new.decode_r == 0  # not on the full decode replica: the PREFILL one lends itself
 
 
 @settings(max_examples=200, deadline=None)
@@ -278,12 +285,12 @@ def test_a_restored_job_counts_against_its_replica() -> None:
                           st.tuples(st.just("finish"), st.integers(0, 30)),
                           st.tuples(st.just("prefilled"), st.integers(0, 30))), max_size=80))
 def test_any_arrivals_and_completions_dispatch_each_request_once_in_order_within_capacity(events: list) -> None:
-    """Never more sequences on a decode replica than its slots; every request dispatched exactly once, in
+    """Never more sequences on a replica than its memory holds; every request dispatched exactly once, in
     arrival order; whatever was admitted is dispatched once everything before it is done."""
     layout = _layout(_rep(0, "prefill", "a", prefill_rate=1.0), _rep(1, "prefill", "b", prefill_rate=2.0),
                      _rep(2, "decode", "c", slots=2), _rep(3, "decode", "d", slots=3), _rep(4, "mixed", "e", slots=1))
     s = _sched(layout, max_queue=5)
-    capacity = {2: 2, 3: 3, 4: 1}
+    capacity = {0: 4, 1: 4, 2: 2, 3: 3, 4: 1}  # whole-context sequences; PREFILL replicas lend their 4 slots
     admitted: list[str] = []
     dispatched: list[str] = []
     refused = 0

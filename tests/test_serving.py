@@ -193,3 +193,22 @@ def test_a_new_plan_rolls_out_without_dropping_accepted_requests(model: Path, br
     assert any(s[-1]["timings"]["replicas"]["decode"] == 0 for s in streams), "none was in flight on plan v1"
     assert tokens_of(after) == expected(model, PROMPTS[0], 16)[0]
     assert after[-1]["timings"]["replicas"] == {"prefill": 0, "decode": 1}  # served by v2's PREFILL/DECODE pair
+
+
+def test_a_prefill_replica_decodes_itself_when_the_decode_replica_is_full(model: Path, broker: str,
+                                                                           tmp_path: Path) -> None:
+    """The decode replica's memory holds one of these sequences (128 positions; each can reach ~40 + a page):
+    the others are decoded by the PREFILL replica that prefilled them (it lends itself, with no KV hand-off),
+    and every one streams exactly the tokens of one process."""
+    mesh = f"t-serve-lend-{secrets.token_hex(3)}"
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("n1", 0, 2), ("n2", 2, 4)]),
+                                                      replica(1, "decode", [("n3", 0, 4)], slots=1)]}
+    with serving_mesh(mesh, broker, model, ["n1", "n2", "n3"], plan, tmp_path):
+        reqs = [{"id": f"l{i}", "prompt": PROMPTS[i % 4] + f" {i}", "max_tokens": 16, "temperature": 0}
+                for i in range(6)]
+        streams = asyncio.run(ask_raw(broker, mesh, reqs, timeout=120))
+    for r, stream in zip(reqs, streams):
+        assert tokens_of(stream) == expected(model, r["prompt"], 16)[0], r["id"]
+        assert sum(1 for m in stream if m.get("done")) == 1
+    decoded_by = [stream[-1]["timings"]["replicas"]["decode"] for stream in streams]
+    assert 0 in decoded_by and 1 in decoded_by, decoded_by  # both replicas decoded; all six ran at once

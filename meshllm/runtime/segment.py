@@ -365,6 +365,9 @@ class Segment:
             x[i, :r.shape[1]] = r[0]
         lo = self._arrange(seqs)
         out = self._execute(lo, x, lens, False)
+        for i, n in enumerate(lens):  # the padding the operator wrote past a shorter prompt: its pages go back
+            if n < width:
+                self._give_back(lo + i, int(n))
         if self.has_head:  # (B, V): each row's last true position
             return [out[i:i + 1].copy() for i in range(len(rows))]
         return [np.ascontiguousarray(out[i:i + 1, :n]) for i, n in enumerate(lens)]

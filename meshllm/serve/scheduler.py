@@ -127,9 +127,9 @@ class Scheduler:
             if d is not None:
                 options.append((wait, r.id, d))
             elif r.role == "prefill" and r.kv_budget:
-                # its prompts in flight hold KV there too, until they are handed off
-                held = {r.id: kv.get(r.id, 0) + pending.get(r.id, 0)}
-                if self._room(r, job, active, held):
+                # prompts it hands off hold KV there too, until they are prefilled
+                away = sum(j.n_prompt for j in self.jobs.values() if j.prefill_r == r.id and j.decode_r != r.id)
+                if self._room(r, job, active, {r.id: kv.get(r.id, 0) + away}):
                     lenders.append((wait, r.id, r.id))
         if not options and not lenders:
             return None
