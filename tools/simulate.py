@@ -77,7 +77,6 @@ SYSTEMS = {
     "ga-noroles": "GA without roles",
     "splitwise": "Splitwise (published)",
     "splitwise-ect": "Splitwise (exp. completion)",
-    "splitwise-slots": "Splitwise (published, slot KV)",
     "splitwise-ga": "Splitwise routing, GA groups",
     "random": "random",
     "exo": "exo (1 pipeline)",
@@ -116,17 +115,15 @@ def make(system: str, devices: list[DeviceProfile], spec: str, rate: float, pilo
         return plan_with(SystemModel(cost, w, E2LLM), "ga"), None
     if system == "ga-noroles":
         return plan_with(SystemModel(cost, w, NOROLES), "ga"), None
-    if system in ("splitwise", "splitwise-ect", "splitwise-ga", "splitwise-slots"):
-        routing = "tokens" if system in ("splitwise", "splitwise-slots") else "ect"
+    if system in ("splitwise", "splitwise-ect", "splitwise-ga"):
+        routing = "tokens" if system == "splitwise" else "ect"
         sm = SystemModel(cost, w, E2LLM)
-        # "slot KV": a sequence reserves the plan's context, as meshllm's runtime does (not paged)
-        kv = sm.ctx_decode if system == "splitwise-slots" else None
         machines = None
         if system == "splitwise-ga":
             ga = plan_with(sm, "ga")
             machines = [[cost.index[n] for n in r.node_ids] for r in ga.replicas]
-        plan = sized_by_simulation(sm, machines, routing, n=pilot_n, kv_per_seq=kv)
-        return plan, splitwise_router(cost, routing, kv)
+        plan = sized_by_simulation(sm, machines, routing, n=pilot_n)
+        return plan, splitwise_router(cost, routing)
     return plan_with(SystemModel(cost, w, PlanOptions()), system), None
 
 
