@@ -64,7 +64,7 @@ def every_split(sm: SystemModel, groups: Sequence[Sequence[int]]) -> list[Scored
     """Every PREFILL/DECODE split of a grouping's replicas in the role rule's efficiency order (1 to R-1
     PREFILL), scored analytically. The analytic model does not see a PREFILL replica lending itself to
     decoding (the scheduler's mixed pool), so it ranks PREFILL-heavy splits low that the pilot may rank first;
-    on small meshes they are all worth one pilot run."""
+    on small meshes those whose prompts do not saturate the PREFILL replicas are worth one pilot run."""
     ok = [e for e in (sm.group(g) for g in groups if g) if e.feasible]
     if len(ok) < 2:
         return []
@@ -75,9 +75,12 @@ def every_split(sm: SystemModel, groups: Sequence[Sequence[int]]) -> list[Scored
     for p in range(1, len(ok)):
         specs = tuple(sm.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE) for rank, i in enumerate(order))
         try:
-            out.append(sm.scored_specs(specs))
+            scored = sm.scored_specs(specs)
         except ValueError:
             continue
+        # a PREFILL pool that cannot keep up saturates whatever is lent to decoding: not worth a pilot
+        if scored.metrics.prefill_utilisation < 1.0:
+            out.append(scored)
     return out
 
 

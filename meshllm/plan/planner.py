@@ -73,15 +73,27 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
     if cands:  # the analytic model proposes, a short simulation decides; the GA's own choice is tried first
         own = sm.score(result.groups)
         cands = [own, *[c for c in cands if c.replicas != own.replicas]] if own.replicas else cands
-        first = {spec_key(c) for c in cands[:MAX_CANDIDATES]}
-        splits = [c for c in every_split(sm, seeds[0]) if spec_key(c) not in first] \
-            if len(sm.cost.devices) <= SPLIT_ALL_UP_TO else []
+        splits: list[Scored] = []
+        if len(sm.cost.devices) <= SPLIT_ALL_UP_TO:  # small meshes: a few more pilots are cheap
+            splits = [*every_split(sm, seeds[0]), _roles_only(sm, search, seeds)]
+            seen = {spec_key(c) for c in cands[:MAX_CANDIDATES]}
+            splits = [c for c in splits if c.replicas and not (spec_key(c) in seen or seen.add(spec_key(c)))]
         plan, tried = elect(sm, cands, "ga", pilot_size(sm), version=version, seed=sm.options.seed, extra=splits)
         extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
     else:
         plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
     extra["dp_runs"] = search.dp_runs + (sm.dp_runs if search is not sm else 0)
     return replace(plan, extra=extra)
+
+
+def _roles_only(sm: SystemModel, search: SystemModel, seeds: Sequence[Sequence[Sequence[int]]]) -> Scored:
+    """E2LLM's own choice for these devices: the GA with roles by the role rule and no MIXED replica, on mean
+    end-to-end time. Its grouping differs from the wait GA's, and with the scheduler's lending it can wait less."""
+    opts = replace(sm.options, allow_mixed=False, objective="response", elect=0)
+    exact = SystemModel(sm.cost, sm.workload, opts)
+    rough = exact if search is sm else \
+        SystemModel(sm.cost, sm.workload, replace(opts, profile_quantum=search.options.profile_quantum))
+    return exact.score(run_ga(rough, [s for s in seeds if s]).groups)
 
 
 def rescore(plan: Plan, sm: SystemModel) -> Plan | None:
