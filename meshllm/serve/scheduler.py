@@ -103,10 +103,8 @@ class Scheduler:
                 out[j.prefill_r] += j.n_prompt
         return dict(out)
 
-    def _decode_for(self, prefill_r: int, job: Job, active: dict[int, int], kv: dict[int, int]) -> int | None:
-        r = self.layout.replicas[prefill_r]
-        if r.role == "mixed":
-            return prefill_r if self._room(r, job, active, kv) else None
+    def _decode_replica(self, job: Job, active: dict[int, int], kv: dict[int, int]) -> int | None:
+        """The ready DECODE replica with room for ``job`` and the least of its KV memory in use."""
         free = [(kv.get(d.id, 0) / d.kv_budget if d.kv_budget else active.get(d.id, 0) / d.rows, d.id)
                 for d in self.layout.replicas.values()
                 if d.id in self.ready and d.role == "decode" and self._room(d, job, active, kv)]
@@ -118,18 +116,23 @@ class Scheduler:
         When no decode-capable replica has room, a PREFILL replica with room decodes the sequence itself
         (it lends its memory to decoding, as Splitwise's mixed pool does) rather than keep it waiting."""
         active, pending, kv = self.active, self.pending_tokens, self.kv_in_use
+        decode = self._decode_replica(job, active, kv)
         options, lenders = [], []
+        away: Counter[int] | None = None  # per PREFILL replica, prompt tokens it prefills for others
         for r in self.layout.replicas.values():
             if r.id not in self.ready or not r.does_prefill:
                 continue
             wait = (pending.get(r.id, 0) + job.n_prompt) / max(r.prefill_tokens_per_s, 1e-9)
-            d = self._decode_for(r.id, job, active, kv)
+            d = (r.id if self._room(r, job, active, kv) else None) if r.role == "mixed" else decode
             if d is not None:
                 options.append((wait, r.id, d))
-            elif r.role == "prefill" and r.kv_budget:
-                # prompts it hands off hold KV there too, until they are prefilled
-                away = sum(j.n_prompt for j in self.jobs.values() if j.prefill_r == r.id and j.decode_r != r.id)
-                if self._room(r, job, active, {r.id: kv.get(r.id, 0) + away}):
+            elif r.role == "prefill" and r.kv_budget and not options:
+                if away is None:  # prompts it hands off hold KV there too, until they are prefilled
+                    away = Counter()
+                    for j in self.jobs.values():
+                        if j.n_prompt and j.prefill_r != j.decode_r:
+                            away[j.prefill_r] += j.n_prompt
+                if self._room(r, job, active, {r.id: kv.get(r.id, 0) + away[r.id]}):
                     lenders.append((wait, r.id, r.id))
         if not options and not lenders:
             return None
