@@ -79,8 +79,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # --without-pip: the venv's python runs this machine's pip (a system site package), installing into the venv
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
                    timeout=120)
+    # --ignore-installed: a meshllm already installed on the system (an editable install, maybe of a tree that
+    # is gone) must not make pip skip the wheel
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+                    "--ignore-installed", str(wheel)], check=True, capture_output=True, timeout=300)
     print(f"wheel built and installed in {time.monotonic() - t0:.1f} s")
     return venv / "bin" / "meshllm"
 
