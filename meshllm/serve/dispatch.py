@@ -411,21 +411,30 @@ class Dispatcher:
     # --- completion and cancellation --------------------------------------
 
     def on_done(self, done: Done) -> None:
-        """A ``done`` frame (keyed by attempt: a late one from a replaced attempt changes nothing)."""
-        self._ended(done.key)
+        """A ``done`` frame (keyed by attempt: a late one from a replaced attempt changes nothing).
 
-    def _ended(self, key: str) -> None:
-        """The run ``key`` ended (its done frame, or its journal record cleared): free its slots."""
+        The streaming node clears the request's record; the planner clears it too, after every write of its
+        own: a record the planner wrote (a resume racing the end) may reach the broker after the streamer's
+        clear, and its echo may come back while the request is still held here, so nothing else would clear it
+        (tests/test_resume.py saw one left retained)."""
+        if self._ended(done.key) and self.node.is_planner:
+            self._spawn(self.node.publish(self.node.topics.job(request_of(done.key)), "", retain=True))
+
+    def _ended(self, key: str) -> bool:
+        """The run ``key`` ended (its done frame, or its journal record cleared): free its slots. Whether it was
+        the request's current attempt (then it is closed here)."""
         rid = request_of(key)
         sched = self.scheduler
         held = sched.held(rid) if sched is not None else None
         if held is not None and held.key != key:
-            return
+            return False
         rec = self.journal.jobs.get(rid)
-        if sched is not None and rec is not None and rec.key == key:
+        closed = sched is not None and rec is not None and rec.key == key
+        if closed:
             self._close(rec)  # before its clear arrives: never restated to a new broker
         if sched is not None:
             self._dispatch_all(sched.done(rid))
+        return closed
 
     async def on_bounce(self, bounce: Bounce) -> None:
         """A node got a prompt or begin for a stage it does not hold: move the request (its current attempt)."""
