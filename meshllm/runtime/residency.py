@@ -1,6 +1,12 @@
-"""Weights that onnxruntime has packed, moved onto 2 MiB pages after a session is built.
+"""What a segment tells the kernel about its memory once its session is built.
 
-Why: a quantized decode step streams every packed weight once (205 MB for the 360M shape at int4)
+Two things, both measured on the shapes of ``tools/bench_generate.py`` (docs/inference.md):
+
+* :func:`collapse_resident_memory`: the packed weights onto 2 MiB pages, for speed;
+* :func:`release_file_pages`: the pages of the model's files that onnxruntime keeps mapped but
+  does not read again, out of the process, for memory.
+
+Huge pages. Why: a quantized decode step streams every packed weight once (205 MB for the 360M shape at int4)
 through ``MatMulNBits``, which reads several rows of blocks, their scales and sums at once. With
 4 KiB pages that is a page walk every few KB per stream, and the CPU's prefetchers stop at each
 4 KiB boundary. onnxruntime allocates its packed weights with plain ``malloc``, and where
@@ -14,6 +20,15 @@ memory does not grow: a partly used arena chunk, a lazily zeroed array or a heap
 they are. Measured on the 360M shape at int4 (2 threads, 2 cores): decode ~7-10 % faster; fp32, whose
 ``MatMul`` streams one panel at a time, unchanged (docs/inference.md).
 
+Files. onnxruntime maps each external initializer of the model files (``*.onnx.data``). Those it
+prepacks (the weights) it unmaps; the ``MatMulNBits`` scales it keeps mapped, since on x86 the kernel
+copies them into its packed buffer but does not report them packed (onnxruntime
+``contrib_ops/cpu/quantization/matmul_nbits.cc``, ``PrePack``), and never reads them again: 7 MiB of
+file pages in a 110M int4 process (3.5 % of it) resident for nothing. ``MADV_DONTNEED`` drops them
+from the process; a page that is read after all faults back in from the file, unchanged, so this is
+safe whatever onnxruntime does later. Only mappings without private (copied-on-write) pages are
+dropped, whose contents are exactly the file's.
+
 Best effort: on another OS, an older kernel or with THP disabled (``never``) nothing happens. This
 module only advises the kernel; it knows nothing of onnxruntime or models.
 """
@@ -23,12 +38,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import sys
+from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
 HUGE = 2 << 20
-MADV_COLLAPSE = 25
+MADV_DONTNEED, MADV_COLLAPSE = 4, 25
 #: regions smaller than this are not worth a scan (thread stacks, small mallocs)
 MIN_REGION = 4 << 20
 
@@ -103,3 +120,44 @@ def collapse_resident_memory() -> int:
                 return moved
     log.debug("moved %.1f MB of resident memory onto huge pages", moved / 1e6)
     return moved
+
+
+def file_mappings(smaps: str, paths: Iterable[str]) -> list[tuple[int, int]]:
+    """``(start, end)`` of the mappings of ``paths`` in a ``/proc/<pid>/smaps`` text that hold no
+    private (copied-on-write) page: their contents are the file's."""
+    wanted = set(paths)
+    out: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in smaps.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):
+            name = line.split(None, 5)[5].strip() if len(fields) > 5 else ""
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            current = (lo, hi) if name in wanted else None
+        elif current is not None and fields[0] == "Anonymous:":
+            if int(fields[1]) == 0:
+                out.append(current)
+            current = None
+    return out
+
+
+def release_file_pages(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Drops this process's resident pages of the files ``paths`` (they fault back in from the file
+    if read again); returns the bytes of the mappings released."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    real = [os.path.realpath(p) for p in paths]
+    try:
+        with open("/proc/self/smaps") as f:
+            mappings = file_mappings(f.read(), real)
+    except OSError:
+        return 0
+    released = 0
+    for lo, hi in mappings:
+        if libc.madvise(ctypes.c_void_p(lo), hi - lo, MADV_DONTNEED) == 0:
+            released += hi - lo
+    log.debug("released %.1f MB of mapped model file pages", released / 1e6)
+    return released

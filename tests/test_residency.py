@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 
 import numpy as np
@@ -16,8 +17,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshllm.runtime import hugepages
-from meshllm.runtime.hugepages import HUGE, anonymous_regions, collapse_resident_memory, resident_huge_ranges
+from meshllm.runtime import residency
+from meshllm.runtime.residency import (
+    HUGE,
+    anonymous_regions,
+    collapse_resident_memory,
+    file_mappings,
+    release_file_pages,
+    resident_huge_ranges,
+)
 
 PAGE = mmap.PAGESIZE
 PER = HUGE // PAGE
@@ -105,5 +113,87 @@ def test_a_touched_mapping_moves_onto_huge_pages_and_an_untouched_one_stays_out(
 
 
 def test_does_nothing_where_the_platform_cannot(monkeypatch):
-    monkeypatch.setattr(hugepages, "_libc", lambda: None)
+    monkeypatch.setattr(residency, "_libc", lambda: None)
     assert collapse_resident_memory() == 0
+
+
+# --- model file pages -------------------------------------------------------------------------------
+
+FILE_SMAPS = """\
+7f1000000000-7f1000010000 rw-p 00001000 08:01 77                         /m/layer_000.onnx.data
+Rss:                  64 kB
+Anonymous:             0 kB
+7f1000010000-7f1000020000 rw-p 00002000 08:01 77                         /m/layer_000.onnx.data
+Rss:                  64 kB
+Anonymous:             4 kB
+7f1000020000-7f1000030000 r--p 00000000 08:01 78                         /m/other file.onnx.data
+Rss:                   8 kB
+Anonymous:             0 kB
+7f1000030000-7f1000040000 r--p 00000000 08:01 79                         /m/layer_001.onnx.data
+Rss:                   8 kB
+Anonymous:             0 kB
+"""
+
+
+def test_file_mappings_are_those_of_the_files_with_no_private_page():
+    assert file_mappings(FILE_SMAPS, ["/m/layer_000.onnx.data", "/m/other file.onnx.data"]) == [
+        (0x7F1000000000, 0x7F1000010000), (0x7F1000020000, 0x7F1000030000)]
+
+
+def _mapped_kib(prefix: str) -> int:
+    """Resident KiB of this process's mappings of files whose path starts with ``prefix`` (``mincore``
+    would tell the page cache's residency, not the process's)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) > 5 and fields[5].startswith(prefix)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_clean_file_pages_leave_the_process_and_read_back_the_same_and_written_ones_stay(tmp_path):
+    data = np.arange(256 * PAGE // 4, dtype=np.uint32)
+    (tmp_path / "a.onnx.data").write_bytes(data.tobytes())
+    (tmp_path / "b.onnx.data").write_bytes(data.tobytes())
+    # private writable mappings, as onnxruntime maps external initializers
+    clean = np.memmap(tmp_path / "a.onnx.data", np.uint32, mode="c")
+    written = np.memmap(tmp_path / "b.onnx.data", np.uint32, mode="c")
+    assert int(clean.sum(dtype=np.uint64)) == int(data.sum(dtype=np.uint64))  # every page resident
+    written[5] = 99  # one page copied on write: this mapping is no longer the file's
+    int(written.sum(dtype=np.uint64))
+    a, b = (os.path.realpath(tmp_path / n) for n in ("a.onnx.data", "b.onnx.data"))
+    assert _mapped_kib(a) == _mapped_kib(b) == 256 * PAGE // 1024
+    released = release_file_pages([a, b])
+    assert released >= 256 * PAGE
+    assert _mapped_kib(a) == 0
+    assert np.array_equal(clean, data)  # faulted back in from the file
+    assert _mapped_kib(b) == 256 * PAGE // 1024 and written[5] == 99 and np.array_equal(written[6:], data[6:])
+
+
+def test_a_quantized_segment_holds_no_page_of_its_model_files_and_decodes_the_same(tmp_path, monkeypatch):
+    from meshllm.runtime.segment import Segment
+    from tests.serving_harness import random_exports
+
+    model = random_exports(tmp_path, ("int4",), layers=2, seed=3) / "int4"
+
+    def mapped_kib() -> int:
+        return _mapped_kib(os.path.realpath(model) + "/")
+
+    def steps(seg: Segment) -> list[np.ndarray]:
+        seg.open(0)
+        out = [seg.prefill(0, np.arange(3, 40))]
+        out += [seg.decode([0], np.array([7 + i])) for i in range(4)]
+        return out
+
+    released = Segment(model, max_seq_len=64, threads=1)
+    assert mapped_kib() == 0
+    got = steps(released)
+    monkeypatch.setattr(residency, "release_file_pages", lambda paths: 0)
+    kept = Segment(model, max_seq_len=64, threads=1)
+    assert mapped_kib() > 0  # onnxruntime does keep them: the scales of every MatMulNBits
+    for a, b in zip(got, steps(kept), strict=True):
+        np.testing.assert_array_equal(a, b)
