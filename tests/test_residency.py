@@ -197,3 +197,18 @@ def test_a_quantized_segment_holds_no_page_of_its_model_files_and_decodes_the_sa
     assert mapped_kib() > 0  # onnxruntime does keep them: the scales of every MatMulNBits
     for a, b in zip(got, steps(kept), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_only_quantized_segments_collapse_and_the_work_is_bounded(tmp_path, monkeypatch):
+    from meshllm.runtime.segment import Segment
+    from tests.serving_harness import random_exports
+
+    root = random_exports(tmp_path, ("fp32", "int4"), layers=1, seed=4)
+    calls: list[str] = []
+    monkeypatch.setattr(residency, "collapse_resident_memory", lambda: calls.append("collapse") or 0)
+    Segment(root / "fp32", max_seq_len=32, threads=1)
+    assert calls == []  # float weights: no measured gain, and seconds of compaction for large models
+    Segment(root / "int4", max_seq_len=32, threads=1)
+    assert calls == ["collapse"]
+    monkeypatch.undo()
+    assert collapse_resident_memory(budget_s=0.0) == 0
