@@ -126,8 +126,8 @@ def collapse_resident_memory(budget_s: float = 2.0) -> int:
                 return moved
             if libc.madvise(ctypes.c_void_p(a), b - a, MADV_COLLAPSE) == 0:
                 moved += b - a
-            elif ctypes.get_errno() == 22:  # EINVAL: no MADV_COLLAPSE (kernel < 6.1) or THP "never"
-                return moved
+            # else skipped: EINVAL where a region refuses huge pages (MADV_NOHUGEPAGE, as the KV caches)
+            # or the kernel has no MADV_COLLAPSE (< 6.1), EAGAIN/ENOMEM where no huge page was found
     log.debug("moved %.1f MB of resident memory onto huge pages", moved / 1e6)
     return moved
 
