@@ -105,6 +105,8 @@ def test_a_touched_mapping_moves_onto_huge_pages_and_an_untouched_one_stays_out(
     moved = collapse_resident_memory()
     huge = _huge_kib(a.ctypes.data)
     if moved == 0 or huge == 0:
+        # a CI machine like the development one has it: there the quantized decode's speed-up must be tested
+        assert os.environ.get("CI") != "true", "no MADV_COLLAPSE on this CI machine (kernel < 6.1 or THP off)"
         pytest.skip("no MADV_COLLAPSE here (kernel < 6.1 or transparent huge pages off)")
     assert huge >= 15 * HUGE // 1024  # the aligned interior: all but at most one range at the ends
     assert int(a.sum()) == 7 * (16 * HUGE // PAGE)  # contents kept

@@ -207,7 +207,7 @@ def test_a_prefill_replica_decodes_itself_when_the_decode_replica_is_full(model:
         reqs = [{"id": f"l{i}", "prompt": PROMPTS[i % 4] + f" {i}", "max_tokens": 16, "temperature": 0}
                 for i in range(6)]
         streams = asyncio.run(ask_raw(broker, mesh, reqs, timeout=120))
-    for r, stream in zip(reqs, streams):
+    for r, stream in zip(reqs, streams, strict=True):
         assert tokens_of(stream) == expected(model, r["prompt"], 16)[0], r["id"]
         assert sum(1 for m in stream if m.get("done")) == 1
     decoded_by = [stream[-1]["timings"]["replicas"]["decode"] for stream in streams]
