@@ -26,7 +26,7 @@ class StageLayout:
 
 
 # Sequences a decode-capable replica's stages hold at most (cache rows). Their memory is what their tokens
-# need (the runtime gives a closed row's pages back), so the scheduler admits by tokens within ``kv_tokens``
+# need (the runtime gives a closed row's pages back), so the scheduler admits by tokens within ``kv_budget``
 # and this bounds only the batch: as the planner's largest decode batch (PlanOptions.max_decode_slots).
 DECODE_ROWS = 16
 
@@ -40,17 +40,13 @@ class ReplicaLayout:
     context: int  # the most KV positions one sequence may reach
     prefill_tokens_per_s: float  # predicted, for routing
     decode_tokens_per_s: float
-    kv_tokens: int = 0  # KV positions the replica's memory holds: what its sequences' tokens may add up to
+    kv_budget: int = 0  # KV positions its sequences' tokens may add up to (the plan's Replica.kv_budget)
 
     @property
     def rows(self) -> int:
         """Sequences its stages hold at once (cache rows): up to DECODE_ROWS as their tokens fit ``kv_budget``
         (a PREFILL replica too: it decodes when it lends itself), or its slots in a plan that gives no context."""
         return max(self.slots, DECODE_ROWS) if self.kv_budget else self.slots
-
-    @property
-    def kv_budget(self) -> int:
-        return max(self.kv_tokens, self.slots * self.context)
 
     @property
     def first(self) -> StageLayout:
