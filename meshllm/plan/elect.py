@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 
 from meshllm.plan.plan import Plan, Role
-from meshllm.plan.roles import efficiency_order
 from meshllm.plan.system import ReplicaSpec, Scored, SystemModel
 
 PILOT_SEED = 7919  # a seed of its own: the evaluation's streams are seeds 1, 2, ...
@@ -28,9 +27,9 @@ TIE_S, TIE_FRACTION = 0.01, 0.02  # pilot waits this close are a tie (the earlie
 PILOT_TOKENS = 20_000  # output tokens a pilot stream may carry (bounds its events on long-output workloads)
 
 
-def spec_key(c: Scored) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def spec_key(specs: Sequence[ReplicaSpec]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """What tells two candidates apart: each replica's role and devices."""
-    return tuple(sorted((s.role.value, s.partition.devices) for s in c.replicas))
+    return tuple(sorted((s.role.value, s.partition.devices) for s in specs))
 
 
 def candidates(sm: SystemModel, groupings: Sequence[Sequence[Sequence[int]]]) -> list[Scored]:
@@ -51,7 +50,7 @@ def candidates(sm: SystemModel, groupings: Sequence[Sequence[Sequence[int]]]) ->
             if not any(all(s.role is Role.MIXED for s in a) for a in assigns):
                 assigns.append(tuple(sm.specs_for(e, Role.MIXED) for e in ok))
         for specs in assigns:
-            key = tuple(sorted((s.role.value, s.partition.devices) for s in specs))  # as spec_key
+            key = spec_key(specs)
             if key not in out:
                 try:
                     out[key] = sm.scored_specs(specs)
@@ -68,14 +67,11 @@ def every_split(sm: SystemModel, groups: Sequence[Sequence[int]]) -> list[Scored
     ok = [e for e in (sm.group(g) for g in groups if g) if e.feasible]
     if len(ok) < 2:
         return []
-    a = [e.prefill_service.max_rate for e in ok]  # type: ignore[union-attr]
-    d = [e.decode_service.max_token_rate for e in ok]  # type: ignore[union-attr]
-    order = efficiency_order(a, d)
+    _, _, order = sm.role_rates(ok)
     out = []
     for p in range(1, len(ok)):
-        specs = tuple(sm.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE) for rank, i in enumerate(order))
         try:
-            scored = sm.scored_specs(specs)
+            scored = sm.scored_specs(sm.split_specs(ok, order, p))
         except ValueError:
             continue
         # a PREFILL pool that cannot keep up saturates whatever is lent to decoding: not worth a pilot

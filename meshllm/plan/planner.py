@@ -75,9 +75,11 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
         cands = [own, *[c for c in cands if c.replicas != own.replicas]] if own.replicas else cands
         splits: list[Scored] = []
         if len(sm.cost.devices) <= SPLIT_ALL_UP_TO:  # small meshes: a few more pilots are cheap
-            splits = [*every_split(sm, seeds[0]), _roles_only(sm, search, seeds)]
-            seen = {spec_key(c) for c in cands[:MAX_CANDIDATES]}
-            splits = [c for c in splits if c.replicas and not (spec_key(c) in seen or seen.add(spec_key(c)))]
+            seen = {spec_key(c.replicas) for c in cands[:MAX_CANDIDATES]}
+            for c in [*every_split(sm, seeds[0]), _roles_only(sm, search, seeds)]:
+                if c.replicas and spec_key(c.replicas) not in seen:
+                    seen.add(spec_key(c.replicas))
+                    splits.append(c)
         plan, tried = elect(sm, cands, "ga", pilot_size(sm), version=version, seed=sm.options.seed, extra=splits)
         extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
     else:

@@ -361,19 +361,27 @@ class SystemModel:
         self._specs[(ev.devices, role)] = spec
         return spec
 
-    def role_candidates(self, ok: Sequence[GroupEval]) -> list[tuple[ReplicaSpec, ...]]:
-        """Role assignments to compare for feasible groups (two or more): the role rule's splits, the fastest
-        prompt server alone as PREFILL, and (``allow_mixed``) every replica MIXED."""
+    def role_rates(self, ok: Sequence[GroupEval]) -> tuple[list[float], list[float], list[int]]:
+        """Per feasible group, its prefill capacity (prompts/s) and decode capacity (requests/s), and the groups
+        in the role rule's efficiency order (the most prefill-efficient first)."""
         a = [e.prefill_service.max_rate for e in ok]  # type: ignore[union-attr]
         tokens = max(self.decode_tokens, 1e-9)
         d = [e.decode_service.max_token_rate / tokens for e in ok]  # type: ignore[union-attr]
-        order = efficiency_order(a, d)
+        return a, d, efficiency_order(a, d)
+
+    def split_specs(self, ok: Sequence[GroupEval], ranked: Sequence[int], p: int) -> tuple[ReplicaSpec, ...]:
+        """The first ``p`` groups of ``ranked`` PREFILL, the others DECODE."""
+        return tuple(self.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE) for rank, i in enumerate(ranked))
+
+    def role_candidates(self, ok: Sequence[GroupEval]) -> list[tuple[ReplicaSpec, ...]]:
+        """Role assignments to compare for feasible groups (two or more): the role rule's splits, the fastest
+        prompt server alone as PREFILL, and (``allow_mixed``) every replica MIXED."""
+        a, d, order = self.role_rates(ok)
         fastest = max(range(len(ok)), key=lambda i: (a[i], -i))
         tries = [(order, p) for p in split_candidates([a[i] for i in order], [d[i] for i in order])]
         if order[0] != fastest:  # also: the fastest prompt server alone as PREFILL
             tries.append(([fastest] + [i for i in order if i != fastest], 1))
-        cands = [tuple(self.specs_for(ok[i], Role.PREFILL if rank < p else Role.DECODE)
-                       for rank, i in enumerate(ranked)) for ranked, p in tries]
+        cands = [self.split_specs(ok, ranked, p) for ranked, p in tries]
         if self.options.allow_mixed:
             cands.append(tuple(self.specs_for(e, Role.MIXED) for e in ok))
         return cands
