@@ -22,7 +22,6 @@ open to anyone who can reach it, as documented in docs/security.md.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import secrets
 import socket
@@ -264,10 +263,6 @@ class EmbeddedBroker:
                 log.debug("embedded broker shutdown: %s", e)
             await self._end_tasks(owners)
         finally:
-            # amqtt's reader loop cancels its packet tasks without awaiting them: one cancelled mid-send ends
-            # with amqtt's ProtocolHandlerError, reported when the task is collected; collect now, while the
-            # filter below still takes it (a test run on a loaded machine saw it reach the loop's handler)
-            gc.collect()
             asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         log.info("embedded broker on %s stopped", self.url)
 
