@@ -23,6 +23,7 @@ from meshllm.runtime.residency import (
     anonymous_regions,
     collapse_resident_memory,
     file_mappings,
+    page_out,
     release_file_pages,
     resident_huge_ranges,
 )
@@ -175,6 +176,34 @@ def test_clean_file_pages_leave_the_process_and_read_back_the_same_and_written_o
     assert _mapped_kib(a) == 0
     assert np.array_equal(clean, data)  # faulted back in from the file
     assert _mapped_kib(b) == 256 * PAGE // 1024 and written[5] == 99 and np.array_equal(written[6:], data[6:])
+
+
+def test_a_stale_range_that_became_heap_memory_keeps_what_it_holds():
+    """The mappings are read from smaps, then advised: between the two another thread may unmap one
+    (onnxruntime freeing a session) and the heap take its addresses. The advice must not change what
+    the memory there holds (``MADV_DONTNEED`` zeroed it: a double free in tools/sim_to_real.py)."""
+    _linux()
+    # private anonymous memory, as the heap's (a shared mapping keeps its pages in shmem whatever the advice)
+    heap = mmap.mmap(-1, 64 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    held = np.frombuffer(heap, np.uint8)
+    held[:] = np.arange(held.size) % 251
+    lo = ctypes.addressof(ctypes.c_char.from_buffer(heap))
+    assert page_out([(lo, lo + 64 * PAGE)]) == 64 * PAGE
+    assert np.array_equal(held, np.arange(held.size) % 251)
+
+
+def test_pages_of_a_file_just_written_leave_too(tmp_path):
+    """A model exported a moment ago has dirty pages, which the kernel cannot page out unsynced."""
+    _linux()
+    path = tmp_path / "fresh.onnx.data"
+    data = np.arange(64 * PAGE // 4, dtype=np.uint32)
+    path.write_bytes(data.tobytes())
+    mapped = np.memmap(path, np.uint32, mode="c")
+    assert np.array_equal(mapped, data)
+    assert _mapped_kib(os.path.realpath(path)) == 64 * PAGE // 1024
+    release_file_pages([path])
+    assert _mapped_kib(os.path.realpath(path)) == 0
+    assert np.array_equal(mapped, data)
 
 
 def test_a_quantized_segment_holds_no_page_of_its_model_files_and_decodes_the_same(tmp_path, monkeypatch):

@@ -28,10 +28,15 @@ Files. onnxruntime maps each external initializer of the model files (``*.onnx.d
 prepacks (the weights) it unmaps; the ``MatMulNBits`` scales it keeps mapped, since on x86 the kernel
 copies them into its packed buffer but does not report them packed (onnxruntime
 ``contrib_ops/cpu/quantization/matmul_nbits.cc``, ``PrePack``), and never reads them again: 7 MiB of
-file pages in a 110M int4 process (3.5 % of it) resident for nothing. ``MADV_DONTNEED`` drops them
-from the process; a page that is read after all faults back in from the file, unchanged, so this is
-safe whatever onnxruntime does later. Only mappings without private (copied-on-write) pages are
-dropped, whose contents are exactly the file's.
+file pages in a 110M int4 process (3.5 % of it) resident for nothing. ``MADV_PAGEOUT`` (Linux 5.4+)
+takes them out of the process (and out of the page cache where no other process maps them); a page
+that is read after all faults back in from the file, unchanged. Only mappings without private
+(copied-on-write) pages are advised, whose contents are exactly the file's, and the file is synced
+first (a dirty page cannot be paged out; a model just exported has some). ``MADV_PAGEOUT``, not
+``MADV_DONTNEED``: the mappings are read from ``/proc/self/smaps`` and another thread may unmap one
+(onnxruntime freeing a session) and reuse its addresses for the heap before the advice lands;
+``MADV_DONTNEED`` would then zero live memory (it crashed ``tools/sim_to_real.py`` with a double
+free), ``MADV_PAGEOUT`` never changes what memory holds.
 
 Best effort: on another OS, an older kernel or with THP disabled (``never``) nothing happens. This
 module only advises the kernel; it knows nothing of onnxruntime or models.
@@ -39,6 +44,7 @@ module only advises the kernel; it knows nothing of onnxruntime or models.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -50,7 +56,7 @@ from collections.abc import Iterable
 log = logging.getLogger(__name__)
 
 HUGE = 2 << 20
-MADV_DONTNEED, MADV_COLLAPSE = 4, 25
+MADV_COLLAPSE, MADV_PAGEOUT = 25, 21
 #: regions smaller than this are not worth a scan (thread stacks, small mallocs)
 MIN_REGION = 4 << 20
 
@@ -154,20 +160,37 @@ def file_mappings(smaps: str, paths: Iterable[str]) -> list[tuple[int, int]]:
 
 
 def release_file_pages(paths: Iterable[str | os.PathLike[str]]) -> int:
-    """Drops this process's resident pages of the files ``paths`` (they fault back in from the file
-    if read again); returns the bytes of the mappings released."""
+    """Takes this process's resident pages of the files ``paths`` out of it (they fault back in from the
+    file if read again); returns the bytes of the mappings advised."""
     libc = _libc()
     if libc is None:
         return 0
     real = [os.path.realpath(p) for p in paths]
+    for path in real:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
     try:
         with open("/proc/self/smaps") as f:
             mappings = file_mappings(f.read(), real)
     except OSError:
         return 0
-    released = 0
-    for lo, hi in mappings:
-        if libc.madvise(ctypes.c_void_p(lo), hi - lo, MADV_DONTNEED) == 0:
-            released += hi - lo
+    released = page_out(mappings)
     log.debug("released %.1f MB of mapped model file pages", released / 1e6)
     return released
+
+
+def page_out(ranges: Iterable[tuple[int, int]]) -> int:
+    """Advises the kernel to reclaim the pages of ``ranges`` (``MADV_PAGEOUT``): what they hold is kept,
+    whatever is mapped there by now; returns the bytes advised."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    advised = 0
+    for lo, hi in ranges:
+        if libc.madvise(ctypes.c_void_p(lo), hi - lo, MADV_PAGEOUT) == 0:
+            advised += hi - lo
+    return advised
