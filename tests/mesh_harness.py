@@ -147,7 +147,8 @@ def mosquitto_proc(*, users: dict[str, str] | None = None, tls: bool = False) ->
     with tempfile.TemporaryDirectory() as d:
         # user root: keep access to our temp files; max_queued_messages 0: never drop QoS 1 replies to a slow
         # subscriber (Mosquitto drops beyond 1000 queued by default, see docs/mesh.md)
-        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root", "max_queued_messages 0"]
+        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root", "max_queued_messages 0",
+                "set_tcp_nodelay true"]
         if users:
             pw = Path(d) / "passwd"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))

@@ -214,7 +214,7 @@ def broker_for_bench() -> Any:
     with tempfile.TemporaryDirectory() as d:
         conf = Path(d) / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 0\nuser root\n")
+                        "max_queued_messages 0\nset_tcp_nodelay true\nuser root\n")
         exe = "mosquitto" if subprocess.run(["which", "mosquitto"], capture_output=True).returncode == 0 \
             else "/usr/sbin/mosquitto"
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -166,7 +166,8 @@ class Testbed:
     def start_broker(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = [f"listener 1883 {self.broker_addr}", "user root",
-                "max_queued_messages 0"]  # never drop QoS 1 replies to a slow subscriber (docs/mesh.md)
+                "max_queued_messages 0",  # never drop QoS 1 replies to a slow subscriber (docs/mesh.md)
+                "set_tcp_nodelay true"]  # no 40 ms Nagle/delayed-ACK stalls (docs/mesh.md)
         if self.secret is None:
             conf.append("allow_anonymous true")
         else:

@@ -305,9 +305,12 @@ async def _watch_busy(broker: str, mesh: str, busy: dict[str, float]) -> None:
                     busy[str(d["node_id"])] = float(d["busy_s"])
 
 
-async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float
+async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, stream: str
                 ) -> tuple[list[Record], dict[str, float]]:
     """Sends every item at its arrival time (from now), collects replies; gives up after ``max_wall`` s.
+
+    Request ids are ``s2r-<stream>-<n>``: a stream that reused another's ids would be refused (the mesh
+    refuses an id that ended less than two minutes ago with other contents).
 
     Returns the records and each node's busy seconds over the run (from the nodes' stats).
     """
@@ -321,7 +324,7 @@ async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float
         rec.sent = time.time()
         try:
             async with contextlib.aclosing(c.stream(it.prompt, max_tokens=it.req.n_out, temperature=0,
-                                                    request_id=f"s2r-{it.req.id}")) as chunks:
+                                                    request_id=f"s2r-{stream}-{it.req.id}")) as chunks:
                 async for ch in chunks:
                     if math.isnan(rec.first):
                         rec.first = time.time()
@@ -493,7 +496,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
             cal_rate = load * _capacity(plan, CostModel(costs, devices, seg_factors), workload_spec, seed, msl)
             cal_items = _stream(model_dir, workload_spec, cal_rate, n_cal, seed + 100, msl)
             log(f"calibration stream: {n_cal} requests at {cal_rate:.2f} req/s (seed {seed + 100})")
-            cal_records, cal_busy = asyncio.run(drive(broker, mesh, cal_items, max_wall))
+            cal_records, cal_busy = asyncio.run(drive(broker, mesh, cal_items, max_wall, "calibration"))
             cal_sim = simulate(plan, CostModel(costs, devices, seg_factors), replay(cal_records), batching=BATCHING)
             ratio = {n: cal_busy[n] / cal_sim.busy_s[n] for n in setting.node_ids
                      if cal_busy.get(n) and cal_sim.busy_s.get(n)}
@@ -507,7 +510,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
         items = _stream(model_dir, workload_spec, rate, n_requests, seed, msl)
         log(f"measured stream: {n_requests} requests at {rate:.2f} req/s (Poisson, seed {seed}), prompts checked "
             f"({time.monotonic() - t_start:.0f} s)")
-        records, busy = asyncio.run(drive(broker, mesh, items, max_wall))
+        records, busy = asyncio.run(drive(broker, mesh, items, max_wall, "measured"))
         log(f"real mesh served {sum(r.ok for r in records)}/{len(records)} ({time.monotonic() - t_start:.0f} s)")
     failed = [r for r in records if not r.ok]
     if failed:
