@@ -24,8 +24,8 @@ stage starts it); TTFT = arrival to the end of the prefill (``timings.ttft_s``);
 arrival to the last token (``timings.total_s``); throughput = completed / (first send to last
 completion, measured by the client).
 
-Usage: python tools/sim_to_real.py [--requests 150] [--load 0.7] [--seed 1] [--max-wall 240]
-                                   [--json out.json]
+Usage: python tools/sim_to_real.py [--setting prefill-decode|mixed] [--requests 150] [--load 0.7] [--seed 1]
+                                   [--max-wall 240] [--timing scale|model] [--json out.json]
 About 2-3 minutes on the 2-core development machine.
 """
 
@@ -99,6 +99,12 @@ SETTING = Setting(
               ("decode", 6, (("dec-a", 0, 3), ("dec-b", 3, 6))),
               ("decode", 4, (("dec-c", 0, 6),))),
 )
+# What the election often deploys instead: role-less replicas, here two one-stage MIXED ones.
+MIXED_SETTING = Setting(
+    scales={"a": 40.0, "b": 40.0},
+    replicas=(("mixed", 4, (("a", 0, 6),)), ("mixed", 4, (("b", 0, 6),))),
+)
+SETTINGS = {"prefill-decode": SETTING, "mixed": MIXED_SETTING}
 
 
 def pinned_plan(setting: Setting, manifest: Manifest, workload: Workload) -> Plan:
@@ -544,6 +550,8 @@ def main() -> int:
     ap.add_argument("--load", type=float, default=0.7, help="fraction of the calibrated simulator's capacity")
     ap.add_argument("--rate", type=float, help="requests/s (overrides --load)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--setting", choices=list(SETTINGS), default="prefill-decode",
+                    help="the pinned plan: a PREFILL and two DECODE replicas, or two MIXED replicas")
     ap.add_argument("--max-wall", type=float, default=240.0, help="seconds the stream may take at most")
     ap.add_argument("--json", help="write the figures and per-request records here")
     ap.add_argument("--timing", choices=("scale", "model"), default="scale",
@@ -551,7 +559,8 @@ def main() -> int:
                     "devices run at the cost model's speed and the raw-profile simulation is the one to compare")
     args = ap.parse_args()
     t0 = time.monotonic()
-    out = run(SETTING, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
+    setting = SETTINGS[args.setting]
+    out = run(setting, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
     best = ("raw profile" if args.timing == "model" else
             "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated")
     print()
@@ -562,7 +571,7 @@ def main() -> int:
           f"{100 * out.max_error(best):.0f}%")
     print("\nstage busy time over the run (s): " + ", ".join(
         f"{n} real {out.busy_real.get(n, math.nan):.1f} / sim {out.busy_sim.get(n, math.nan):.1f}"
-        for n in SETTING.node_ids))
+        for n in setting.node_ids))
     for n in out.notes:
         print(f"note: {n}")
     if args.json:
