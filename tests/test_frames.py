@@ -27,6 +27,7 @@ from meshllm.serve.protocol import (
     Done,
     KvBlock,
     Prefill,
+    Prefilled,
     Release,
     RequestMeta,
     Resume,
@@ -74,6 +75,7 @@ FRAMES = {
     "release": st.builds(Release, I64, I64, KEYS) | st.builds(Release, I64, I64, KEYS, st.text(min_size=1, max_size=64),
                                                              st.text(max_size=200)),
     "cancel": st.builds(CancelStream, KEYS),
+    "prefilled": st.builds(Prefilled, KEYS),
     "done": st.builds(Done, KEYS, I64, I64, st.sampled_from(["stop", "length", "cancelled", "error"])),
     "bounce": st.builds(Bounce, KEYS, st.text(max_size=100)),
 }
@@ -180,6 +182,7 @@ def _good(t: str) -> dict[str, Any]:
             "begin": {"t": "begin", "pv": 1, "r": 1, "id": "a", "token": 7, "sampler": None, "meta": meta},
             "release": {"t": "release", "pv": 1, "r": 1, "id": "a"},
             "cancel": {"t": "cancel", "id": "a"},
+            "prefilled": {"t": "prefilled", "id": "a"},
             "done": {"t": "done", "id": "a", "pr": 0, "dr": 1, "finish": "stop"},
             "bounce": {"t": "bounce", "id": "a", "why": "no stage"}}[t]
 
@@ -228,6 +231,7 @@ def test_each_frame_type_refuses_missing_fields_and_wrong_types(t: str) -> None:
     ("begin", {"token": 2**63}, "token"),
     ("done", {"finish": "x" * 100}, "finish"),
     ("cancel", {"id": "k" * (MAX_KEY_CHARS + 1)}, "id"),
+    ("prefilled", {"id": "k" * (MAX_KEY_CHARS + 1)}, "id"),
     ("begin", {"token": -1}, "token"),
 ])
 def test_oversize_and_misshapen_fields_are_refused_in_one_line(t: str, change: dict[str, Any], says: str) -> None:

@@ -11,6 +11,7 @@ broker) over loopback, real aiomqtt clients, a real mesh of node processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import statistics
 import time
@@ -92,3 +93,52 @@ def test_an_idle_mesh_starts_each_prompt_within_milliseconds(model: Path, tmp_pa
             waits.append(stream[-1]["timings"]["queue_s"])
             time.sleep(0.05)
     assert _held(waits) <= 1 and statistics.median(waits) < 0.01, sorted(waits)
+
+
+def test_the_planner_routes_by_the_prefill_work_actually_left(model: Path, tmp_path: Path) -> None:
+    """A prompt already prefilled is no prefill work: the planner hears of it (a ``prefilled`` frame) and routes the
+    next prompt by what is left. Two MIXED replicas, the first predicted to prefill 10 tokens/s, the second 6: with
+    the first still decoding an earlier request of the same prompt, a new prompt goes to the first (its wait is
+    n/10 against n/6). The planner never heard of prefills before, counted the earlier prompt as work still
+    queued there ((n + n)/10 > n/6) and sent the prompt to the slower replica; the simulator, told at once,
+    predicted MIXED replicas' waits 27% short of the real mesh's (tools/sim_to_real.py --setting mixed)."""
+    mesh = f"t-route-{secrets.token_hex(3)}"
+    fast, slow = replica(0, "mixed", [("n1", 0, 4)]), replica(1, "mixed", [("n2", 0, 4)])
+    slow["prefill_rate"] = 6.0
+    plan = {"version": 1, "n_layers": 4, "replicas": [fast, slow]}
+    prompt = "the cat sat on the mat and the dog sat on the log"
+
+    order: list[tuple[str, bool]] = []  # (request, done) of each reply, as they came
+
+    async def go(broker: str) -> dict[str, list[dict]]:
+        topics = {r: f"meshllm/v1/{mesh}/replies/{r}" for r in ("early", "late")}
+        streams: dict[str, list[dict]] = {r: [] for r in topics}
+        async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
+            for t in topics.values():
+                await c.subscribe(t, qos=1)
+
+            async def ask(rid: str, n: int) -> None:
+                await c.publish(f"meshllm/v1/{mesh}/requests", json.dumps(
+                    {"id": rid, "prompt": prompt, "max_tokens": n, "temperature": 0}), qos=1)
+
+            await ask("early", 60)
+            async with asyncio.timeout(60):
+                async for m in c.messages:
+                    rid = str(m.topic).rsplit("/", 1)[-1]
+                    streams[rid].append(json.loads(m.payload))  # type: ignore[arg-type]
+                    order.append((rid, bool(streams[rid][-1].get("done"))))
+                    if rid == "early" and len(streams["early"]) == 1:
+                        await asyncio.sleep(0.3)  # its prefilled frame has reached the planner by now
+                        await ask("late", 2)
+                    if all(s and s[-1].get("done") for s in streams.values()):
+                        return streams
+        raise AssertionError("unreachable")
+
+    with mosquitto() as broker, serving_mesh(mesh, broker, model, ["n1", "n2"], plan, tmp_path,
+                                             extra=["--emulate-compute-scale", "20"]):
+        streams = asyncio.run(go(broker))
+    early, late = streams["early"][-1], streams["late"][-1]
+    assert early["timings"]["replicas"]["prefill"] == 0
+    assert late["timings"]["replicas"]["prefill"] == 0, late["timings"]
+    # the earlier request was still decoding on the fast replica when the later one was routed
+    assert order.index(("late", False)) < order.index(("early", True)), order

@@ -46,6 +46,9 @@ class Recorder:
     async def finished(self, request_id: str, meta: RequestMeta, finish_reason: str) -> None:
         self.sent.append(("finished", (request_id, finish_reason)))
 
+    async def prefilled(self, key: str) -> None:
+        self.sent.append(("prefilled", key))
+
 
 def decode_stage(model: Path) -> StageRunner:
     plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),

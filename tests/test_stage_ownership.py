@@ -47,6 +47,7 @@ class Fabric:
         self.tokenizer = load_tokenizer(model, load_manifest(model).tokenizer)
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.ended: dict[str, str] = {}
+        self.prefilled_keys: list[str] = []
         self.sent: list[tuple[str, Frame]] = []
 
     async def send(self, node_id: str, frame: Frame) -> None:
@@ -60,6 +61,9 @@ class Fabric:
 
     async def finished(self, request_id: str, meta: RequestMeta, finish_reason: str) -> None:
         self.ended[request_id] = finish_reason
+
+    async def prefilled(self, key: str) -> None:
+        self.prefilled_keys.append(key)
 
     def stream_ended(self, seq: SequenceState) -> None:
         pass

@@ -48,7 +48,17 @@ from meshllm.serve import api
 from meshllm.serve.journal import JobRecord, Journal, Route, request_of
 from meshllm.serve.layout import Layout
 from meshllm.serve.messages import Cancel, PayloadError
-from meshllm.serve.protocol import Bounce, CancelStream, Done, Frame, Prefill, Release, RequestMeta, Resume
+from meshllm.serve.protocol import (
+    Bounce,
+    CancelStream,
+    Done,
+    Frame,
+    Prefill,
+    Prefilled,
+    Release,
+    RequestMeta,
+    Resume,
+)
 from meshllm.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
@@ -419,6 +429,13 @@ class Dispatcher:
         (tests/test_resume.py saw one left retained)."""
         if self._ended(done.key) and self.node.is_planner:
             self._spawn(self.node.publish(self.node.topics.job(request_of(done.key)), "", retain=True))
+
+    def on_prefilled(self, frame: Prefilled) -> None:
+        """A prompt's prefill ended: its replica's prefill work waiting is that much less (for the current attempt
+        only; a late frame of a replaced attempt changes nothing)."""
+        held = self.scheduler.held(request_of(frame.key)) if self.scheduler is not None else None
+        if held is not None and held.key == frame.key:
+            self.scheduler.prefilled(held.id)
 
     def _ended(self, key: str) -> bool:
         """The run ``key`` ended (its done frame, or its journal record cleared): free its slots. Whether it was

@@ -18,6 +18,8 @@ KvBlock        kv        pv r id layer k vv (v)                             DECO
 Begin          begin     pv r id token sampler (sampler_state) meta         DECODE replica's last stage
 Release        release   pv r id [error {code message}]                     every stage of a replica
 CancelStream   cancel    id                                                 the request's last stage
+Prefilled      prefilled id                                                 the scheduler: a prompt's prefill
+                                                                            ended (its first token is sampled)
 Done           done      id pr (prefill_replica) dr (decode_replica) finish  the scheduler
 Bounce         bounce    id why                                             the scheduler: a prompt or begin
                                                                             reached a node without that stage
@@ -429,6 +431,22 @@ class Done(_Frame):
 
 
 @dataclass(frozen=True, eq=False)
+class Prefilled(_Frame):
+    """A request's prompt ran through its prefill replica (the first token is sampled): the scheduler stops
+    counting its tokens as prefill work waiting there, which is what it routes new prompts by."""
+
+    WIRE_TYPE: ClassVar[str] = "prefilled"
+    key: str
+
+    def encode(self) -> dict[str, Any]:
+        return {"t": "prefilled", "id": self.key}
+
+    @classmethod
+    def decode(cls, d: Mapping[str, Any]) -> Prefilled:
+        return cls(_key("prefilled frame", d))
+
+
+@dataclass(frozen=True, eq=False)
 class Bounce(_Frame):
     """A prompt or begin reached a node without that stage (a plan changed under it): the planner moves it."""
 
@@ -448,14 +466,15 @@ class Bounce(_Frame):
         return cls(_key(w, d), _str(w, d, "why", MAX_TEXT_CHARS, empty=True))
 
 
-Frame = Prefill | Step | KvBlock | Begin | Release | CancelStream | Done | Bounce
+Frame = Prefill | Step | KvBlock | Begin | Release | CancelStream | Prefilled | Done | Bounce
 FRAME_TYPES: dict[str, type[Frame]] = {c.WIRE_TYPE: c for c in (Prefill, Step, KvBlock, Begin, Release,  # type: ignore[misc]
-                                                                 CancelStream, Done, Bounce)}
+                                                                 CancelStream, Prefilled, Done, Bounce)}
 # the wire fields of each frame type (besides "t"), for tools and tests that build frames by hand
 WIRE_FIELDS: dict[str, tuple[str, ...]] = {
     "prefill": ("pv", "r", "id", "x", "meta"), "step": ("pv", "r", "ids", "x"),
     "kv": ("pv", "r", "id", "layer", "k", "vv"), "begin": ("pv", "r", "id", "token", "sampler", "meta"),
-    "release": ("pv", "r", "id"), "cancel": ("id",), "done": ("id", "pr", "dr", "finish"), "bounce": ("id", "why")}
+    "release": ("pv", "r", "id"), "cancel": ("id",), "prefilled": ("id",),
+    "done": ("id", "pr", "dr", "finish"), "bounce": ("id", "why")}
 OPTIONAL_WIRE_FIELDS: dict[str, tuple[str, ...]] = {"release": ("error",)}  # sent only when set
 
 

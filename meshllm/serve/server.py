@@ -54,6 +54,7 @@ from meshllm.serve.protocol import (
     Done,
     Frame,
     Prefill,
+    Prefilled,
     Release,
     RequestMeta,
     Step,
@@ -64,7 +65,7 @@ from meshllm.serve.stage import StageRunner
 log = logging.getLogger(__name__)
 
 REPLAY_KEEP, REPLAY_KEEP_S = 256, 120.0  # ended streams kept for replays, and for how long
-FRAME_KINDS = ("prefill", "step", "kv", "begin", "release", "cancel", "done", "bounce")
+FRAME_KINDS = tuple(protocol.FRAME_TYPES)  # every serving frame the data plane routes here
 
 
 class ServingNode:
@@ -235,6 +236,15 @@ class ServingNode:
             except MeshError as e:
                 log.warning("%s: cannot tell the planner that %s is done: %s", self.node_id, request_id, e)
 
+    async def prefilled(self, key: str) -> None:
+        """A prompt's prefill ended here: the planner's scheduler routes new prompts by the prefill work left."""
+        planner = self.node.planner_id
+        if planner:
+            try:
+                await self.send(planner, Prefilled(key))
+            except MeshError as e:  # routing estimates only: the request goes on
+                log.debug("%s: cannot tell the planner that %s is prefilled: %s", self.node_id, key, e)
+
     # --- frames -------------------------------------------------------
 
     def _frame_handler(self, kind: str) -> Any:
@@ -248,6 +258,9 @@ class ServingNode:
         """Hands a typed frame to the scheduler or to the runner of its plan version and replica."""
         if isinstance(frame, Done):
             self.dispatcher.on_done(frame)
+            return
+        if isinstance(frame, Prefilled):
+            self.dispatcher.on_prefilled(frame)
             return
         if isinstance(frame, Bounce):
             await self.dispatcher.on_bounce(frame)

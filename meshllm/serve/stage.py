@@ -97,6 +97,8 @@ class Fabric(Protocol):
 
     async def finished(self, request_id: str, meta: RequestMeta, finish_reason: str) -> None: ...
 
+    async def prefilled(self, key: str) -> None: ...
+
     def stream_ended(self, seq: SequenceState) -> None: ...
 
 
@@ -484,6 +486,7 @@ class StageRunner:
             sampler = Sampler.restore(sampling, meta.resume.sampler_state if meta.resume is not None else None)
             token = sampler(out[0])
             meta = meta.with_times(first_token_at=time.time())
+            await self.fabric.prefilled(rid)  # the scheduler stops counting this prompt as prefill work here
             decode = self.layout.replicas[meta.decode_replica]
             begin = Begin(self.layout.version, decode.id, rid, token, None if sampling.greedy else sampler.state(),
                           meta)
