@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import secrets
@@ -105,6 +106,13 @@ MIXED_SETTING = Setting(
     replicas=(("mixed", 4, (("a", 0, 6),)), ("mixed", 4, (("b", 0, 6),))),
 )
 SETTINGS = {"prefill-decode": SETTING, "mixed": MIXED_SETTING}
+# With ``--timing model`` the devices are pinned to these figures (about what the scales above make of this
+# machine): the nodes' own start-up measurement swung 2x from run to run (the PREFILL node 2.3-5.4 GFLOP/s),
+# and with it the offered rate (5.8-12.7 req/s at one load), so runs were not comparable.
+_PI = {"flops": 2.6e9, "mem_bandwidth_Bps": 1.2e9, "mem_bytes": 4e9}
+PINNED = {"prefill-decode": {"pre": _PI, "dec-a": _PI, "dec-b": _PI,
+                             "dec-c": {"flops": 1.7e9, "mem_bandwidth_Bps": 0.8e9, "mem_bytes": 4e9}},
+          "mixed": {"a": _PI, "b": _PI}}
 
 
 def pinned_plan(setting: Setting, manifest: Manifest, workload: Workload) -> Plan:
@@ -554,12 +562,16 @@ def main() -> int:
                     help="the pinned plan: a PREFILL and two DECODE replicas, or two MIXED replicas")
     ap.add_argument("--max-wall", type=float, default=240.0, help="seconds the stream may take at most")
     ap.add_argument("--json", help="write the figures and per-request records here")
+    ap.add_argument("--measured-devices", action="store_true",
+                    help="with --timing model, let each node measure its emulated profile instead of pinning it")
     ap.add_argument("--timing", choices=("scale", "model"), default="scale",
                     help="how the nodes emulate slower devices (meshllm node --emulate-timing); with 'model' the "
                     "devices run at the cost model's speed and the raw-profile simulation is the one to compare")
     args = ap.parse_args()
     t0 = time.monotonic()
     setting = SETTINGS[args.setting]
+    if args.timing == "model" and not args.measured_devices:
+        setting = dataclasses.replace(setting, devices=PINNED[args.setting])
     out = run(setting, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
     best = ("raw profile" if args.timing == "model" else
             "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated")
