@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import mmap
 import os
@@ -61,6 +62,7 @@ MADV_COLLAPSE, MADV_PAGEOUT = 25, 21
 MIN_REGION = 4 << 20
 
 
+@functools.cache  # once per process: each segment load asks for it up to three times
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
