@@ -486,7 +486,6 @@ class StageRunner:
             sampler = Sampler.restore(sampling, meta.resume.sampler_state if meta.resume is not None else None)
             token = sampler(out[0])
             meta = meta.with_times(first_token_at=time.time())
-            await self.fabric.prefilled(rid)  # the scheduler stops counting this prompt as prefill work here
             decode = self.layout.replicas[meta.decode_replica]
             begin = Begin(self.layout.version, decode.id, rid, token, None if sampling.greedy else sampler.state(),
                           meta)
@@ -494,6 +493,8 @@ class StageRunner:
                 await self.on_begin(begin, feed)
             else:
                 await self.fabric.send(decode.last.node_id, begin)
+            # the first token is on its way; now the scheduler stops counting this prompt as prefill work here
+            await self.fabric.prefilled(rid)
         if meta.decode_replica != self.replica.id:  # a PREFILL replica that lends itself decodes it here
             await self._hand_off(rid, meta)
 
