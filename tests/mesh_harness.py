@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from meshllm.mesh.broker import free_port
+from meshllm.mesh.broker import MOSQUITTO_OPTIONS, free_port
 from meshllm.mesh.status import read_state
 
 LOOPBACK = "127.0.0.1"
@@ -145,10 +145,8 @@ class Mosquitto:
 def mosquitto_proc(*, users: dict[str, str] | None = None, tls: bool = False) -> Iterator[Mosquitto]:
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
-        # user root: keep access to our temp files; max_queued_messages 0: never drop QoS 1 replies to a slow
-        # subscriber (Mosquitto drops beyond 1000 queued by default, see docs/mesh.md)
-        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root", "max_queued_messages 0",
-                "set_tcp_nodelay true"]
+        # user root: keep access to our temp files
+        conf = [f"listener {port} 127.0.0.1", "persistence false", "user root", *MOSQUITTO_OPTIONS]
         if users:
             pw = Path(d) / "passwd"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))

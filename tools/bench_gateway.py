@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from meshllm.cli import run_async  # noqa: E402
-from meshllm.mesh.broker import BrokerURL, free_port  # noqa: E402
+from meshllm.mesh.broker import MOSQUITTO_OPTIONS, BrokerURL, free_port  # noqa: E402
 from meshllm.mesh.topics import Topics  # noqa: E402
 from meshllm.serve.client import Client  # noqa: E402
 from tests.mesh_harness import wait_until  # noqa: E402
@@ -213,8 +213,8 @@ def broker_for_bench() -> Any:
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
         conf = Path(d) / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 0\nset_tcp_nodelay true\nuser root\n")
+        conf.write_text("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+                                    "user root", *MOSQUITTO_OPTIONS]) + "\n")
         exe = "mosquitto" if subprocess.run(["which", "mosquitto"], capture_output=True).returncode == 0 \
             else "/usr/sbin/mosquitto"
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

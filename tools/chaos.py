@@ -59,7 +59,7 @@ import aiomqtt  # noqa: E402
 
 from meshllm.errors import MeshError  # noqa: E402
 from meshllm.mesh.access import app_login, node_login, with_login  # noqa: E402
-from meshllm.mesh.broker import BrokerError  # noqa: E402
+from meshllm.mesh.broker import MOSQUITTO_OPTIONS, BrokerError  # noqa: E402
 from meshllm.mesh.status import read_state  # noqa: E402
 from meshllm.mesh.topics import Topics  # noqa: E402
 from meshllm.secret import SECRET_ENV, generate_secret  # noqa: E402
@@ -165,9 +165,7 @@ class Testbed:
 
     def start_broker(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = [f"listener 1883 {self.broker_addr}", "user root",
-                "max_queued_messages 0",  # never drop QoS 1 replies to a slow subscriber (docs/mesh.md)
-                "set_tcp_nodelay true"]  # no 40 ms Nagle/delayed-ACK stalls (docs/mesh.md)
+        conf = [f"listener 1883 {self.broker_addr}", "user root", *MOSQUITTO_OPTIONS]
         if self.secret is None:
             conf.append("allow_anonymous true")
         else:

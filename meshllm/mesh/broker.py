@@ -35,6 +35,10 @@ from meshllm.errors import BrokerError
 log = logging.getLogger(__name__)
 
 SHUTDOWN_S = 2.0  # amqtt's own shutdown, once every client connection is aborted
+# What a Mosquitto serving a mesh needs beside its listener and logins (docs/mesh.md): never drop QoS 1 replies
+# to a slow subscriber (it drops beyond 1000 queued by default), and no Nagle's algorithm on its writes (a reply
+# written behind another small packet otherwise waits 40 ms for the peer's delayed ACK)
+MOSQUITTO_OPTIONS = ("max_queued_messages 0", "set_tcp_nodelay true")
 
 
 @dataclass(frozen=True)
