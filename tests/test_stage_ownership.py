@@ -207,3 +207,57 @@ def test_a_prompt_released_during_its_kv_hand_off_ends_without_a_word(model: Pat
     assert fabric.replies == {}, f"the app got a reply from the released attempt: {fabric.replies}"
     stage.executor.submit(lambda: None).result()
     assert seg.open_sequences == [] and not stage.active, "the released prompt's slot leaked"
+
+
+def test_a_prefill_stage_takes_its_next_prompt_while_the_last_ones_kv_travels(model: Path) -> None:
+    """Found by sim-to-real: a PREFILL stage shipped each prompt's KV before it took the next prompt, so a slow
+    link (here: one that never finishes until the test lets it) held every prompt behind it; the simulator
+    and the planner put the hand-off on the path of the second token only. The KV is now copied, the cache
+    rows freed, and the copies sent by the stage's shipper while the stage goes on; the blocks still arrive
+    complete, in layer order, and the copies match the cache they came from."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("d1", 0, 4)], slots=1),
+                                                      replica(1, "decode", [("x1", 0, 4)])]}
+    layout = Layout.from_plan(plan)
+    gate = asyncio.Event()
+
+    class SlowLink(Fabric):
+        async def send(self, node_id: str, frame: Frame) -> None:
+            await super().send(node_id, frame)
+            if isinstance(frame, KvBlock):
+                await gate.wait()
+
+    fabric = SlowLink(model)
+    seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)  # one cache row: freed before shipping
+    stage = StageRunner(fabric, layout, layout.replicas[0], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    prompts = {"a": np.array([5, 9, 17, 33, 65], np.int64), "b": np.array([7, 3, 11], np.int64)}
+
+    async def go() -> int:
+        task = asyncio.ensure_future(stage.run())
+        for rid, prompt in prompts.items():
+            await stage.on_prefill(Prefill(1, 0, rid, prompt, meta_for(rid, prompt, 8)))
+        try:
+            deadline = time.monotonic() + 10  # "b" is prefilled (its begin sent) while "a"'s first block hangs
+            while not any(isinstance(f, Begin) and f.key == "b" for _, f in fabric.sent):
+                if time.monotonic() > deadline:
+                    return -1
+                await asyncio.sleep(0.005)
+            shipped_before = sum(isinstance(f, KvBlock) for _, f in fabric.sent)
+            gate.set()
+            async with asyncio.timeout(10):
+                while sum(isinstance(f, KvBlock) for _, f in fabric.sent) < 8:
+                    await asyncio.sleep(0.005)
+            return shipped_before
+        finally:
+            task.cancel()
+
+    assert asyncio.run(go()) == 1, "the second prompt waited for the first one's hand-off"
+    blocks = [(f.key, f.layer, f.k, f.v) for _, f in fabric.sent if isinstance(f, KvBlock)]
+    assert [(key, layer) for key, layer, _, _ in blocks] == [("a", i) for i in range(4)] + [("b", i) for i in range(4)]
+    ref = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    for rid, prompt in prompts.items():
+        _, kv = reference(ref, prompt, 1)
+        for (key, layer, k, v) in [b for b in blocks if b[0] == rid]:
+            np.testing.assert_array_equal(k, kv[layer][0])
+            np.testing.assert_array_equal(v, kv[layer][1])
+    stage.executor.submit(lambda: None).result()
+    assert seg.open_sequences == [] and not stage.active and not stage._shipping, "a slot leaked"

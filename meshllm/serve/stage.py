@@ -12,9 +12,14 @@ which no stage decodes. Results go to the next stage,
 or, at the replica's last stage, become tokens:
 
 - in a PREFILL replica the last stage samples the first token and sends a
-  ``begin`` to the chosen DECODE replica's last stage; every stage then ships
-  the KV cache of its layers to the DECODE stage that holds those layers
-  (layer by layer, while later stages are still computing) and frees it;
+  ``begin`` to the chosen DECODE replica's last stage; every stage then copies
+  the KV cache of its layers (one call on the segment's thread), frees its
+  cache rows, and hands the copies to its *shipper*, a task of its own that
+  sends them, layer by layer, to the DECODE stages that hold those layers. The
+  stage goes on with its next prompt at once: shipping a long prompt's KV
+  takes longer than its prefill on a slow link, and a prefill stage that
+  waited for it would serve that much fewer prompts (the simulator and the
+  planner put the hand-off on the path of the second token only);
 - in a DECODE (or MIXED) replica the last stage owns each request's
   :class:`~meshllm.serve.sequence.SequenceState`: it samples, streams tokens to
   the reply topic and feeds each new token back to the first stage.
@@ -73,6 +78,7 @@ from meshllm.serve.sequence import SequenceState
 
 log = logging.getLogger(__name__)
 
+HANDOFFS_QUEUED = 1  # prompts' KV copied and waiting while the shipper sends another's (memory: see StageRunner._ship)
 MAX_INBOX = 4096  # work items queued at a stage; the scheduler keeps far fewer in flight
 T = TypeVar("T")
 GATHER_FIRST_S, GATHER_MAX_S = 0.02, 0.1  # a batch waits for its stragglers at most one round, and this long
@@ -100,6 +106,16 @@ class Fabric(Protocol):
     async def prefilled(self, key: str) -> None: ...
 
     def stream_ended(self, seq: SequenceState) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Shipment:
+    """A prompt's KV, copied off this stage's cache, on its way to the DECODE replica."""
+
+    rid: str
+    meta: RequestMeta
+    decode: ReplicaLayout
+    blocks: list[tuple[int, np.ndarray, np.ndarray]]  # (layer, K, V)
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,10 @@ class StageRunner:
         self._round_s = GATHER_FIRST_S  # how long a sequence takes to come back here (moving average)
         self.sequences: dict[str, SequenceState] = {}  # last stage of a decoding replica
         self._gone: OrderedDict[str, tuple[str, str] | None] = OrderedDict()  # released keys (see on_release)
+        # KV copies waiting for the shipper (bounded: a stage that outruns its links waits here, with at most
+        # this many prompts' KV copied), and the keys being shipped (a release stops the rest of theirs)
+        self._outgoing: asyncio.Queue[_Shipment] = asyncio.Queue(HANDOFFS_QUEUED)
+        self._shipping: set[str] = set()
         self.busy_s = 0.0
         self.tokens_out = 0
 
@@ -177,7 +197,7 @@ class StageRunner:
         rid = frame.key
         if rid in self._gone:  # released here already (failed, or moved): a late copy starts nothing
             return
-        if rid in self.active or rid in self._prefilling:  # the same request dispatched twice must not run twice
+        if rid in self.active or rid in self._prefilling or rid in self._shipping:  # dispatched twice: not run twice
             raise GenerationError(f"prefill for {rid!r}, which is already here (sent twice?)")
         self._prefilling.add(rid)
         await self._put(_Item("prefill", rid, frame.x, frame.meta))
@@ -272,6 +292,7 @@ class StageRunner:
         self.active.discard(rid)
         self._prefilling.discard(rid)  # (a prompt still queued here is dropped when its turn comes)
         self._kv_missing.pop(rid, None)
+        self._shipping.discard(rid)
         self._held.pop(rid, None)
         self._decoding.discard(rid)
         if self._lanes is not None:
@@ -291,11 +312,14 @@ class StageRunner:
     # --- the loop -----------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._step()  # answers the failures of its requests itself
-            except Exception:  # a bug outside any one request: log it and go on with the next item
-                log.exception("stage %s of replica %d: a work item failed", self.index, self.replica.id)
+        """The stage's loop, and its shipper of KV hand-offs beside it (both end when this is cancelled)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._ship())
+            while True:
+                try:
+                    await self._step()  # answers the failures of its requests itself
+                except Exception:  # a bug outside any one request: log it and go on with the next item
+                    log.exception("stage %s of replica %d: a work item failed", self.index, self.replica.id)
 
     async def _step(self) -> None:
         item = await self.inbox.get()
@@ -499,20 +523,47 @@ class StageRunner:
             await self._hand_off(rid, meta)
 
     async def _hand_off(self, rid: str, meta: RequestMeta) -> None:
-        """Ships this stage's KV for ``rid`` to the DECODE stages holding the same layers, then frees it."""
-        decode = self.layout.replicas[meta.decode_replica]
-        for layer in self.segment.layers:
-            if rid not in self.active:  # released meanwhile (the planner moved it after a fault): nothing to ship
-                return
-            k, v = await self._on_segment(functools.partial(self._export, rid, layer))
-            await self.fabric.send(decode.holder(layer).node_id,
-                                   KvBlock(self.layout.version, decode.id, rid, layer, k, v))
-        self.on_release(rid)
+        """Copies this stage's KV for ``rid``, frees its cache rows, and queues the copies for the shipper, which
+        sends them to the DECODE stages holding the same layers (:meth:`_ship`). Returns once they are queued."""
+        if rid not in self.active:  # released meanwhile (the planner moved it after a fault): nothing to ship
+            return
+        blocks = await self._on_segment(functools.partial(self._export, rid))
+        if rid not in self.active:
+            return
+        self.active.discard(rid)
+        self._shipping.add(rid)
+        self.executor.submit(self.segment.close, rid)  # the rows are copied: the next prompt may have them
+        await self._outgoing.put(_Shipment(rid, meta, self.layout.replicas[meta.decode_replica], blocks))
 
-    def _export(self, rid: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of one layer's KV (on the owner thread: a view would see rows that a later call moves)."""
-        k, v = self.segment.export_kv(rid, layer)
-        return np.ascontiguousarray(k), np.ascontiguousarray(v)
+    def _export(self, rid: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Copies of every layer's KV of ``rid`` here, made on the owner thread: the rows are freed next, and a
+        view (even a contiguous one, which ``ascontiguousarray`` would not copy) would see the next prompt's."""
+        out = []
+        for layer in self.segment.layers:
+            k, v = self.segment.export_kv(rid, layer)
+            out.append((layer, k.copy(), v.copy()))
+        return out
+
+    async def _ship(self) -> None:
+        """Sends the queued hand-offs, one after another, each layer by layer; a request released meanwhile (the
+        planner moved it after a fault) has the rest of its layers dropped. A lost peer is left to the planner,
+        any other failure ends that request alone (as on the stage's loop). Memory: beyond the cache, the KV of
+        at most ``HANDOFFS_QUEUED + 1`` prompts is held in copies (one being sent, the rest queued); a stage whose
+        links are slower than its prefills then waits for the shipper, as it did before it had one."""
+        while True:
+            item = await self._outgoing.get()
+            try:
+                for layer, k, v in item.blocks:
+                    if item.rid not in self._shipping:
+                        break
+                    await self.fabric.send(item.decode.holder(layer).node_id,
+                                           KvBlock(self.layout.version, item.decode.id, item.rid, layer, k, v))
+            except PeerUnreachable as e:
+                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+            except Exception as e:
+                await self._failed(item.rid, e, item.meta)
+            if item.rid in self._shipping:  # shipped (or failed): released here now
+                self.on_release(item.rid)
 
     async def _decode(self, batch: list[_Item]) -> None:
         if not batch:  # every request of the batch was released meanwhile (cancelled, failed)
