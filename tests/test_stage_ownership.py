@@ -256,7 +256,7 @@ def test_a_prefill_stage_takes_its_next_prompt_while_the_last_ones_kv_travels(mo
     ref = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
     for rid, prompt in prompts.items():
         _, kv = reference(ref, prompt, 1)
-        for (key, layer, k, v) in [b for b in blocks if b[0] == rid]:
+        for _, layer, k, v in [b for b in blocks if b[0] == rid]:
             np.testing.assert_array_equal(k, kv[layer][0])
             np.testing.assert_array_equal(v, kv[layer][1])
     stage.executor.submit(lambda: None).result()
