@@ -36,3 +36,8 @@ def test_real_mesh_and_simulator_agree_near_capacity() -> None:
     assert 0.85 < sim.throughput_rps / out.real.throughput_rps < 1.15, (sim, out.real)
     for node in SMALL.node_ids:  # each stage was busy about as long in both
         assert 0.7 < out.busy_sim[node] / out.busy_real[node] < 1.3, (node, out.busy_sim, out.busy_real)
+    # every node measured its serving overhead per stage run on the calibration stream (about 1 ms on this
+    # machine; the bound is loose for a busy CI machine), and the simulation that charges it ran every request
+    assert set(out.overhead) == set(SMALL.node_ids), out.overhead
+    assert all(0 < o < 0.05 for o in out.overhead.values()), out.overhead
+    assert out.sims["with serving overhead"].completed == 40

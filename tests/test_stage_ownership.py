@@ -261,3 +261,50 @@ def test_a_prefill_stage_takes_its_next_prompt_while_the_last_ones_kv_travels(mo
             np.testing.assert_array_equal(v, kv[layer][1])
     stage.executor.submit(lambda: None).result()
     assert seg.open_sequences == [] and not stage.active and not stage._shipping, "a slot leaked"
+
+
+def test_a_stage_measures_its_serving_overhead_per_run_but_not_its_idle_time(model: Path) -> None:
+    """The serving stack's own time between a run's work being ready and the run starting (here: a reply
+    that takes 5 ms to publish, between one decode step and the next) is counted per run; a stage waiting
+    for work (0.5 s between two requests) counts none of that wait. tools/sim_to_real.py gives the figure to
+    the simulator, which has no such term."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(1, "mixed", [("d1", 0, 4)])]}
+    layout = Layout.from_plan(plan)
+
+    class SlowReplies(Fabric):
+        async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+            await asyncio.sleep(0.005)
+            await super().publish(topic, payload)
+
+    fabric = SlowReplies(model)
+    seg = Segment(model, 0, 4, max_batch=2, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    runs = 0
+
+    def counting(f: Any) -> Any:
+        def counted(*a: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            return f(*a)
+        return counted
+
+    seg.prefill, seg.decode = counting(seg.prefill), counting(seg.decode)  # type: ignore[method-assign]
+    prompt = np.array([5, 9, 17, 33, 65], np.int64)
+
+    async def go() -> None:
+        task = asyncio.ensure_future(stage.run())
+        try:
+            for rid in ("a", "b"):
+                await stage.on_prefill(Prefill(1, 1, rid, prompt, meta_for(rid, prompt, 10)))
+                async with asyncio.timeout(10):
+                    while rid not in fabric.ended:
+                        await asyncio.sleep(0.005)
+                await asyncio.sleep(0.5)  # idle
+        finally:
+            task.cancel()
+
+    asyncio.run(go())
+    assert fabric.ended == {"a": "length", "b": "length"}
+    assert stage.runs == runs == 20, (stage.runs, runs)  # per request: a prefill and 9 decode steps
+    per_run = stage.overhead_s / stage.runs
+    assert 0.004 < per_run < 0.02, f"{per_run * 1e3:.1f} ms per run"  # ~5 ms after each token, never the 0.5 s

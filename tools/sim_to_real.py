@@ -9,6 +9,11 @@
 3. Reads the profiles the nodes measured and advertise (their retained member records, as
    ``meshllm status --json`` shows them) and builds the planner's ``CostModel`` from them, raw and
    calibrated (``meshllm.plan.fit_factors`` on the samples of step 1 times each node's scale).
+   A calibration stream (another seed) is served first; each node's stages measure their serving
+   overhead per run (from when a run's work is all at the stage, and the previous run has ended, to
+   the start of the run: taking work from the inbox, batching, the previous run's replies, feeding
+   tokens back), which the simulator does not model; the "with serving overhead" simulation adds that
+   measured figure to every run of the node (``DeviceFactors.run_overhead_s``).
 4. Makes a seeded Poisson stream (``meshllm.sim.requests``) at ``--load`` x the rate the calibrated
    simulator sustains, with prompts of exactly the drawn lengths and outputs of exactly the drawn
    lengths (greedy, checked in this process not to stop early), and drives it through
@@ -303,8 +308,12 @@ class Record:
         return not self.error and math.isfinite(self.done)
 
 
-async def _watch_busy(broker: str, mesh: str, busy: dict[str, float]) -> None:
-    """Keeps the latest ``busy_s`` each node publishes in its stats (seconds its stage ran, emulation included)."""
+STAGE_COUNTERS = ("busy_s", "overhead_s", "runs")  # what the stage counters of a node's stats add up
+
+
+async def _watch_stats(broker: str, mesh: str, latest: dict[str, dict[str, float]]) -> None:
+    """Keeps the latest stage counters each node publishes in its stats: ``busy_s`` (seconds its stage ran,
+    emulation included), ``overhead_s`` (the serving stack's own time before its runs) and ``runs``."""
     import aiomqtt
 
     from meshllm.mesh.broker import BrokerURL
@@ -316,22 +325,23 @@ async def _watch_busy(broker: str, mesh: str, busy: dict[str, float]) -> None:
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 d = json.loads(m.payload)  # type: ignore[arg-type]
                 if d.get("busy_s") is not None:
-                    busy[str(d["node_id"])] = float(d["busy_s"])
+                    latest[str(d["node_id"])] = {k: float(d.get(k) or 0.0) for k in STAGE_COUNTERS}
 
 
 async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, stream: str
-                ) -> tuple[list[Record], dict[str, float]]:
+                ) -> tuple[list[Record], dict[str, dict[str, float]]]:
     """Sends every item at its arrival time (from now), collects replies; gives up after ``max_wall`` s.
 
     Request ids are ``s2r-<stream>-<n>``: a stream that reused another's ids would be refused (the mesh
     refuses an id that ended less than two minutes ago with other contents).
 
-    Returns the records and each node's busy seconds over the run (from the nodes' stats).
+    Returns the records and each node's stage counters over the run (:data:`STAGE_COUNTERS`, from the nodes'
+    stats).
     """
     from meshllm.serve.client import Client, RequestFailed
 
     records = [Record(it.req.id, math.nan) for it in items]
-    busy: dict[str, float] = {}
+    latest: dict[str, dict[str, float]] = {}
 
     async def one(c: Client, it: Item, rec: Record, t0: float) -> None:
         await asyncio.sleep(max(0.0, t0 + it.req.arrival - time.monotonic()))
@@ -351,9 +361,9 @@ async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, 
             rec.error = f"{e.code}: {e.message}"
 
     async with asyncio.TaskGroup() as outer:
-        watcher = outer.create_task(_watch_busy(broker, mesh, busy))
-        await asyncio.sleep(1.5)  # the nodes' first stats (busy before the stream) are in
-        before = dict(busy)
+        watcher = outer.create_task(_watch_stats(broker, mesh, latest))
+        await asyncio.sleep(1.5)  # the nodes' first stats (their counters before the stream) are in
+        before = dict(latest)
         async with Client(mesh=mesh, broker=broker, first_token_timeout=max_wall, idle_timeout=max_wall) as client:
             t0 = time.monotonic() + 0.2 - items[0].req.arrival
             with contextlib.suppress(TimeoutError):
@@ -366,7 +376,13 @@ async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, 
     for rec in records:
         if not rec.ok and not rec.error:
             rec.error = "not finished within --max-wall"
-    return records, {n: busy[n] - before.get(n, 0.0) for n in busy}
+    zero = dict.fromkeys(STAGE_COUNTERS, 0.0)
+    return records, {n: {k: c[k] - before.get(n, zero)[k] for k in STAGE_COUNTERS} for n, c in latest.items()}
+
+
+def overhead_per_run(counters: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each node's mean serving overhead per stage run over a stream (seconds)."""
+    return {n: c["overhead_s"] / c["runs"] for n, c in counters.items() if c["runs"] > 0}
 
 
 # --- 5. comparison --------------------------------------------------------------------------------
@@ -441,10 +457,21 @@ class Outcome:
     busy_real: dict[str, float]  # per node: seconds its stage ran during the stream (the nodes' stats)
     busy_sim: dict[str, float]  # the same in the mesh-calibrated simulation
     busy_ratio: dict[str, float]  # real / simulated busy time of the calibration stream, per node
+    overhead: dict[str, float] = field(default_factory=dict)  # per node: serving overhead per run, calibration
+    overhead_measured: dict[str, float] = field(default_factory=dict)  # ... and over the measured stream
 
     def max_error(self, sim: str, keys: Sequence[str] = Figures.KEYS) -> float:
         f = self.sims[sim]
         return max(abs(rel(getattr(f, k), getattr(self.real, k))) for k in keys)
+
+
+def with_overhead(factors: dict[str, DeviceFactors], overhead: dict[str, float]) -> dict[str, DeviceFactors]:
+    """``factors`` with each node's serving overhead per run (seconds) added to its per-run overhead."""
+    out = dict(factors)
+    for n, o in overhead.items():
+        f = out.get(n, DeviceFactors())
+        out[n] = dataclasses.replace(f, run_overhead_s=f.run_overhead_s + o)
+    return out
 
 
 def stretched(factors: dict[str, DeviceFactors], ratio: dict[str, float]) -> dict[str, DeviceFactors]:
@@ -473,7 +500,10 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
     """The whole comparison (see the module docstring); ``rate`` overrides ``load``.
 
     ``n_calibration`` requests (default: a third of ``n_requests``, at least 20; 0 skips it) are
-    served first with another seed, to calibrate on the mesh (the stage busy times).
+    served first with another seed, to calibrate on the mesh: each node's serving overhead per stage run
+    (what its stages measure between a run's work being ready and the run starting, ``overhead_s / runs``
+    in its stats), which the "with serving overhead" simulation adds to every run of that node; and, with
+    scale emulation, the stage busy times ("mesh-calibrated").
 
     ``timing="model"`` makes every node's stage runs last what the cost model predicts for its
     advertised (emulated) profile (``--emulate-timing model``): the devices then *are* the cost model,
@@ -493,7 +523,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
     plan = pinned_plan(setting, manifest, Workload.parse(f"{workload_spec},rate=1"))
     mesh = f"s2r-{secrets.token_hex(3)}"
     notes: list[str] = []
-    n_cal = 0 if paced else max(20, n_requests // 3) if n_calibration is None else n_calibration
+    n_cal = max(20, n_requests // 3) if n_calibration is None else n_calibration
     with mosquitto() as broker, tempfile.TemporaryDirectory() as d, \
             real_mesh(setting, model_dir, plan, broker, Path(d), mesh, timing=timing) as st:
         log(f"mesh ready: {len(setting.node_ids)} nodes ({time.monotonic() - t_start:.0f} s)")
@@ -505,26 +535,32 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
         for n, f in seg_factors.items():
             log(f"  {n:6s} segment-calibrated: flops x{f.flops_eff:.3g}, bandwidth x{f.bw_eff:.3g}, "
                 f"{f.run_overhead_s * 1e3:.2f} ms/run, {f.layer_overhead_s * 1e3:.2f} ms/layer")
-        mesh_factors, ratio = seg_factors, {}
+        mesh_factors, ratio, overhead = seg_factors, {}, {}
         if n_cal:
             cal_rate = load * _capacity(plan, CostModel(costs, devices, seg_factors), workload_spec, seed, msl)
             cal_items = _stream(model_dir, workload_spec, cal_rate, n_cal, seed + 100, msl)
             log(f"calibration stream: {n_cal} requests at {cal_rate:.2f} req/s (seed {seed + 100})")
-            cal_records, cal_busy = asyncio.run(drive(broker, mesh, cal_items, max_wall, "calibration"))
-            cal_sim = simulate(plan, CostModel(costs, devices, seg_factors), replay(cal_records), batching=BATCHING)
-            ratio = {n: cal_busy[n] / cal_sim.busy_s[n] for n in setting.node_ids
-                     if cal_busy.get(n) and cal_sim.busy_s.get(n)}
-            mesh_factors = stretched(seg_factors, ratio)
-            log("  stage busy real / simulated: " + ", ".join(f"{n} {r:.2f}" for n, r in ratio.items())
-                + f" ({time.monotonic() - t_start:.0f} s)")
+            cal_records, cal_counters = asyncio.run(drive(broker, mesh, cal_items, max_wall, "calibration"))
+            overhead = overhead_per_run(cal_counters)
+            log("  serving overhead per stage run (ms): "
+                + ", ".join(f"{n} {o * 1e3:.2f}" for n, o in overhead.items()))
+            if not paced:  # (paced, the stages run exactly as long as the cost model says: nothing to stretch)
+                cal_sim = simulate(plan, CostModel(costs, devices, seg_factors), replay(cal_records),
+                                   batching=BATCHING)
+                ratio = {n: c["busy_s"] / cal_sim.busy_s[n] for n, c in cal_counters.items()
+                         if c["busy_s"] and cal_sim.busy_s.get(n)}
+                mesh_factors = stretched(seg_factors, ratio)
+                log("  stage busy real / simulated: " + ", ".join(f"{n} {r:.2f}" for n, r in ratio.items())
+                    + f" ({time.monotonic() - t_start:.0f} s)")
         cost_raw = CostModel(costs, devices)
         cost_seg, cost_mesh = CostModel(costs, devices, seg_factors), CostModel(costs, devices, mesh_factors)
+        cost_ovh = CostModel(costs, devices, with_overhead(mesh_factors, overhead))
         if rate is None:
             rate = load * _capacity(plan, cost_mesh, workload_spec, seed, msl)
         items = _stream(model_dir, workload_spec, rate, n_requests, seed, msl)
         log(f"measured stream: {n_requests} requests at {rate:.2f} req/s (Poisson, seed {seed}), prompts checked "
             f"({time.monotonic() - t_start:.0f} s)")
-        records, busy = asyncio.run(drive(broker, mesh, items, max_wall, "measured"))
+        records, counters = asyncio.run(drive(broker, mesh, items, max_wall, "measured"))
         log(f"real mesh served {sum(r.ok for r in records)}/{len(records)} ({time.monotonic() - t_start:.0f} s)")
     failed = [r for r in records if not r.ok]
     if failed:
@@ -539,9 +575,11 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
     sim_mesh = simulate(plan, cost_mesh, replayed, batching=BATCHING)
     sims = {"raw profile": Figures.of_sim(simulate(plan, cost_raw, replayed, batching=BATCHING)),
             "segment-calibrated": Figures.of_sim(simulate(plan, cost_seg, replayed, batching=BATCHING))}
-    if n_cal:
+    if ratio:
         sims["mesh-calibrated"] = Figures.of_sim(sim_mesh)
         sims["mesh-calibrated, lane batching"] = Figures.of_sim(simulate(plan, cost_mesh, replayed, batching="lanes"))
+    if overhead:
+        sims["with serving overhead"] = Figures.of_sim(simulate(plan, cost_ovh, replayed, batching=BATCHING))
     w = Workload.parse(f"{workload_spec},rate={rate:.6g}")
     scored = rescore(plan, system_model(devices, costs, w, factors=mesh_factors))
     planner = {}
@@ -549,7 +587,9 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
         m = scored.metrics
         planner = {"wait_mean": m.mean_wait_s, "ttft_mean": m.ttft_s, "e2e_mean": m.e2e_s,
                    "throughput_rps": min(rate, m.sustainable_rate) if m.stable else m.sustainable_rate}
-    return Outcome(real, sims, planner, records, rate, notes, busy, sim_mesh.busy_s, ratio)
+    busy = {n: c["busy_s"] for n, c in counters.items()}
+    return Outcome(real, sims, planner, records, rate, notes, busy, sim_mesh.busy_s, ratio, overhead,
+                   overhead_per_run(counters))
 
 
 def main() -> int:
@@ -573,7 +613,8 @@ def main() -> int:
     if args.timing == "model" and not args.measured_devices:
         setting = dataclasses.replace(setting, devices=PINNED[args.setting])
     out = run(setting, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
-    best = ("raw profile" if args.timing == "model" else
+    best = ("with serving overhead" if "with serving overhead" in out.sims else
+            "raw profile" if args.timing == "model" else
             "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated")
     print()
     print(table(out.real, out.sims, out.planner))
@@ -584,12 +625,16 @@ def main() -> int:
     print("\nstage busy time over the run (s): " + ", ".join(
         f"{n} real {out.busy_real.get(n, math.nan):.1f} / sim {out.busy_sim.get(n, math.nan):.1f}"
         for n in setting.node_ids))
+    print("serving overhead per stage run (ms), calibration / measured stream: " + ", ".join(
+        f"{n} {out.overhead.get(n, math.nan) * 1e3:.2f} / {out.overhead_measured.get(n, math.nan) * 1e3:.2f}"
+        for n in setting.node_ids))
     for n in out.notes:
         print(f"note: {n}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rate": out.rate, "real": out.real.__dict__, "sims": {k: v.__dict__ for k, v in out.sims.items()},
             "planner": out.planner, "busy_real": out.busy_real, "busy_sim": out.busy_sim,
+            "overhead": out.overhead, "overhead_measured": out.overhead_measured,
             "records": [r.__dict__ for r in out.records]}, indent=1))
     print(f"({time.monotonic() - t0:.0f} s)")
     return 0

@@ -304,7 +304,8 @@ class ServingNode:
             if runners:
                 r = runners[0]
                 stats.update(replica=r.replica.id, role=r.replica.role, stage=r.index, active=len(r.active),
-                             inbox=r.inbox.qsize(), busy_s=round(r.busy_s, 3))
+                             inbox=r.inbox.qsize(), busy_s=round(r.busy_s, 3), overhead_s=round(r.overhead_s, 4),
+                             runs=r.runs)
             sc = self.dispatcher.scheduler
             if self.node.is_planner and sc is not None:
                 stats["scheduler"] = {"queued": len(sc.queue), "in_flight": len(sc.jobs),

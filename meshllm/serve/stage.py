@@ -44,6 +44,7 @@ lost peer is left to the planner, which resumes the request on a healthy replica
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -124,6 +125,7 @@ class _Item:
     rid: str
     x: np.ndarray
     meta: RequestMeta | None = None  # a prompt's
+    at: float = 0.0  # perf_counter when it was ready here (stamped by _put; a step fed back here: its run's end)
 
 
 class StageRunner:
@@ -157,6 +159,12 @@ class StageRunner:
         self._outgoing: asyncio.Queue[_Shipment] = asyncio.Queue(HANDOFFS_QUEUED)
         self._shipping: set[str] = set()
         self.busy_s = 0.0
+        # the serving stack's own time per run: from when a run's work was all here and the previous run had
+        # ended to the start of the run (taking it from the inbox, batching, the previous run's replies and
+        # feeding back). The simulator has no such term; tools/sim_to_real.py gives it this measurement.
+        self.overhead_s = 0.0
+        self.runs = 0
+        self._ended = 0.0  # perf_counter at the end of the last run
         self.tokens_out = 0
 
     @property
@@ -172,7 +180,7 @@ class StageRunner:
         prompts must not crowd out."""
         limit = self.max_inbox + (0 if item.kind == "prefill" else 2 * self.segment.max_batch)
         if self.inbox.qsize() < limit:
-            self.inbox.put_nowait(item)
+            self.inbox.put_nowait(item if item.at else dataclasses.replace(item, at=time.perf_counter()))
         else:
             why = f"stage {self.index} of replica {self.replica.id} is busy ({self.inbox.qsize()} items queued)"
             if item.kind == "prefill":
@@ -202,12 +210,14 @@ class StageRunner:
         self._prefilling.add(rid)
         await self._put(_Item("prefill", rid, frame.x, frame.meta))
 
-    async def on_step(self, frame: Step) -> None:
+    async def on_step(self, frame: Step, at: float = 0.0) -> None:
+        """``at``: when the steps were ready (a one-stage replica's own, fed back: the end of the run that made
+        them); 0 stamps their arrival."""
         x = frame.x
         for i, rid in enumerate(frame.keys):
             if rid in self._gone:
                 continue
-            item = _Item("step", rid, x[i:i + 1])
+            item = _Item("step", rid, x[i:i + 1], at=at)
             # In a DECODE replica the first step can overtake the prompt's KV (they come from different
             # nodes): hold it until every layer of this stage has arrived.
             if rid in self._kv_missing or (self.replica.role == "decode" and rid not in self.active):
@@ -379,9 +389,11 @@ class StageRunner:
         """Runs ``fn`` on the segment's owner thread, after every segment call queued before it."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, seqs: list[str]) -> np.ndarray:
+    async def _compute(self, fn: Callable[[], np.ndarray], kind: str, n: int, seqs: list[str],
+                       ready: float | None = None) -> np.ndarray:
         """Runs ``fn`` on the segment's thread; emulating a slower device, stretches the run to its time there
-        (``n`` tokens of a prompt, or a decode batch of ``n``, for ``seqs`` at their current lengths)."""
+        (``n`` tokens of a prompt, or a decode batch of ``n``, for ``seqs`` at their current lengths). ``ready``:
+        when the run's work was all here (counts the serving overhead before it; None: not counted)."""
         pace, seg = self.pace, self.segment
 
         def run() -> tuple[float, np.ndarray]:
@@ -391,13 +403,17 @@ class StageRunner:
             context = sum(seg.length(s) if s in held else 0 for s in seqs) / len(seqs) if pace is not None else 0.0
             return context, fn()
         t = time.perf_counter()
+        if ready is not None:
+            self.overhead_s += max(0.0, t - max(ready, self._ended))
+            self.runs += 1
         context, out = await self._on_segment(run)
         took = time.perf_counter() - t
         if pace is not None:
             await asyncio.sleep(max(0.0, pace(kind, n, context) - took))
         elif self.compute_scale > 1.0:
             await asyncio.sleep(took * (self.compute_scale - 1.0))
-        self.busy_s += time.perf_counter() - t
+        self._ended = time.perf_counter()
+        self.busy_s += self._ended - t
         return out
 
     def _joinable(self, item: _Item) -> int | None:
@@ -466,7 +482,8 @@ class StageRunner:
                     seg.close(rid)
                 raise
         # (paced as the padded step it is: rows x the longest prompt, as the simulator counts it)
-        outs = await self._compute(prefill, "prefill", len(batch) * max(_tokens(item.x) for item in batch), rids)
+        outs = await self._compute(prefill, "prefill", len(batch) * max(_tokens(item.x) for item in batch), rids,
+                                   ready=max(item.at for item in batch))
         return list(zip(metas, outs, strict=True))
 
     def _started(self, meta: RequestMeta) -> RequestMeta:
@@ -478,13 +495,13 @@ class StageRunner:
             return
         self._prefilling.discard(rid)
         try:
-            await self._prefill_one(rid, item.x, meta)
+            await self._prefill_one(rid, item.x, meta, item.at)
         except PeerUnreachable as e:
             log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
         except Exception as e:
             await self._failed(rid, e, meta)
 
-    async def _prefill_one(self, rid: str, x: np.ndarray, meta: RequestMeta) -> None:
+    async def _prefill_one(self, rid: str, x: np.ndarray, meta: RequestMeta, ready: float | None = None) -> None:
         meta = self._started(meta)
         opened = rid not in self.active
         self.active.add(rid)
@@ -494,7 +511,7 @@ class StageRunner:
             if opened:
                 seg.open(rid)
             return seg.prefill(rid, x)
-        out = await self._compute(prefill, "prefill", _tokens(x), [rid])
+        out = await self._compute(prefill, "prefill", _tokens(x), [rid], ready)
         await self._prefilled(rid, meta, out)
 
     async def _prefilled(self, rid: str, meta: RequestMeta, out: np.ndarray,
@@ -573,7 +590,8 @@ class StageRunner:
         if self.is_first:
             x = x.reshape(len(ids))
         try:
-            out = await self._compute(functools.partial(self.segment.decode, ids, x), "decode", len(ids), ids)
+            out = await self._compute(functools.partial(self.segment.decode, ids, x), "decode", len(ids), ids,
+                                      ready=max(b.at for b in batch))
         except Exception as e:
             if len(ids) == 1:
                 await self._failed(ids[0], e)
@@ -640,7 +658,7 @@ class StageRunner:
         frame = Step(self.layout.version, self.replica.id, tuple(p[0] for p in pairs),
                      np.array([p[1] for p in pairs], np.int64))
         if self.is_first:  # a one-stage replica feeds itself
-            await self.on_step(frame)
+            await self.on_step(frame, at=self._ended)
             return
         try:
             await self.fabric.send(self.replica.first.node_id, frame)
