@@ -461,7 +461,7 @@ class StageRunner:
             except Exception as e:
                 await self._failed(item.rid, e, meta)
         if feed:  # (a sequence released meanwhile has its step dropped by the first stage)
-            await self._feed([(rid, token) for rid, token in feed if rid in self.sequences])
+            await self._feed([(rid, token) for rid, token in feed if rid in self.sequences], at=self._ended)
 
     async def _prefill_together(self, batch: list[_Item]) -> list[tuple[RequestMeta, np.ndarray]]:
         """Runs new prompts in one ``Segment.prefill_many``; on failure their cache slots are freed again."""
@@ -512,7 +512,10 @@ class StageRunner:
                 seg.open(rid)
             return seg.prefill(rid, x)
         out = await self._compute(prefill, "prefill", _tokens(x), [rid], ready)
-        await self._prefilled(rid, meta, out)
+        feed: list[tuple[str, int]] = []  # (a MIXED replica decodes it: its first step is ready as the run ends)
+        await self._prefilled(rid, meta, out, feed)
+        if feed:
+            await self._feed([(r, token) for r, token in feed if r in self.sequences], at=self._ended)
 
     async def _prefilled(self, rid: str, meta: RequestMeta, out: np.ndarray,
                          feed: list[tuple[str, int]] | None = None) -> None:
@@ -619,7 +622,7 @@ class StageRunner:
             except Exception as e:  # this request's sampling or reply: it alone ends
                 await self._failed(rid, e)
         if feed:
-            await self._feed(feed)
+            await self._feed(feed, at=self._ended)
 
     def _ran(self, ids: list[str]) -> None:
         """Notes that ``ids`` ran here now; their time since the last run is how long a round takes."""
@@ -654,11 +657,13 @@ class StageRunner:
             await self._feed([(state.id, token)])
         return cont
 
-    async def _feed(self, pairs: list[tuple[str, int]]) -> None:
+    async def _feed(self, pairs: list[tuple[str, int]], at: float = 0.0) -> None:
+        """Sends tokens back to the first stage as the sequences' next step; ``at``: when the step was ready (the
+        end of the run that made the tokens here; 0: now, as for a first token that came in a ``begin``)."""
         frame = Step(self.layout.version, self.replica.id, tuple(p[0] for p in pairs),
                      np.array([p[1] for p in pairs], np.int64))
         if self.is_first:  # a one-stage replica feeds itself
-            await self.on_step(frame, at=self._ended)
+            await self.on_step(frame, at=at)
             return
         try:
             await self.fabric.send(self.replica.first.node_id, frame)
