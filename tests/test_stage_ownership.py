@@ -12,6 +12,7 @@ import asyncio
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,19 @@ class Fabric:
 
     def stream_ended(self, seq: SequenceState) -> None:
         pass
+
+
+class GatedKv(Fabric):
+    """A node whose KV blocks hang after they are sent (a dead peer, a slow link) until ``gate`` is set."""
+
+    def __init__(self, model: Path, gate: asyncio.Event) -> None:
+        super().__init__(model)
+        self.gate = gate
+
+    async def send(self, node_id: str, frame: Frame) -> None:
+        await super().send(node_id, frame)
+        if isinstance(frame, KvBlock):
+            await self.gate.wait()
 
 
 def meta_for(rid: str, prompt: np.ndarray, max_tokens: int, replica: int = 1) -> RequestMeta:
@@ -176,14 +190,7 @@ def test_a_prompt_released_during_its_kv_hand_off_ends_without_a_word(model: Pat
                                                       replica(1, "decode", [("x1", 0, 4)])]}
     layout = Layout.from_plan(plan)
     gate = asyncio.Event()
-
-    class SlowPeer(Fabric):
-        async def send(self, node_id: str, frame: Frame) -> None:
-            await super().send(node_id, frame)
-            if isinstance(frame, KvBlock):
-                await gate.wait()  # the dead peer's connection hangs until its timeout
-
-    fabric = SlowPeer(model)
+    fabric = GatedKv(model, gate)  # the dead peer's connection hangs until its timeout
     seg = Segment(model, 0, 4, max_batch=2, max_seq_len=CONTEXT, threads=1)
     stage = StageRunner(fabric, layout, layout.replicas[0], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
     prompt = np.array([5, 9, 17, 33, 65], np.int64)
@@ -219,14 +226,7 @@ def test_a_prefill_stage_takes_its_next_prompt_while_the_last_ones_kv_travels(mo
                                                       replica(1, "decode", [("x1", 0, 4)])]}
     layout = Layout.from_plan(plan)
     gate = asyncio.Event()
-
-    class SlowLink(Fabric):
-        async def send(self, node_id: str, frame: Frame) -> None:
-            await super().send(node_id, frame)
-            if isinstance(frame, KvBlock):
-                await gate.wait()
-
-    fabric = SlowLink(model)
+    fabric = GatedKv(model, gate)
     seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)  # one cache row: freed before shipping
     stage = StageRunner(fabric, layout, layout.replicas[0], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
     prompts = {"a": np.array([5, 9, 17, 33, 65], np.int64), "b": np.array([7, 3, 11], np.int64)}
@@ -291,19 +291,10 @@ def test_a_stage_measures_its_serving_overhead_per_run_but_not_its_idle_time(mod
     seg.prefill, seg.decode = counting(seg.prefill), counting(seg.decode)  # type: ignore[method-assign]
     prompt = np.array([5, 9, 17, 33, 65], np.int64)
 
-    async def go() -> None:
-        task = asyncio.ensure_future(stage.run())
-        try:
-            for rid in ("a", "b"):
-                await stage.on_prefill(Prefill(1, 1, rid, prompt, meta_for(rid, prompt, 10)))
-                async with asyncio.timeout(10):
-                    while rid not in fabric.ended:
-                        await asyncio.sleep(0.005)
-                await asyncio.sleep(0.5)  # idle
-        finally:
-            task.cancel()
+    async def start(rid: str) -> None:
+        await stage.on_prefill(Prefill(1, 1, rid, prompt, meta_for(rid, prompt, 10)))
 
-    asyncio.run(go())
+    serve_apart(stage, fabric, start)
     assert fabric.ended == {"a": "length", "b": "length"}
     assert stage.runs == runs == 20, (stage.runs, runs)  # per request: a prefill and 9 decode steps
     per_run = stage.overhead_s / stage.runs
@@ -324,15 +315,29 @@ def test_a_decode_stage_counts_no_idle_time_before_a_handed_off_sequence(model: 
     prompt = np.array([5, 9, 17, 33, 65], np.int64)
     tokens, kv = reference(ref, prompt, 10)
 
+    async def start(rid: str) -> None:  # a prompt prefilled elsewhere: its KV, then its begin
+        meta = RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=10, temperature=0.0), int(prompt.size),
+                           int(prompt[-1]), 0, 1, request_id=rid)
+        for layer, (k, v) in enumerate(kv):
+            await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
+        await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
+
+    serve_apart(stage, fabric, start)
+    for rid in ("a", "b"):
+        assert [m["token_id"] for m in fabric.replies[f"replies/{rid}"] if "token_id" in m] == tokens
+    assert stage.runs == 18, stage.runs  # 9 decode steps each
+    assert stage.overhead_s < 0.1, f"{stage.overhead_s:.3f} s of overhead over {stage.runs} runs"
+
+
+def serve_apart(stage: StageRunner, fabric: Fabric, start: Callable[[str], Awaitable[None]]) -> None:
+    """Requests "a" and "b" through ``stage``, one after the other (``start`` sends one in), each followed by
+    0.5 s of idle time."""
+
     async def go() -> None:
         task = asyncio.ensure_future(stage.run())
         try:
             for rid in ("a", "b"):
-                meta = RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=10, temperature=0.0),
-                                   int(prompt.size), int(prompt[-1]), 0, 1, request_id=rid)
-                for layer, (k, v) in enumerate(kv):
-                    await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
-                await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
+                await start(rid)
                 async with asyncio.timeout(10):
                     while rid not in fabric.ended:
                         await asyncio.sleep(0.005)
@@ -341,7 +346,3 @@ def test_a_decode_stage_counts_no_idle_time_before_a_handed_off_sequence(model: 
             task.cancel()
 
     asyncio.run(go())
-    for rid in ("a", "b"):
-        assert [m["token_id"] for m in fabric.replies[f"replies/{rid}"] if "token_id" in m] == tokens
-    assert stage.runs == 18, stage.runs  # 9 decode steps each
-    assert stage.overhead_s < 0.1, f"{stage.overhead_s:.3f} s of overhead over {stage.runs} runs"
