@@ -308,11 +308,15 @@ class StageRunner:
         if self._lanes is not None:
             self._lanes.drop(rid)
         self._last_step.pop(rid, None)
+        self._free_rows(rid)
+        return state
+
+    def _free_rows(self, rid: str) -> None:
+        """Frees ``rid``'s cache rows, after every segment call queued before it."""
         try:
-            self.executor.submit(self.segment.close, rid)  # after every segment call queued before it
+            self.executor.submit(self.segment.close, rid)
         except RuntimeError:  # the node is shutting down: the segment goes with it
             pass
-        return state
 
     def on_cancel(self, rid: str) -> None:
         state = self.sequences.get(rid)
@@ -460,8 +464,7 @@ class StageRunner:
                 log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
             except Exception as e:
                 await self._failed(item.rid, e, meta)
-        if feed:  # (a sequence released meanwhile has its step dropped by the first stage)
-            await self._feed([(rid, token) for rid, token in feed if rid in self.sequences], at=self._ended)
+        await self._feed_first(feed)
 
     async def _prefill_together(self, batch: list[_Item]) -> list[tuple[RequestMeta, np.ndarray]]:
         """Runs new prompts in one ``Segment.prefill_many``; on failure their cache slots are freed again."""
@@ -512,10 +515,15 @@ class StageRunner:
                 seg.open(rid)
             return seg.prefill(rid, x)
         out = await self._compute(prefill, "prefill", _tokens(x), [rid], ready)
-        feed: list[tuple[str, int]] = []  # (a MIXED replica decodes it: its first step is ready as the run ends)
+        feed: list[tuple[str, int]] = []
         await self._prefilled(rid, meta, out, feed)
+        await self._feed_first(feed)
+
+    async def _feed_first(self, feed: list[tuple[str, int]]) -> None:
+        """Feeds back the first tokens of prompts prefilled here that this (MIXED) replica decodes, as one step,
+        ready when their prefill ended; a sequence released meanwhile has no step."""
         if feed:
-            await self._feed([(r, token) for r, token in feed if r in self.sequences], at=self._ended)
+            await self._feed([(rid, token) for rid, token in feed if rid in self.sequences], at=self._ended)
 
     async def _prefilled(self, rid: str, meta: RequestMeta, out: np.ndarray,
                          feed: list[tuple[str, int]] | None = None) -> None:
@@ -552,7 +560,7 @@ class StageRunner:
             return
         self.active.discard(rid)
         self._shipping.add(rid)
-        self.executor.submit(self.segment.close, rid)  # the rows are copied: the next prompt may have them
+        self._free_rows(rid)  # the rows are copied: the next prompt may have them
         await self._outgoing.put(_Shipment(rid, meta, self.layout.replicas[meta.decode_replica], blocks))
 
     def _export(self, rid: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
