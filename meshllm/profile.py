@@ -11,6 +11,7 @@ so that nobody mistakes an emulated figure for a measured one.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -41,6 +42,10 @@ class DeviceProfile:
     emulated: bool = False  # figures were scaled by emulation options, not measured as is
     links: dict[str, Link] = field(default_factory=dict)  # peer node_id -> link
     default_link: Link = Link(latency_s=0.5e-3, bandwidth_Bps=1e9 / 8 * 0.9)  # gigabit LAN when unmeasured
+    # seconds the node's serving stack spends per stage run besides the run itself (taking work from the inbox,
+    # batching, the replies, feeding tokens back): measured while serving (``serving_overhead_update``), 0 until
+    # the node has served enough runs; the cost model charges it on every run of the device
+    serving_overhead_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +57,23 @@ class DeviceProfile:
         if "default_link" in d and isinstance(d["default_link"], dict):
             d["default_link"] = Link(**d["default_link"])
         return cls(**d)
+
+    def check(self) -> None:
+        """ValueError naming the first figure the cost model cannot use (a gossiped record is anyone's writing)."""
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for name in ("flops", "mem_bandwidth_Bps", "mem_bytes"):
+            v = getattr(self, name)
+            if not (number(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not (number(self.serving_overhead_s) and 0.0 <= self.serving_overhead_s < 1.0):
+            raise ValueError(f"serving_overhead_s must be a number of seconds in [0, 1), "
+                             f"got {self.serving_overhead_s!r}")
+
+    def compute_only(self) -> DeviceProfile:
+        """This profile without its serving overhead: what predicts a bare segment run (the emulation's pace, a
+        calibration against timed segments)."""
+        return replace(self, serving_overhead_s=0.0) if self.serving_overhead_s else self
 
     def emulate(self, compute_scale: float = 1.0, memory_cap: int | None = None,
                 extra_latency_s: float = 0.0) -> DeviceProfile:
@@ -95,6 +117,26 @@ def pinned_profile(spec: str, node_id: str, name: str) -> DeviceProfile:
     return DeviceProfile(node_id=node_id, name=name, flops=float(figures["flops"]),
                          mem_bandwidth_Bps=float(figures["mem_bandwidth_Bps"]), mem_bytes=int(figures["mem_bytes"]),
                          device_class=str(d.get("device_class", "emulated")), emulated=True)
+
+
+SERVING_OVERHEAD_MIN_RUNS = 20  # stage runs before a node advertises its measured serving overhead
+SERVING_OVERHEAD_STEP = 0.25  # ... and the relative change (or 0.1 ms) that makes it advertise it again
+
+
+def serving_overhead_update(advertised: float, overhead_s: float, runs: int) -> float | None:
+    """The serving overhead per run a node should advertise now, or None to keep ``advertised``.
+
+    ``overhead_s`` and ``runs`` are its stages' counters (the time from a run's work being all there, and the
+    previous run having ended, to the run's start; and the runs). The figure is rounded to two significant
+    digits and restated only when it moved by a quarter or 0.1 ms: each restatement makes the planner look at
+    its plan again (it replaces it only when another is clearly better), so a noisy figure must not churn.
+    """
+    if runs < SERVING_OVERHEAD_MIN_RUNS or not (0.0 <= overhead_s < float("inf")):
+        return None
+    figure = float(f"{overhead_s / runs:.2g}")
+    if abs(figure - advertised) <= max(SERVING_OVERHEAD_STEP * advertised, 1e-4):
+        return None
+    return figure
 
 
 # --- measurement ---------------------------------------------------------

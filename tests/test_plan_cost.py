@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshllm.model.config import ModelConfig
 from meshllm.model.export import export, part_costs
@@ -18,7 +21,13 @@ from meshllm.plan.cost import CostModel, ModelCosts, StageRef, Work, combined_li
 from meshllm.plan.devices import load_device_classes, parse_devices
 from meshllm.plan.errors import PlanError
 from meshllm.plan.workload import LengthDist, Workload
-from meshllm.profile import DeviceProfile, Link
+from meshllm.profile import (
+    SERVING_OVERHEAD_MIN_RUNS,
+    SERVING_OVERHEAD_STEP,
+    DeviceProfile,
+    Link,
+    serving_overhead_update,
+)
 from tests.test_plan_fixtures import LLAMA_1B, random_devices, random_model
 
 
@@ -173,3 +182,66 @@ def test_decode_context_is_the_mean_cached_length_over_decode_steps() -> None:
     assert w.context_budget() == 111
     d = LengthDist.from_mean_std(500, 400, hi=2000)
     assert d.mean == pytest.approx(500, rel=0.02) and max(d.values) <= 2000 and math.isclose(sum(d.weights), 1)
+
+
+def test_a_gossiped_profile_the_cost_model_cannot_use_costs_only_its_member() -> None:
+    from meshllm.serve.planning import member_profiles
+
+    good = DeviceProfile("x", "x", flops=1e10, mem_bandwidth_Bps=1e9, mem_bytes=10**9, serving_overhead_s=0.002)
+    bad_profiles = {
+        "no-profile": None, "not-a-dict": [1, 2], "unknown-field": {**good.to_json(), "evil": 1},
+        "string-flops": {**good.to_json(), "flops": "fast"}, "nan-bandwidth": {**good.to_json(),
+                                                                               "mem_bandwidth_Bps": math.nan},
+        "zero-memory": {**good.to_json(), "mem_bytes": 0}, "negative-overhead": {**good.to_json(),
+                                                                                  "serving_overhead_s": -1e-3},
+        "huge-overhead": {**good.to_json(), "serving_overhead_s": 5.0},
+        "bool-overhead": {**good.to_json(), "serving_overhead_s": True},
+        "bad-link": {**good.to_json()},
+    }
+    members = {k: {"profile": v} for k, v in bad_profiles.items()}
+    members["bad-link"]["links"] = {"peer": {"latency_s": 1e-3}}  # a link without its bandwidth
+    members["ok"] = {"profile": good.to_json(), "links": {"peer": {"latency_s": 1e-3, "bandwidth_Bps": 1e8}}}
+    got = member_profiles(members)
+    assert [p.node_id for p in got] == ["ok"]
+    assert got[0].serving_overhead_s == 0.002 and got[0].links == {"peer": Link(1e-3, 1e8)}
+    # the cost model names the device and the figure when handed such a profile directly
+    with pytest.raises(PlanError, match="'y': serving_overhead_s must be a number of seconds in \\[0, 1\\)"):
+        CostModel(LLAMA_1B, [dataclasses.replace(good, node_id="y", serving_overhead_s=-1.0)])
+    with pytest.raises(PlanError, match="'y': flops must be a positive number"):
+        CostModel(LLAMA_1B, [dataclasses.replace(good, node_id="y", flops=math.inf)])
+
+
+def test_the_serving_overhead_is_a_per_run_term_that_a_bare_run_leaves_out() -> None:
+    bare = random_devices(np.random.default_rng(5), 3)
+    served = [dataclasses.replace(d, serving_overhead_s=1e-3 * (i + 1)) for i, d in enumerate(bare)]
+    c_bare, c_served = CostModel(LLAMA_1B, bare), CostModel(LLAMA_1B, served)
+    for i in range(3):
+        for work in (Work.prefill(200), Work.decode(4, 300)):
+            extra = c_served.run_time(i, 2, 9, work) - c_bare.run_time(i, 2, 9, work)
+            assert extra == pytest.approx(work.runs * 1e-3 * (i + 1), rel=1e-9)
+    assert [d.compute_only() for d in served] == bare
+    assert bare[0].compute_only() is bare[0]
+
+
+@given(st.floats(0, 0.05), st.floats(1e-5, 0.02), st.integers(0, 10_000))
+def test_a_node_restates_its_serving_overhead_only_when_it_moved(advertised: float, per_run: float,
+                                                                 runs: int) -> None:
+    got = serving_overhead_update(advertised, per_run * runs, runs)
+    if runs < SERVING_OVERHEAD_MIN_RUNS:
+        assert got is None  # too few runs to say
+        return
+    figure = float(f"{per_run:.2g}")
+    moved = abs(figure - advertised) > max(SERVING_OVERHEAD_STEP * advertised, 1e-4)
+    assert got == (figure if moved else None)
+    if got is not None:  # once restated, the same counters never restate it again (no churn)
+        assert serving_overhead_update(got, per_run * runs, runs) is None
+
+
+def test_serving_overhead_update_known_answers() -> None:
+    assert serving_overhead_update(0.0, 0.0123, 10) is None  # 10 runs: not yet
+    assert serving_overhead_update(0.0, 19 * 1e-3, 19) is None and serving_overhead_update(0.0, 20e-3, 20) == 1e-3
+    assert serving_overhead_update(0.0, 30 * 1.234e-3, 30) == 1.2e-3  # the first figure, two digits
+    assert serving_overhead_update(1.2e-3, 30 * 1.4e-3, 30) is None  # +17%: kept
+    assert serving_overhead_update(1.2e-3, 30 * 1.6e-3, 30) == 1.6e-3  # +33%: restated
+    assert serving_overhead_update(0.0, 30 * 5e-5, 30) is None  # 0.05 ms: not worth a replan
+    assert serving_overhead_update(0.0, math.nan, 30) is None and serving_overhead_update(0.0, -1.0, 30) is None

@@ -114,3 +114,76 @@ def test_baseline_plans_are_valid_artefacts_too() -> None:
         p = plan_with(sm, method)
         assert p.method == method
         assert Plan.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+class _Mesh:
+    """The little of a mesh node that the planner duty reads (meshllm.serve.planning.PlannerNode)."""
+
+    def __init__(self, records: dict[str, dict]) -> None:
+        import asyncio
+
+        self.node_id, self.plan, self.records, self.published = "a", None, records, []
+        self.is_planner = self.in_touch = True
+        self.view_version, self._event = 0, asyncio.Event()
+
+    def change(self, node_id: str, **figures: float) -> None:
+        self.records[node_id] = {**self.records[node_id],
+                                 "profile": {**self.records[node_id]["profile"], **figures}}
+        self.view_version += 1
+        self._event.set()
+
+    async def view_changed(self, since: int) -> int:
+        while self.view_version == since:
+            self._event.clear()
+            await self._event.wait()
+        return self.view_version
+
+    def member_ids(self) -> set[str]:
+        return set(self.records)
+
+    def member_records(self) -> dict[str, dict]:
+        return dict(self.records)
+
+    async def publish_plan(self, plan: dict) -> None:
+        self.plan = plan
+        self.published.append(plan)
+
+
+async def test_a_restated_serving_overhead_alone_does_not_make_the_planner_replan_but_the_next_plan_uses_it() -> None:
+    import asyncio
+    from pathlib import Path
+
+    from meshllm.model.manifest import load_manifest
+    from meshllm.profile import DeviceProfile
+    from meshllm.serve import planning
+
+    manifest = load_manifest(Path(__file__).resolve().parent.parent / "models" / "tiny-austen")
+    records = {n: {"profile": DeviceProfile(n, n, flops=2e9, mem_bandwidth_Bps=1e9, mem_bytes=10**9).to_json()}
+               for n in ("a", "b")}
+    mesh = _Mesh(records)
+    duty = planning.PlannerDuty(mesh, lambda: manifest, planning.PlannerOptions())
+    seen: list[list[DeviceProfile]] = []
+    make_plan = duty.make_plan
+
+    def spy(members: dict) -> dict | None:
+        seen.append(planning.member_profiles(members))
+        return make_plan(members)
+    duty.make_plan = spy  # type: ignore[method-assign]
+
+    async def until(check, what: str) -> None:
+        async with asyncio.timeout(20):
+            while not check():
+                await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(duty.run())
+    try:
+        await until(lambda: mesh.published, "the first plan")
+        assert len(seen) == 1
+        mesh.change("b", serving_overhead_s=0.004)  # b restates what it measured while serving
+        await asyncio.sleep(planning.SETTLE_S + 1.0)
+        assert len(seen) == 1, "the planner re-planned for a restated serving overhead alone"
+        mesh.change("a", flops=4e9)  # a's measured figures changed: the planner looks again
+        await until(lambda: len(seen) == 2, "a re-plan for a changed device")
+        assert {p.node_id: p.serving_overhead_s for p in seen[1]} == {"a": 0.0, "b": 0.004}
+    finally:
+        task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -196,3 +197,20 @@ def test_serving_batching_keeps_every_stage_of_a_pipeline_busy(role: Role) -> No
     assert serving.completed == ideal.completed == 12
     assert serving.throughput_tps >= 0.95 * ideal.throughput_tps
     assert serving.throughput_tps >= 2.5 * 12 / 36  # three times one batch's rate, nearly
+
+
+def test_a_devices_advertised_serving_overhead_is_charged_on_every_run() -> None:
+    # one request alone on a 3-stage pipeline: a prefill run and n_out - 1 decode runs at each stage (the prefill's
+    # run makes the first token), so every stage of the request's path pays the overhead once per run
+    plan = _plan(3, [("a", 0, 1), ("b", 1, 2), ("c", 2, 3)])
+    bare = [_device("a", 2e8), _device("b", 5e7), _device("c", 1e8)]
+    overhead = {"a": 1e-3, "b": 4e-3, "c": 2e-3}
+    served = [dataclasses.replace(d, serving_overhead_s=overhead[d.node_id]) for d in bare]
+    stream = _stream(np.array([0.0]), 100, n_out=5)
+    alone = simulate(plan, CostModel(_model(3), bare), stream)
+    charged = simulate(plan, CostModel(_model(3), served), stream)
+    per_pass = sum(overhead.values())
+    assert charged.ttft[0] - alone.ttft[0] == pytest.approx(per_pass)
+    assert charged.e2e[0] - alone.e2e[0] == pytest.approx(5 * per_pass)
+    for d in bare:  # 1 prefill run + 4 decode runs per stage
+        assert charged.busy_s[d.node_id] - alone.busy_s[d.node_id] == pytest.approx(5 * overhead[d.node_id])

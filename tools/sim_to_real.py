@@ -12,8 +12,11 @@
    A calibration stream (another seed) is served first; each node's stages measure their serving
    overhead per run (from when a run's work is all at the stage, and the previous run has ended, to
    the start of the run: taking work from the inbox, batching, the previous run's replies, feeding
-   tokens back), which the simulator does not model; the "with serving overhead" simulation adds that
-   measured figure to every run of the node (``DeviceFactors.run_overhead_s``).
+   tokens back), and each node advertises that figure in its profile (``serving_overhead_s``), which
+   the planner's cost model and the simulator charge on every run of the device. The "advertised
+   profile" simulation uses the profiles as the nodes advertise them after that stream (what the
+   planner sees once the mesh has served); the "raw profile" one those they advertised at start,
+   without the serving overhead.
 4. Makes a seeded Poisson stream (``meshllm.sim.requests``) at ``--load`` x the rate the calibrated
    simulator sustains, with prompts of exactly the drawn lengths and outputs of exactly the drawn
    lengths (greedy, checked in this process not to stop early), and drives it through
@@ -248,7 +251,8 @@ def real_mesh(setting: Setting, model_dir: Path, plan: Plan, broker: str, tmp: P
 
 
 def advertised_profiles(st: dict[str, Any], setting: Setting) -> list[DeviceProfile]:
-    """The profiles the nodes gossip (measured, then divided by their emulation scale), with their links."""
+    """The profiles the nodes gossip (measured, then divided by their emulation scale; with the serving overhead
+    they measured once they have served), with their links."""
     from meshllm.serve.planning import member_profiles
 
     members = {n: st["members"][n] for n in setting.node_ids}
@@ -380,6 +384,17 @@ async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, 
     return records, {n: {k: c[k] - before.get(n, zero)[k] for k in STAGE_COUNTERS} for n, c in latest.items()}
 
 
+def advertised_after_serving(mesh: str, broker: str, setting: Setting, timeout: float = 10.0) -> list[DeviceProfile]:
+    """The nodes' profiles once every one advertises the serving overhead it measured (they restate their
+    profile within a second or two of having served enough runs)."""
+    from tests.mesh_harness import state, wait_until
+
+    def check() -> list[DeviceProfile] | None:
+        got = advertised_profiles(state(mesh, broker), setting)
+        return got if all(p.serving_overhead_s > 0 for p in got) else None
+    return wait_until(check, timeout, "every node advertising its serving overhead", interval=0.5)
+
+
 def overhead_per_run(counters: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each node's mean serving overhead per stage run over a stream (seconds)."""
     return {n: c["overhead_s"] / c["runs"] for n, c in counters.items() if c["runs"] > 0}
@@ -459,19 +474,11 @@ class Outcome:
     busy_ratio: dict[str, float]  # real / simulated busy time of the calibration stream, per node
     overhead: dict[str, float] = field(default_factory=dict)  # per node: serving overhead per run, calibration
     overhead_measured: dict[str, float] = field(default_factory=dict)  # ... and over the measured stream
+    advertised: dict[str, float] = field(default_factory=dict)  # per node: the serving overhead in its profile
 
     def max_error(self, sim: str, keys: Sequence[str] = Figures.KEYS) -> float:
         f = self.sims[sim]
         return max(abs(rel(getattr(f, k), getattr(self.real, k))) for k in keys)
-
-
-def with_overhead(factors: dict[str, DeviceFactors], overhead: dict[str, float]) -> dict[str, DeviceFactors]:
-    """``factors`` with each node's serving overhead per run (seconds) added to its per-run overhead."""
-    out = dict(factors)
-    for n, o in overhead.items():
-        f = out.get(n, DeviceFactors())
-        out[n] = dataclasses.replace(f, run_overhead_s=f.run_overhead_s + o)
-    return out
 
 
 def stretched(factors: dict[str, DeviceFactors], ratio: dict[str, float]) -> dict[str, DeviceFactors]:
@@ -501,9 +508,10 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
 
     ``n_calibration`` requests (default: a third of ``n_requests``, at least 20; 0 skips it) are
     served first with another seed, to calibrate on the mesh: each node's serving overhead per stage run
-    (what its stages measure between a run's work being ready and the run starting, ``overhead_s / runs``
-    in its stats), which the "with serving overhead" simulation adds to every run of that node; and, with
-    scale emulation, the stage busy times ("mesh-calibrated").
+    (what its stages measure between a run's work being ready and the run starting), which the nodes then
+    advertise in their profiles (the "advertised profile" simulation uses those profiles; ``overhead_s / runs``
+    in their stats is kept in the outcome to compare); and, with scale emulation, the stage busy times
+    ("mesh-calibrated").
 
     ``timing="model"`` makes every node's stage runs last what the cost model predicts for its
     advertised (emulated) profile (``--emulate-timing model``): the devices then *are* the cost model,
@@ -535,7 +543,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
         for n, f in seg_factors.items():
             log(f"  {n:6s} segment-calibrated: flops x{f.flops_eff:.3g}, bandwidth x{f.bw_eff:.3g}, "
                 f"{f.run_overhead_s * 1e3:.2f} ms/run, {f.layer_overhead_s * 1e3:.2f} ms/layer")
-        mesh_factors, ratio, overhead = seg_factors, {}, {}
+        mesh_factors, ratio, overhead, served = seg_factors, {}, {}, devices
         if n_cal:
             cal_rate = load * _capacity(plan, CostModel(costs, devices, seg_factors), workload_spec, seed, msl)
             cal_items = _stream(model_dir, workload_spec, cal_rate, n_cal, seed + 100, msl)
@@ -544,6 +552,8 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
             overhead = overhead_per_run(cal_counters)
             log("  serving overhead per stage run (ms): "
                 + ", ".join(f"{n} {o * 1e3:.2f}" for n, o in overhead.items()))
+            served = advertised_after_serving(mesh, broker, setting)
+            log("  advertised (ms): " + ", ".join(f"{p.node_id} {p.serving_overhead_s * 1e3:.2f}" for p in served))
             if not paced:  # (paced, the stages run exactly as long as the cost model says: nothing to stretch)
                 cal_sim = simulate(plan, CostModel(costs, devices, seg_factors), replay(cal_records),
                                    batching=BATCHING)
@@ -554,7 +564,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
                     + f" ({time.monotonic() - t_start:.0f} s)")
         cost_raw = CostModel(costs, devices)
         cost_seg, cost_mesh = CostModel(costs, devices, seg_factors), CostModel(costs, devices, mesh_factors)
-        cost_ovh = CostModel(costs, devices, with_overhead(mesh_factors, overhead))
+        cost_served = CostModel(costs, served)
         if rate is None:
             rate = load * _capacity(plan, cost_mesh, workload_spec, seed, msl)
         items = _stream(model_dir, workload_spec, rate, n_requests, seed, msl)
@@ -578,10 +588,10 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
     if ratio:
         sims["mesh-calibrated"] = Figures.of_sim(sim_mesh)
         sims["mesh-calibrated, lane batching"] = Figures.of_sim(simulate(plan, cost_mesh, replayed, batching="lanes"))
-    if overhead:
-        sims["with serving overhead"] = Figures.of_sim(simulate(plan, cost_ovh, replayed, batching=BATCHING))
+    if served is not devices:
+        sims["advertised profile"] = Figures.of_sim(simulate(plan, cost_served, replayed, batching=BATCHING))
     w = Workload.parse(f"{workload_spec},rate={rate:.6g}")
-    scored = rescore(plan, system_model(devices, costs, w, factors=mesh_factors))
+    scored = rescore(plan, system_model(served, costs, w, factors=mesh_factors))
     planner = {}
     if scored is not None:
         m = scored.metrics
@@ -589,7 +599,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
                    "throughput_rps": min(rate, m.sustainable_rate) if m.stable else m.sustainable_rate}
     busy = {n: c["busy_s"] for n, c in counters.items()}
     return Outcome(real, sims, planner, records, rate, notes, busy, sim_mesh.busy_s, ratio, overhead,
-                   overhead_per_run(counters))
+                   overhead_per_run(counters), {p.node_id: p.serving_overhead_s for p in served})
 
 
 def main() -> int:
@@ -613,7 +623,7 @@ def main() -> int:
     if args.timing == "model" and not args.measured_devices:
         setting = dataclasses.replace(setting, devices=PINNED[args.setting])
     out = run(setting, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
-    best = ("with serving overhead" if "with serving overhead" in out.sims else
+    best = ("advertised profile" if "advertised profile" in out.sims and args.timing == "model" else
             "raw profile" if args.timing == "model" else
             "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated")
     print()
@@ -625,16 +635,16 @@ def main() -> int:
     print("\nstage busy time over the run (s): " + ", ".join(
         f"{n} real {out.busy_real.get(n, math.nan):.1f} / sim {out.busy_sim.get(n, math.nan):.1f}"
         for n in setting.node_ids))
-    print("serving overhead per stage run (ms), calibration / measured stream: " + ", ".join(
-        f"{n} {out.overhead.get(n, math.nan) * 1e3:.2f} / {out.overhead_measured.get(n, math.nan) * 1e3:.2f}"
-        for n in setting.node_ids))
+    print("serving overhead per stage run (ms), calibration / measured stream / advertised: " + ", ".join(
+        f"{n} {out.overhead.get(n, math.nan) * 1e3:.2f} / {out.overhead_measured.get(n, math.nan) * 1e3:.2f} / "
+        f"{out.advertised.get(n, math.nan) * 1e3:.2f}" for n in setting.node_ids))
     for n in out.notes:
         print(f"note: {n}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rate": out.rate, "real": out.real.__dict__, "sims": {k: v.__dict__ for k, v in out.sims.items()},
             "planner": out.planner, "busy_real": out.busy_real, "busy_sim": out.busy_sim,
-            "overhead": out.overhead, "overhead_measured": out.overhead_measured,
+            "overhead": out.overhead, "overhead_measured": out.overhead_measured, "advertised": out.advertised,
             "records": [r.__dict__ for r in out.records]}, indent=1))
     print(f"({time.monotonic() - t0:.0f} s)")
     return 0

@@ -208,7 +208,7 @@ class MeshView:
                 "name": m.get("name"), "host": m.get("host"), "port": m.get("port"),
                 "hosts_broker": m.get("hosts_broker"), "planner": node == self.planner,
                 "profile": {k: p.get(k) for k in ("flops", "mem_bandwidth_Bps", "mem_bytes", "device_class",
-                                                  "emulated")},
+                                                  "emulated", "serving_overhead_s")},
                 "links": m.get("links") or {},
                 "ready": self.ready.get(node),
                 "stats": live.get(node),

@@ -213,6 +213,11 @@ class Node:
         self._record_extra.update(fields)
         await self._publish_record()
 
+    async def update_profile(self, profile: DeviceProfile) -> None:
+        """Replaces this node's gossiped profile (a figure measured while serving) and restates its record."""
+        self.profile = profile
+        await self._publish_record()
+
     async def publish(self, topic: str, payload: str | bytes, *, qos: int = 1, retain: bool = False) -> bool:
         """Publishes on the current broker session; False when not connected (the caller decides)."""
         client = self._client

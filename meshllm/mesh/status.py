@@ -66,17 +66,23 @@ async def read_state(mesh: str, broker: str, *, quiet_s: float = 0.4, ca_file: s
     return state
 
 
+def _ms(seconds: Any) -> str:
+    return f"{seconds * 1e3:.2f}" if isinstance(seconds, (int, float)) and seconds > 0 else "-"
+
+
 def render(state: dict[str, Any]) -> str:
     lines = [f"mesh {state['mesh']!r} via {state['broker']}",
              f"planner: {state['planner'] or '(none)'} (term {state['term']})", ""]
-    head = f"{'node':<24} {'GFLOP/s':>8} {'GB/s':>6} {'mem GB':>7} {'data plane':<22} broker"
+    # serve ms: the serving overhead per stage run the node measured and advertises ("-" until it has served)
+    head = f"{'node':<24} {'GFLOP/s':>8} {'GB/s':>6} {'mem GB':>7} {'serve ms':>8} {'data plane':<22} broker"
     lines.append(head)
     lines.append("-" * len(head))
     for node_id, m in sorted(state["members"].items()):
         p = m.get("profile", {})
         lines.append(
             f"{node_id:<24} {p.get('flops', 0) / 1e9:>8.1f} {p.get('mem_bandwidth_Bps', 0) / 1e9:>6.1f} "
-            f"{p.get('mem_bytes', 0) / 1e9:>7.1f} {m.get('host', '?') + ':' + str(m.get('port', '?')):<22} "
+            f"{p.get('mem_bytes', 0) / 1e9:>7.1f} {_ms(p.get('serving_overhead_s')):>8} "
+            f"{m.get('host', '?') + ':' + str(m.get('port', '?')):<22} "
             f"{'hosts' if m.get('hosts_broker') else ''}{' (emulated)' if p.get('emulated') else ''}")
     lines.append("")
     models = sorted({(str(m.get("model_name")), str(m.get("chat_template") or "?")) for m in state["members"].values()

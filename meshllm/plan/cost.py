@@ -238,8 +238,10 @@ class CostModel:
         if len(set(ids)) != len(ids):
             raise PlanError(f"device node ids must be unique, got duplicates in {ids}")
         for d in devices:
-            if not (d.flops > 0 and d.mem_bandwidth_Bps > 0 and d.mem_bytes > 0):
-                raise PlanError(f"device {d.node_id!r}: flops, mem_bandwidth_Bps and mem_bytes must be positive")
+            try:
+                d.check()
+            except ValueError as e:
+                raise PlanError(f"device {d.node_id!r}: {e}") from None
         self.model = model
         self.devices = tuple(devices)
         self.index = {d.node_id: i for i, d in enumerate(devices)}
@@ -247,7 +249,9 @@ class CostModel:
         f = [self.factors[d.node_id] for d in devices]
         self.eff_flops = np.array([d.flops * x.flops_eff for d, x in zip(devices, f, strict=True)])
         self.eff_bw = np.array([d.mem_bandwidth_Bps * x.bw_eff for d, x in zip(devices, f, strict=True)])
-        self.run_overhead = np.array([x.run_overhead_s for x in f])
+        # per run: the calibrated runtime's own (factors) and the serving stack's, as the device measured it
+        self.run_overhead = np.array([x.run_overhead_s + d.serving_overhead_s
+                                      for d, x in zip(devices, f, strict=True)])
         self.layer_overhead = np.array([x.layer_overhead_s for x in f])
         self.mem = np.array([float(d.mem_bytes) for d in devices])
         n = len(devices)

@@ -177,7 +177,8 @@ class Deployment:
             return None
         from meshllm.plan import CostModel, ModelCosts
 
-        cost = CostModel(ModelCosts.from_manifest(self.manifest), [self.node.profile])
+        # the bare run: the node's serving overhead (in its profile once measured) is real time it spends anyway
+        cost = CostModel(ModelCosts.from_manifest(self.manifest), [self.node.profile.compute_only()])
 
         def pace(kind: str, n: int, context: float) -> float:
             if kind == "prefill":

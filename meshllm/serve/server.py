@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from meshllm.dataplane.links import PeerLinks
 from meshllm.errors import GenerationError, MeshError
 from meshllm.mesh.node import Node, NodeConfig
 from meshllm.model.manifest import Manifest
+from meshllm.profile import serving_overhead_update
 from meshllm.runtime.sampling import Sampler
 from meshllm.secret import Sealer
 from meshllm.serve import protocol
@@ -312,6 +314,22 @@ class ServingNode:
                                       "active": {str(k): v for k, v in sc.active.items()},
                                       "ready": sorted(sc.ready)}
             await self.node.publish(self.node.topics.stats(self.node_id), json.dumps(stats), qos=0)
+            await self._advertise_serving_overhead()
+
+    async def _advertise_serving_overhead(self) -> None:
+        """Puts the serving overhead per stage run that this node's stages measured into its gossiped profile
+        (when it moved enough to matter: :func:`~meshllm.profile.serving_overhead_update`), so that the planner's
+        cost model, the election's pilots and the simulator charge what this device really spends per run."""
+        profile = self.node.profile
+        if profile is None:
+            return
+        runners = list(self.runners.values())
+        figure = serving_overhead_update(profile.serving_overhead_s, sum(r.overhead_s for r in runners),
+                                         sum(r.runs for r in runners))
+        if figure is not None:
+            log.info("%s: advertising a serving overhead of %.2f ms per stage run (was %.2f)", self.node_id,
+                     figure * 1e3, profile.serving_overhead_s * 1e3)
+            await self.node.update_profile(dataclasses.replace(profile, serving_overhead_s=figure))
 
     # --- the journal (every node follows it; the planner acts on it) ------
 
