@@ -245,3 +245,17 @@ def test_serving_overhead_update_known_answers() -> None:
     assert serving_overhead_update(1.2e-3, 30 * 1.6e-3, 30) == 1.6e-3  # +33%: restated
     assert serving_overhead_update(0.0, 30 * 5e-5, 30) is None  # 0.05 ms: not worth a replan
     assert serving_overhead_update(0.0, math.nan, 30) is None and serving_overhead_update(0.0, -1.0, 30) is None
+
+
+def test_meshllm_status_shows_each_members_advertised_serving_overhead() -> None:
+    from meshllm.mesh.status import render
+
+    served = DeviceProfile("a", "a", flops=2e9, mem_bandwidth_Bps=1e9, mem_bytes=10**9, serving_overhead_s=0.0012)
+    fresh = dataclasses.replace(served, node_id="b", name="b", serving_overhead_s=0.0)
+    members = {p.node_id: {"profile": p.to_json(), "host": "10.0.0.1", "port": 7000} for p in (served, fresh)}
+    lines = render({"mesh": "m", "broker": "b", "members": members, "planner": "a", "term": 1, "plan": None}
+                   ).splitlines()
+    assert next(line for line in lines if line.startswith("node")).split()[:7] == [
+        "node", "GFLOP/s", "GB/s", "mem", "GB", "serve", "ms"]
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in members}
+    assert rows["a"][1:5] == ["2.0", "1.0", "1.0", "1.20"] and rows["b"][1:5] == ["2.0", "1.0", "1.0", "-"]
