@@ -128,8 +128,8 @@ def serving_overhead_update(advertised: float, overhead_s: float, runs: int) -> 
 
     ``overhead_s`` and ``runs`` are its stages' counters (the time from a run's work being all there, and the
     previous run having ended, to the run's start; and the runs). The figure is rounded to two significant
-    digits and restated only when it moved by a quarter or 0.1 ms: each restatement makes the planner look at
-    its plan again (it replaces it only when another is clearly better), so a noisy figure must not churn.
+    digits and restated only when it moved by a quarter or 0.1 ms: each restatement is a retained record that
+    every member reads, and the planner charges the figure from its next plan, so noise must not churn.
     """
     if runs < SERVING_OVERHEAD_MIN_RUNS or not (0.0 <= overhead_s < float("inf")):
         return None

@@ -161,7 +161,8 @@ class StageRunner:
         self.busy_s = 0.0
         # the serving stack's own time per run: from when a run's work was all here and the previous run had
         # ended to the start of the run (taking it from the inbox, batching, the previous run's replies and
-        # feeding back). The simulator has no such term; tools/sim_to_real.py gives it this measurement.
+        # feeding back). The node advertises the mean per run in its profile (serving_overhead_s), which the
+        # cost model and the simulator charge on every run.
         self.overhead_s = 0.0
         self.runs = 0
         self._ended = 0.0  # perf_counter at the end of the last run
