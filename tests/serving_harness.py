@@ -75,6 +75,32 @@ def all_ready(mesh: str, broker: str) -> bool:
     return asyncio.run(go())
 
 
+def planner_routes_to(mesh: str, broker: str, version: int, replicas: set[int], timeout: float = 60.0) -> None:
+    """Waits until the planner's own scheduler counts exactly ``replicas`` of plan ``version`` ready (its stats,
+    once a second). The retained readiness records (:func:`all_ready`) are what the planner reads too, but it
+    reads them a moment later: a request sent in between is routed by the older view (a PREFILL replica
+    lending itself while the DECODE replica it waits for is not yet counted)."""
+    async def go() -> None:
+        async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
+            await c.subscribe(f"meshllm/v1/{mesh}/stats/+", qos=0)
+            seen = None
+            try:
+                async with asyncio.timeout(timeout):
+                    async for m in c.messages:
+                        st = json.loads(m.payload) if isinstance(m.payload, bytes) else {}
+                        sc = st.get("scheduler")
+                        if sc is None:
+                            continue
+                        seen = (st.get("pv"), sc.get("ready"))
+                        if seen == (version, sorted(replicas)):
+                            return
+            except TimeoutError:
+                raise AssertionError(f"the planner's scheduler did not count replicas {sorted(replicas)} of plan "
+                                     f"v{version} ready within {timeout:.0f} s (last seen: pv, ready = {seen})"
+                                     ) from None
+    asyncio.run(go())
+
+
 async def read_retained(broker: str, topic: str, quiet_s: float = 0.3) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:

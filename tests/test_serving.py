@@ -167,7 +167,7 @@ def test_a_new_plan_rolls_out_without_dropping_accepted_requests(model: Path, br
 
     from meshllm.mesh.broker import BrokerURL
     from tests.mesh_harness import state, wait_until
-    from tests.serving_harness import all_ready
+    from tests.serving_harness import all_ready, planner_routes_to
 
     mesh = f"t-rollout-{secrets.token_hex(3)}"
     v1 = {"version": 1, "n_layers": 4, "replicas": PLANS["mixed2+2"]}
@@ -186,6 +186,7 @@ def test_a_new_plan_rolls_out_without_dropping_accepted_requests(model: Path, br
 
         streams = asyncio.run(go())
         wait_until(lambda: all_ready(mesh, broker), 60, "plan v2 deployed")
+        planner_routes_to(mesh, broker, 2, {0, 1})
         after = asyncio.run(ask_raw(broker, mesh, [{"id": "after", "prompt": PROMPTS[0], "max_tokens": 16,
                                                      "temperature": 0}]))[0]
     for i, stream in enumerate(streams):

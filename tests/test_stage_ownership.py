@@ -25,7 +25,7 @@ from meshllm.model.tokenizer import load_tokenizer
 from meshllm.runtime.sampling import Sampler, SamplingParams
 from meshllm.runtime.segment import Segment
 from meshllm.serve.layout import Layout
-from meshllm.serve.protocol import Begin, Frame, KvBlock, Prefill, RequestMeta
+from meshllm.serve.protocol import Begin, Frame, KvBlock, Prefill, Release, RequestMeta
 from meshllm.serve.sequence import SequenceState
 from meshllm.serve.stage import StageRunner
 from tests.serving_harness import random_model, replica
@@ -346,3 +346,120 @@ def serve_apart(stage: StageRunner, fabric: Fabric, start: Callable[[str], Await
             task.cancel()
 
     asyncio.run(go())
+
+
+def streamed(fabric: Fabric, rid: str) -> list[int]:
+    return [m["token_id"] for m in fabric.replies.get(f"replies/{rid}", []) if "token_id" in m]
+
+
+def errors(fabric: Fabric) -> list[dict[str, Any]]:
+    return [m for ms in fabric.replies.values() for m in ms if "error" in m]
+
+
+def test_a_handed_off_prompt_whose_kv_finds_every_row_held_waits_for_the_release(model: Path) -> None:
+    """Found with two test workers (test_resume): the planner counts a row free when a request ends, while the
+    row is freed here by a release from the replica's last stage; a prompt handed off from another node could
+    arrive first, and failed with "segment is full". Here a one-row DECODE stage gets "b"'s KV and begin while
+    "a" still decodes: "b" waits for the row and then streams exactly the reference tokens."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
+                                                      replica(1, "decode", [("d1", 0, 4)])]}
+    layout = Layout.from_plan(plan)
+    fabric = Fabric(model)
+    seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    ref = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    prompts = {"a": np.array([5, 9, 17, 33, 65], np.int64), "b": np.array([7, 3, 11], np.int64)}
+    refs = {rid: reference(ref, p, 24) for rid, p in prompts.items()}
+
+    async def go() -> bool:
+        task = asyncio.ensure_future(stage.run())
+        try:
+            for rid, prompt in prompts.items():
+                tokens, kv = refs[rid]
+                meta = RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=24, temperature=0.0),
+                                   int(prompt.size), int(prompt[-1]), 0, 1, request_id=rid)
+                for layer, (k, v) in enumerate(kv):
+                    await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
+                await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
+            waited = "b" in getattr(stage, "_parked", ()) and "a" in stage.active  # "a" had the row when "b" came
+            async with asyncio.timeout(20):
+                while not all(r in fabric.ended for r in prompts):
+                    await asyncio.sleep(0.005)
+            return waited
+        finally:
+            task.cancel()
+
+    waited = asyncio.run(go())
+    assert errors(fabric) == [], errors(fabric)
+    for rid in prompts:
+        assert streamed(fabric, rid) == refs[rid][0], rid
+    assert waited, "the test did not make 'b' arrive while 'a' held the only row"
+    stage.executor.submit(lambda: None).result()
+    assert seg.open_sequences == [] and not stage.active and not stage._parked
+
+
+def test_a_prompt_that_finds_every_row_held_waits_and_then_streams_exactly(model: Path) -> None:
+    """The same race on a MIXED replica: a prompt reaches a stage whose rows are all held (its release still on
+    the way); it waits for the row instead of failing, and both sequences stream the reference tokens."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "mixed", [("d1", 0, 4)], slots=1)]}
+    layout = Layout.from_plan(plan)
+    fabric = Fabric(model)
+    seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[0], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    ref = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    prompts = {"a": np.array([5, 9, 17, 33, 65], np.int64), "b": np.array([7, 3, 11], np.int64)}
+
+    async def go() -> None:
+        task = asyncio.ensure_future(stage.run())
+        try:
+            for rid, prompt in prompts.items():
+                await stage.on_prefill(Prefill(1, 0, rid, prompt, meta_for(rid, prompt, 16, replica=0)))
+            async with asyncio.timeout(20):
+                while not all(r in fabric.ended for r in prompts):
+                    await asyncio.sleep(0.005)
+        finally:
+            task.cancel()
+
+    asyncio.run(go())
+    assert errors(fabric) == [], errors(fabric)
+    for rid, prompt in prompts.items():
+        assert streamed(fabric, rid) == reference(ref, prompt, 16)[0], rid
+    stage.executor.submit(lambda: None).result()
+    assert seg.open_sequences == [] and not stage.active and not stage._parked
+
+
+def test_a_sequence_that_waits_too_long_for_a_row_alone_is_answered_busy(model: Path) -> None:
+    """A row the planner and the stage disagree about for good (a leak elsewhere) costs only the sequence that
+    waits for it: after ``parked_max_s`` it is released with "busy" (the last stage answers the app); the one
+    holding the row goes on, and more waiting sequences than rows are refused at once."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
+                                                      replica(1, "decode", [("d1", 0, 2), ("d2", 2, 4)])]}
+    layout = Layout.from_plan(plan)
+    fabric = Fabric(model)
+    seg = Segment(model, 0, 2, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    stage.parked_max_s = 0.3
+    block = np.zeros((seg.config.n_kv_heads, 5, seg.config.head_dim), np.float32)  # a 5-token prompt's layer
+    kv = [(block, block) for _ in seg.layers]
+
+    async def go() -> float:
+        task = asyncio.ensure_future(stage.run())
+        try:
+            for rid in ("a", "b", "c"):  # "a" takes the row, "b" waits, "c" is one too many
+                for layer, (k, v) in enumerate(kv):
+                    await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
+            t = time.monotonic()
+            async with asyncio.timeout(5):
+                while not any(isinstance(f, Release) and f.key == "b" for _, f in fabric.sent):
+                    await asyncio.sleep(0.01)
+            return time.monotonic() - t
+        finally:
+            task.cancel()
+
+    waited = asyncio.run(go())
+    releases = {f.key: f for node, f in fabric.sent if isinstance(f, Release) and node == "d2"}
+    assert set(releases) == {"b", "c"}, releases
+    assert all(f.error_code == "busy" and "no free cache row" in (f.error_message or "") for f in releases.values())
+    assert 0.2 < waited < 2.0, f"'b' was answered after {waited:.2f} s (parked_max_s = 0.3)"
+    stage.executor.submit(lambda: None).result()
+    assert seg.open_sequences == ["a"] and stage.active == {"a"} and not stage._parked

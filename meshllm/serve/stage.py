@@ -39,6 +39,10 @@ its reply topic and a release of its KV at every stage of the replica. A stage
 that does not hold the request's reply stream (any but the last) asks the last
 stage to answer, with an ``error`` field in the release it sends there. Only a
 lost peer is left to the planner, which resumes the request on a healthy replica.
+
+**A row counted free waits to be free.** A new sequence (a prompt, or a handed-off prompt's KV) that finds
+every cache row held waits for the release that frees one (:meth:`StageRunner._park`): the planner counts the
+row free when the request ends, and the release reaches this stage from another node.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ T = TypeVar("T")
 GATHER_FIRST_S, GATHER_MAX_S = 0.02, 0.1  # a batch waits for its stragglers at most one round, and this long
 MAX_HELD_PER_ID = 2  # decode steps that overtook their KV (a request has one step in flight)
 MAX_GONE = 4096  # released request keys remembered, so that a late frame of one cannot start it again
+# A new sequence that finds every cache row held waits for one (see StageRunner._park) this long at most, and at
+# most one row's worth of them per row: the planner counted a row free that is not free here yet
+PARKED_MAX_S = 10.0
+PARK_CHECK_S = 0.5  # how often waiting sequences are checked for their deadline when no row frees
 
 
 # Emulation by the cost model: (kind "prefill" | "decode", tokens or batch, context) -> seconds
@@ -117,6 +125,15 @@ class _Shipment:
     meta: RequestMeta
     decode: ReplicaLayout
     blocks: list[tuple[int, np.ndarray, np.ndarray]]  # (layer, K, V)
+
+
+@dataclass(frozen=True)
+class _Parked:
+    """A new sequence waiting for a cache row here: its prompt, or the KV blocks that came for it so far."""
+
+    since: float  # time.monotonic() when it started waiting
+    meta: RequestMeta | None
+    work: list[_Item | KvBlock]
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,10 @@ class StageRunner:
         # this many prompts' KV copied), and the keys being shipped (a release stops the rest of theirs)
         self._outgoing: asyncio.Queue[_Shipment] = asyncio.Queue(HANDOFFS_QUEUED)
         self._shipping: set[str] = set()
+        # new sequences waiting for a cache row (see _park), in arrival order, and the signal that a row freed
+        self._parked: OrderedDict[str, _Parked] = OrderedDict()
+        self._row_freed = asyncio.Event()
+        self.parked_max_s = PARKED_MAX_S
         self.busy_s = 0.0
         # the serving stack's own time per run: from when a run's work was all here and the previous run had
         # ended to the start of the run (taking it from the inbox, batching, the previous run's replies and
@@ -238,6 +259,13 @@ class StageRunner:
         if rid in self.active and rid not in self._kv_missing:
             raise GenerationError(f"kv frame for {rid!r}, whose KV is complete here (sent twice?)")
         opened = rid not in self.active
+        if rid in self._parked or (opened and self._rows_free() <= 0):
+            parked = self._parked.get(rid)
+            if parked is not None and len(parked.work) >= len(self.segment.layers):
+                raise FrameError(f"kv frame for {rid!r}: more layers than this stage holds")
+            if not self._park(rid, frame, None):
+                await self._fail(rid, api.BUSY, self._full())
+            return
         if opened:
             self.active.add(rid)
             self._kv_missing[rid] = len(self.segment.layers)
@@ -304,6 +332,7 @@ class StageRunner:
         self._prefilling.discard(rid)  # (a prompt still queued here is dropped when its turn comes)
         self._kv_missing.pop(rid, None)
         self._shipping.discard(rid)
+        self._parked.pop(rid, None)
         self._held.pop(rid, None)
         self._decoding.discard(rid)
         if self._lanes is not None:
@@ -313,11 +342,70 @@ class StageRunner:
         return state
 
     def _free_rows(self, rid: str) -> None:
-        """Frees ``rid``'s cache rows, after every segment call queued before it."""
+        """Frees ``rid``'s cache rows, after every segment call queued before it (and so before the open of a
+        sequence waiting for them: see :meth:`_park`)."""
         try:
             self.executor.submit(self.segment.close, rid)
         except RuntimeError:  # the node is shutting down: the segment goes with it
             pass
+        if self._parked:
+            self._row_freed.set()
+
+    # --- new sequences waiting for a row ------------------------------
+
+    def _rows_free(self) -> int:
+        """Cache rows no sequence holds here (one being freed counts as free: its close is queued before any
+        later open)."""
+        return self.segment.max_batch - len(self.active)
+
+    def _full(self) -> str:
+        return (f"stage {self.index} of replica {self.replica.id} has no free cache row "
+                f"({len(self.active)} sequences open, {len(self._parked)} waiting)")
+
+    def _park(self, rid: str, work: _Item | KvBlock, meta: RequestMeta | None) -> bool:
+        """Keeps a new sequence's prompt or KV block until a cache row frees here; False if too many wait.
+
+        The planner counts a row free when a request ends, and the release that frees it here comes from the
+        replica's last stage while the next prompt (or its KV, from a PREFILL replica) comes from another node:
+        on a busy machine, or after a resume, the new one can arrive first. It waits for the release instead of
+        failing; one that waits longer than ``parked_max_s`` (a row the planner and this stage disagree about)
+        is answered "busy" (:meth:`_unpark`). The connection that brought it is not held up meanwhile."""
+        parked = self._parked.get(rid)
+        if parked is None:
+            if len(self._parked) >= self.segment.max_batch:
+                return False
+            parked = self._parked[rid] = _Parked(time.monotonic(), meta, [])
+            log.debug("stage %s of replica %d: %s waits for a cache row", self.index, self.replica.id, rid)
+        parked.work.append(work)
+        return True
+
+    async def _unpark(self) -> None:
+        """Gives freed rows to the sequences waiting for them, in arrival order; fails those waiting too long."""
+        while True:
+            try:
+                async with asyncio.timeout(PARK_CHECK_S):
+                    await self._row_freed.wait()
+            except TimeoutError:
+                pass
+            self._row_freed.clear()
+            now = time.monotonic()
+            for rid, parked in list(self._parked.items()):
+                if now - parked.since > self.parked_max_s and self._parked.pop(rid, None) is not None:
+                    if isinstance(parked.work[0], _Item):
+                        self._prefilling.discard(rid)
+                    await self._fail(rid, api.BUSY, f"{self._full()} for {self.parked_max_s:g} s", parked.meta)
+            free = self._rows_free()
+            while self._parked and free > 0:
+                rid, parked = self._parked.popitem(last=False)
+                free -= 1
+                try:
+                    for work in parked.work:
+                        if isinstance(work, KvBlock):
+                            await self.on_kv(work)
+                        elif rid in self._prefilling:  # (its row is taken when its turn in the inbox comes)
+                            self.inbox.put_nowait(work)
+                except Exception as e:  # a bad block it brought: it alone ends, as on the data plane
+                    await self._failed(rid, e, parked.meta)
 
     def on_cancel(self, rid: str) -> None:
         state = self.sequences.get(rid)
@@ -327,9 +415,11 @@ class StageRunner:
     # --- the loop -----------------------------------------------------
 
     async def run(self) -> None:
-        """The stage's loop, and its shipper of KV hand-offs beside it (both end when this is cancelled)."""
+        """The stage's loop, and beside it its shipper of KV hand-offs and the task that gives freed cache rows
+        to new sequences waiting for one (all end when this is cancelled)."""
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._ship())
+            tasks.create_task(self._unpark())
             while True:
                 try:
                     await self._step()  # answers the failures of its requests itself
@@ -430,9 +520,15 @@ class StageRunner:
         return n if seg.prefills_together and 0 < n <= min(seg.prefill_chunk, seg.max_seq_len) else None
 
     async def _prefills(self, first: _Item) -> None:
-        """Prefills ``first`` and, in the same step, the other prompts queued that can join it."""
+        """Prefills ``first`` and, in the same step, the other prompts queued that can join it (as many as there
+        are free cache rows)."""
+        if first.rid in self._prefilling and first.rid not in self.active and self._rows_free() <= 0:
+            if not self._park(first.rid, first, first.meta):
+                self._prefilling.discard(first.rid)
+                await self._fail(first.rid, api.BUSY, self._full(), first.meta)
+            return
         queued = self._with_queued(first)
-        chosen = set(prompts_together([self._joinable(q) for q in queued], self.segment.max_batch,
+        chosen = set(prompts_together([self._joinable(q) for q in queued], max(1, self._rows_free()),
                                       PROMPT_BATCH_TOKENS))
         for i, q in enumerate(queued):  # the rest waits, in order
             if i not in chosen:
