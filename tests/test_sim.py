@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -214,3 +215,26 @@ def test_a_devices_advertised_serving_overhead_is_charged_on_every_run() -> None
     assert charged.e2e[0] - alone.e2e[0] == pytest.approx(5 * per_pass)
     for d in bare:  # 1 prefill run + 4 decode runs per stage
         assert charged.busy_s[d.node_id] - alone.busy_s[d.node_id] == pytest.approx(5 * overhead[d.node_id])
+
+
+def test_the_planners_dispatch_delay_is_charged_on_every_request_from_its_arrival() -> None:
+    # one request alone: it is routed on arrival and reaches its first stage dispatch_s later (the planner journals
+    # its route first), so its wait, first token and end all move by exactly that, and no stage works longer
+    plan = _plan(2, [("a", 0, 1), ("b", 1, 2)])
+    cost = CostModel(_model(2), [_device("a", 2e8), _device("b", 1e8)])
+    stream = _stream(np.array([0.5]), 100, n_out=4)
+    alone = simulate(plan, cost, stream)
+    sent = simulate(plan, cost, stream, dispatch_s=0.002)
+    assert sent.wait[0] - alone.wait[0] == pytest.approx(0.002)
+    assert sent.ttft[0] - alone.ttft[0] == pytest.approx(0.002)
+    assert sent.e2e[0] - alone.e2e[0] == pytest.approx(0.002)
+    assert sent.busy_s == pytest.approx(alone.busy_s)
+    # a queue (prompts 10x faster than they can be served): every prompt still waits at least the delay, and the
+    # stream as a whole no less than without it
+    busy = _stream(np.arange(20) * 0.05, 100, n_out=2)
+    queued, delayed = simulate(plan, cost, busy), simulate(plan, cost, busy, dispatch_s=0.002)
+    assert delayed.completed == queued.completed == 20
+    assert delayed.wait.min() >= 0.002 - 1e-12 and delayed.wait.mean() >= queued.wait.mean()
+    for bad in (-0.001, 1.0, math.nan):
+        with pytest.raises(ValueError, match="dispatch_s"):
+            simulate(plan, cost, stream, dispatch_s=bad)

@@ -49,3 +49,9 @@ def test_real_mesh_and_simulator_agree_near_capacity() -> None:
     # the overhead: every request took longer than on the bare profiles
     assert out.sims["advertised profile"].completed == 40
     assert out.sims["advertised profile"].e2e_mean > sim.e2e_mean, out.sims
+    # the planner measured its dispatch (routing a prompt to having sent it, its route journaled first: a broker
+    # round trip, about 1-2 ms here) on both streams, and the simulation that charges it waits longer
+    assert 0 < out.dispatch < 0.1 and 0 < out.dispatch_measured < 0.1, (out.dispatch, out.dispatch_measured)
+    charged = out.sims["advertised + dispatch"]
+    assert charged.completed == 40
+    assert charged.wait_mean > out.sims["advertised profile"].wait_mean, out.sims

@@ -16,7 +16,9 @@
    the planner's cost model and the simulator charge on every run of the device. The "advertised
    profile" simulation uses the profiles as the nodes advertise them after that stream (what the
    planner sees once the mesh has served); the "raw profile" one those they advertised at start,
-   without the serving overhead.
+   without the serving overhead. The planner measures its dispatch delay over that stream too (from
+   routing a prompt to having sent it: it journals the route first; ``dispatch_s`` / ``dispatched`` in
+   its stats), which the "advertised + dispatch" simulation charges on every request.
 4. Makes a seeded Poisson stream (``meshllm.sim.requests``) at ``--load`` x the rate the calibrated
    simulator sustains, with prompts of exactly the drawn lengths and outputs of exactly the drawn
    lengths (greedy, checked in this process not to stop early), and drives it through
@@ -312,12 +314,16 @@ class Record:
         return not self.error and math.isfinite(self.done)
 
 
+WITH_DISPATCH = "advertised + dispatch"  # the advertised profiles, and the planner's dispatch delay per request
 STAGE_COUNTERS = ("busy_s", "overhead_s", "runs")  # what the stage counters of a node's stats add up
+DISPATCH_COUNTERS = ("dispatch_s", "dispatched")  # the planner's (its stats' "scheduler")
+COUNTERS = STAGE_COUNTERS + DISPATCH_COUNTERS
 
 
 async def _watch_stats(broker: str, mesh: str, latest: dict[str, dict[str, float]]) -> None:
-    """Keeps the latest stage counters each node publishes in its stats: ``busy_s`` (seconds its stage ran,
-    emulation included), ``overhead_s`` (the serving stack's own time before its runs) and ``runs``."""
+    """Keeps the latest counters each node publishes in its stats: ``busy_s`` (seconds its stage ran,
+    emulation included), ``overhead_s`` (the serving stack's own time before its runs) and ``runs``; at the
+    planner also ``dispatch_s`` (routing to prompt sent, summed) and ``dispatched`` (0 elsewhere)."""
     import aiomqtt
 
     from meshllm.mesh.broker import BrokerURL
@@ -328,8 +334,10 @@ async def _watch_stats(broker: str, mesh: str, latest: dict[str, dict[str, float
         async for m in c.messages:
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 d = json.loads(m.payload)  # type: ignore[arg-type]
-                if d.get("busy_s") is not None:
-                    latest[str(d["node_id"])] = {k: float(d.get(k) or 0.0) for k in STAGE_COUNTERS}
+                sc = d.get("scheduler") or {}
+                if d.get("busy_s") is not None or sc:
+                    latest[str(d["node_id"])] = {**{k: float(d.get(k) or 0.0) for k in STAGE_COUNTERS},
+                                                 **{k: float(sc.get(k) or 0.0) for k in DISPATCH_COUNTERS}}
 
 
 async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, stream: str
@@ -339,8 +347,7 @@ async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, 
     Request ids are ``s2r-<stream>-<n>``: a stream that reused another's ids would be refused (the mesh
     refuses an id that ended less than two minutes ago with other contents).
 
-    Returns the records and each node's stage counters over the run (:data:`STAGE_COUNTERS`, from the nodes'
-    stats).
+    Returns the records and each node's counters over the run (:data:`COUNTERS`, from the nodes' stats).
     """
     from meshllm.serve.client import Client, RequestFailed
 
@@ -380,8 +387,8 @@ async def drive(broker: str, mesh: str, items: Sequence[Item], max_wall: float, 
     for rec in records:
         if not rec.ok and not rec.error:
             rec.error = "not finished within --max-wall"
-    zero = dict.fromkeys(STAGE_COUNTERS, 0.0)
-    return records, {n: {k: c[k] - before.get(n, zero)[k] for k in STAGE_COUNTERS} for n, c in latest.items()}
+    zero = dict.fromkeys(COUNTERS, 0.0)
+    return records, {n: {k: c[k] - before.get(n, zero)[k] for k in COUNTERS} for n, c in latest.items()}
 
 
 def advertised_after_serving(mesh: str, broker: str, setting: Setting, timeout: float = 10.0) -> list[DeviceProfile]:
@@ -393,6 +400,12 @@ def advertised_after_serving(mesh: str, broker: str, setting: Setting, timeout: 
         got = advertised_profiles(state(mesh, broker), setting)
         return got if all(p.serving_overhead_s > 0 for p in got) else None
     return wait_until(check, timeout, "every node advertising its serving overhead", interval=0.5)
+
+
+def dispatch_per_request(counters: dict[str, dict[str, float]]) -> float:
+    """The planner's mean time from routing a prompt to having sent it, over a stream (seconds; 0 if none)."""
+    n = sum(c["dispatched"] for c in counters.values())
+    return sum(c["dispatch_s"] for c in counters.values()) / n if n else 0.0
 
 
 def overhead_per_run(counters: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -475,6 +488,8 @@ class Outcome:
     overhead: dict[str, float] = field(default_factory=dict)  # per node: serving overhead per run, calibration
     overhead_measured: dict[str, float] = field(default_factory=dict)  # ... and over the measured stream
     advertised: dict[str, float] = field(default_factory=dict)  # per node: the serving overhead in its profile
+    dispatch: float = 0.0  # the planner's dispatch delay per request, calibration stream (charged: see run)
+    dispatch_measured: float = 0.0  # ... and over the measured stream
 
     def max_error(self, sim: str, keys: Sequence[str] = Figures.KEYS) -> float:
         f = self.sims[sim]
@@ -543,7 +558,7 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
         for n, f in seg_factors.items():
             log(f"  {n:6s} segment-calibrated: flops x{f.flops_eff:.3g}, bandwidth x{f.bw_eff:.3g}, "
                 f"{f.run_overhead_s * 1e3:.2f} ms/run, {f.layer_overhead_s * 1e3:.2f} ms/layer")
-        mesh_factors, ratio, overhead, served = seg_factors, {}, {}, devices
+        mesh_factors, ratio, overhead, served, dispatch = seg_factors, {}, {}, devices, 0.0
         if n_cal:
             cal_rate = load * _capacity(plan, CostModel(costs, devices, seg_factors), workload_spec, seed, msl)
             cal_items = _stream(model_dir, workload_spec, cal_rate, n_cal, seed + 100, msl)
@@ -552,6 +567,8 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
             overhead = overhead_per_run(cal_counters)
             log("  serving overhead per stage run (ms): "
                 + ", ".join(f"{n} {o * 1e3:.2f}" for n, o in overhead.items()))
+            dispatch = dispatch_per_request(cal_counters)
+            log(f"  the planner's dispatch (routed -> prompt sent): {dispatch * 1e3:.2f} ms per request")
             served = advertised_after_serving(mesh, broker, setting)
             log("  advertised (ms): " + ", ".join(f"{p.node_id} {p.serving_overhead_s * 1e3:.2f}" for p in served))
             if not paced:  # (paced, the stages run exactly as long as the cost model says: nothing to stretch)
@@ -590,6 +607,8 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
         sims["mesh-calibrated, lane batching"] = Figures.of_sim(simulate(plan, cost_mesh, replayed, batching="lanes"))
     if served is not devices:
         sims["advertised profile"] = Figures.of_sim(simulate(plan, cost_served, replayed, batching=BATCHING))
+        sims[WITH_DISPATCH] = Figures.of_sim(simulate(plan, cost_served, replayed, batching=BATCHING,
+                                                      dispatch_s=dispatch))
     w = Workload.parse(f"{workload_spec},rate={rate:.6g}")
     scored = rescore(plan, system_model(served, costs, w, factors=mesh_factors))
     planner = {}
@@ -599,7 +618,8 @@ def run(setting: Setting, n_requests: int, load: float, seed: int, max_wall: flo
                    "throughput_rps": min(rate, m.sustainable_rate) if m.stable else m.sustainable_rate}
     busy = {n: c["busy_s"] for n, c in counters.items()}
     return Outcome(real, sims, planner, records, rate, notes, busy, sim_mesh.busy_s, ratio, overhead,
-                   overhead_per_run(counters), {p.node_id: p.serving_overhead_s for p in served})
+                   overhead_per_run(counters), {p.node_id: p.serving_overhead_s for p in served}, dispatch,
+                   dispatch_per_request(counters))
 
 
 def main() -> int:
@@ -623,7 +643,7 @@ def main() -> int:
     if args.timing == "model" and not args.measured_devices:
         setting = dataclasses.replace(setting, devices=PINNED[args.setting])
     out = run(setting, args.requests, args.load, args.seed, args.max_wall, rate=args.rate, timing=args.timing)
-    best = ("advertised profile" if "advertised profile" in out.sims and args.timing == "model" else
+    best = (WITH_DISPATCH if WITH_DISPATCH in out.sims and args.timing == "model" else
             "raw profile" if args.timing == "model" else
             "mesh-calibrated" if "mesh-calibrated" in out.sims else "segment-calibrated")
     print()
@@ -638,6 +658,8 @@ def main() -> int:
     print("serving overhead per stage run (ms), calibration / measured stream / advertised: " + ", ".join(
         f"{n} {out.overhead.get(n, math.nan) * 1e3:.2f} / {out.overhead_measured.get(n, math.nan) * 1e3:.2f} / "
         f"{out.advertised.get(n, math.nan) * 1e3:.2f}" for n in setting.node_ids))
+    print(f"the planner's dispatch per request (ms), calibration / measured stream: {out.dispatch * 1e3:.2f} / "
+          f"{out.dispatch_measured * 1e3:.2f}")
     for n in out.notes:
         print(f"note: {n}")
     if args.json:
@@ -645,6 +667,7 @@ def main() -> int:
             "rate": out.rate, "real": out.real.__dict__, "sims": {k: v.__dict__ for k, v in out.sims.items()},
             "planner": out.planner, "busy_real": out.busy_real, "busy_sim": out.busy_sim,
             "overhead": out.overhead, "overhead_measured": out.overhead_measured, "advertised": out.advertised,
+            "dispatch": out.dispatch, "dispatch_measured": out.dispatch_measured,
             "records": [r.__dict__ for r in out.records]}, indent=1))
     print(f"({time.monotonic() - t0:.0f} s)")
     return 0

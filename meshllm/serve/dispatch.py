@@ -141,6 +141,11 @@ class Dispatcher:
         self._preparing: dict[str, str] = {}  # id -> digest of requests parsed, waiting for or being tokenized
         self._cancel_pending: set[str] = set()  # of those, the ones cancelled meanwhile
         self._finished: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (when, digest), ended lately
+        # the time from routing a prompt to having sent it (journaling its route first), summed over the prompts
+        # sent: a cost on every request's wait that the stages do not see (the stats report both figures; the
+        # simulator charges the mean as ``dispatch_s``)
+        self.dispatch_s = 0.0
+        self.dispatched = 0
 
     # --- intake ---------------------------------------------------------
 
@@ -280,7 +285,7 @@ class Dispatcher:
         if routed is None:  # queued: journal it now, so that a new planner would queue it again
             self._spawn(self._write(rec))
         else:
-            self._spawn(self._start(routed))
+            self._spawn(self._start(routed, time.perf_counter()))
 
     async def _answer(self, e: api.RequestFailed) -> None:
         topics = self.node.topics
@@ -329,13 +334,15 @@ class Dispatcher:
 
     def _dispatch_all(self, jobs: list[Job]) -> None:
         for job in jobs:
-            self._spawn(self._start(job))
+            self._spawn(self._start(job, time.perf_counter()))
 
-    async def _start(self, job: Job) -> None:
+    async def _start(self, job: Job, routed_at: float | None = None) -> None:
         """Journals the route, then sends the prompt: a new planner never mistakes a sent job for a queued one.
 
         Acts only while the scheduler holds this very job (a job dropped or replaced meanwhile is left alone),
-        and gives its slot back on every path that does not end with the prompt sent."""
+        and gives its slot back on every path that does not end with the prompt sent. ``routed_at``: the
+        ``perf_counter`` when the scheduler routed it (None: now)."""
+        routed_at = time.perf_counter() if routed_at is None else routed_at
         sched = self.scheduler
         if sched is None or not sched.owns(job):
             log.debug("%s: not sending %s: no longer held", self.node.node_id, job.key)
@@ -362,6 +369,8 @@ class Dispatcher:
                             RequestMeta.decode(meta, f"request {job.id}"))
             await fabric.send(prefill.first.node_id, frame)
             sent = True
+            self.dispatch_s += time.perf_counter() - routed_at
+            self.dispatched += 1
         except MeshError as e:
             error = e
         finally:

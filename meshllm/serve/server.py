@@ -310,9 +310,11 @@ class ServingNode:
                              runs=r.runs)
             sc = self.dispatcher.scheduler
             if self.node.is_planner and sc is not None:
+                d = self.dispatcher
                 stats["scheduler"] = {"queued": len(sc.queue), "in_flight": len(sc.jobs),
                                       "active": {str(k): v for k, v in sc.active.items()},
-                                      "ready": sorted(sc.ready)}
+                                      "ready": sorted(sc.ready), "dispatch_s": round(d.dispatch_s, 4),
+                                      "dispatched": d.dispatched}
             await self.node.publish(self.node.topics.stats(self.node_id), json.dumps(stats), qos=0)
             await self._advertise_serving_overhead()
 

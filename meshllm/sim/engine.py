@@ -65,7 +65,7 @@ from meshllm.serve.layout import Layout
 from meshllm.sim.arrivals import Request
 from meshllm.sim.routing import Route, Router, router_for
 
-ARRIVE, PREFILLED, KV_READY, STEP_DONE, STAGE0_FREE, STAGE_DONE, FED = range(7)
+ARRIVE, PREFILLED, KV_READY, STEP_DONE, STAGE0_FREE, STAGE_DONE, FED, SENT = range(8)
 LANES = 1 << 32  # STEP_DONE payload: replica id * LANES + lane
 BATCHING = ("lanes", "serving")
 
@@ -192,7 +192,8 @@ class SimResult:
 
 
 def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Router | None = None,
-             limits: SimLimits = SimLimits(), ready_s: float = 0.0, batching: str = "lanes") -> SimResult:
+             limits: SimLimits = SimLimits(), ready_s: float = 0.0, batching: str = "lanes",
+             dispatch_s: float = 0.0) -> SimResult:
     """Serve ``reqs`` with ``plan``'s replicas; ``cost`` must be the cost model the plan was made with.
 
     ``ready_s``: when the replicas can start work (a plan being deployed); requests routed
@@ -206,7 +207,13 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     pipeline are back (not waited for while prompts wait, nor for a sequence on its last step);
     in a DECODE replica each later stage, when free, runs every sequence waiting for it as one
     batch, and the last stage feeds the tokens back to the first as one step.
+
+    ``dispatch_s``: how long the planner takes from routing a prompt to its arrival at its first stage (it
+    journals the route before it sends the prompt: the planner's stats report it as ``dispatch_ms``). The
+    request is routed, and holds its slot, from its arrival, as the scheduler does; it counts as waiting.
     """
+    if not 0.0 <= dispatch_s < 1.0:
+        raise ValueError(f"dispatch_s must be in [0, 1) s, got {dispatch_s!r}")
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
     serving = batching == "serving"
@@ -235,6 +242,9 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
 
     def dispatch(t: float, q: Request, r: Route) -> None:
         route[q.id] = r
+        if dispatch_s > 0.0:
+            push(t + dispatch_s, SENT, q.id)
+            return
         reps[r[0]].prompts.append(q.id)
         kick(t, reps[r[0]])
 
@@ -380,6 +390,10 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
             r = router.admit(q)
             if r is not None:
                 dispatch(t, q, r)
+        elif kind == SENT:
+            rep = reps[route[x][0]]
+            rep.prompts.append(x)
+            kick(t, rep)
         elif kind == PREFILLED:
             q = by_id[x]
             router.prefilled(q)
