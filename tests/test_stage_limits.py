@@ -49,6 +49,9 @@ class Recorder:
     async def prefilled(self, key: str) -> None:
         self.sent.append(("prefilled", key))
 
+    async def unreachable(self, key: str, why: str) -> None:
+        self.sent.append(("unreachable", (key, why)))
+
 
 def decode_stage(model: Path) -> StageRunner:
     plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),

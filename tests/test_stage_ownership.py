@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from meshllm.dataplane.links import PeerUnreachable
 from meshllm.model.manifest import load_manifest
 from meshllm.model.tokenizer import load_tokenizer
 from meshllm.runtime.sampling import Sampler, SamplingParams
@@ -50,6 +51,7 @@ class Fabric:
         self.ended: dict[str, str] = {}
         self.prefilled_keys: list[str] = []
         self.sent: list[tuple[str, Frame]] = []
+        self.unreachable_keys: list[str] = []  # requests the stage asked the planner to move
 
     async def send(self, node_id: str, frame: Frame) -> None:
         self.sent.append((node_id, frame))
@@ -68,6 +70,9 @@ class Fabric:
 
     def stream_ended(self, seq: SequenceState) -> None:
         pass
+
+    async def unreachable(self, key: str, why: str) -> None:
+        self.unreachable_keys.append(key)
 
 
 class GatedKv(Fabric):
@@ -463,3 +468,78 @@ def test_a_sequence_that_waits_too_long_for_a_row_alone_is_answered_busy(model: 
     assert 0.2 < waited < 2.0, f"'b' was answered after {waited:.2f} s (parked_max_s = 0.3)"
     stage.executor.submit(lambda: None).result()
     assert seg.open_sequences == ["a"] and stage.active == {"a"} and not stage._parked
+
+
+class Unreachable(Fabric):
+    """A node whose peer ``gone`` cannot be reached (it was declared lost: maybe only stalled for a moment)."""
+
+    def __init__(self, model: Path, gone: str) -> None:
+        super().__init__(model)
+        self.gone = gone
+
+    async def send(self, node_id: str, frame: Frame) -> None:
+        if node_id == self.gone:
+            raise PeerUnreachable(f"node {node_id} is not a member of the mesh")
+        await super().send(node_id, frame)
+
+
+def test_a_request_a_stage_cannot_pass_on_is_handed_to_the_planner_to_move(model: Path) -> None:
+    """Found with two test workers (the roll-out test): a node stalled for 1.5 s was declared lost, a stage
+    could not send it a request's step, logged "left to the planner" and dropped it; the node was back (a member
+    again) before the planner looked, so nothing resumed the request, which waited for that step forever. The
+    stage now names every request it could not pass on to the planner (which moves it), whether the prompt's
+    activations, a decode step or the tokens fed back could not go."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "mixed", [("d1", 0, 2), ("x9", 2, 4)])]}
+    layout = Layout.from_plan(plan)
+    fabric = Unreachable(model, "x9")
+    seg = Segment(model, 0, 2, max_batch=2, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[0], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    last = StageRunner(Unreachable(model, "d1"), layout, layout.replicas[0], 1,  # type: ignore[arg-type]
+                       Segment(model, 2, 4, max_batch=2, max_seq_len=CONTEXT, threads=1), ThreadPoolExecutor(1))
+    prompt = np.array([5, 9, 17, 33, 65], np.int64)
+
+    async def go() -> None:
+        tasks = [asyncio.ensure_future(stage.run()), asyncio.ensure_future(last.run())]
+        try:
+            await stage.on_prefill(Prefill(1, 0, "a", prompt, meta_for("a", prompt, 8, replica=0)))
+            # the last stage prefills "b" (its activations came before the first stage's peer was lost) and
+            # cannot feed its first token back
+            hidden = np.zeros((1, prompt.size, seg.config.dim), np.float32)
+            await last.on_prefill(Prefill(1, 0, "b", hidden, meta_for("b", prompt, 8, replica=0)))
+            async with asyncio.timeout(10):
+                while len(fabric.unreachable_keys) + len(last.fabric.unreachable_keys) < 2:
+                    await asyncio.sleep(0.005)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    asyncio.run(go())
+    assert fabric.unreachable_keys == ["a"]
+    assert last.fabric.unreachable_keys == ["b"]
+    assert fabric.replies == {} and errors(last.fabric) == [], "a request the planner moves must not fail here"
+
+
+def test_a_stage_drops_the_attempts_the_journal_moved_past_and_keeps_the_current_one(model: Path) -> None:
+    """A node declared lost while only stalled held the old attempt's cache rows: the planner's release went to the
+    nodes it counted alive. The journal's newer attempt (or the request's end) frees them; the current attempt
+    and other requests are untouched."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
+                                                      replica(1, "decode", [("d1", 0, 2), ("d2", 2, 4)])]}
+    layout = Layout.from_plan(plan)
+    fabric = Fabric(model)
+    seg = Segment(model, 0, 2, max_batch=4, max_seq_len=CONTEXT, threads=1)
+    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    block = np.zeros((seg.config.n_kv_heads, 5, seg.config.head_dim), np.float32)
+
+    async def go() -> None:
+        for key in ("q1", "q1@2", "q2", "q3@1"):
+            for layer in seg.layers:
+                await stage.on_kv(KvBlock(1, 1, key, layer, block, block))
+
+    asyncio.run(go())
+    assert stage.drop_stale("q1", 2) == ["q1"]  # attempt 0 moved past; attempt 2 is the journal's
+    assert stage.drop_stale("q3", 1) == []  # the current attempt is kept
+    assert stage.drop_stale("q2", None) == ["q2"]  # the request ended
+    stage.executor.submit(lambda: None).result()
+    assert sorted(seg.open_sequences) == ["q1@2", "q3@1"] and stage.active == {"q1@2", "q3@1"}
+    assert fabric.sent == [] and fabric.replies == {}, "a stale attempt is dropped without a word"

@@ -50,6 +50,14 @@ def request_of(key: str) -> str:
     return key.split("@", 1)[0]
 
 
+def attempt_of(key: str) -> int:
+    """The attempt of a frame key (0 for a key without ``@``; -1 for one that is not a number)."""
+    _, at, n = key.partition("@")
+    if not at:
+        return 0
+    return int(n) if n.isdigit() else -1
+
+
 @dataclass
 class Route:
     pv: int  # plan version

@@ -247,6 +247,16 @@ class ServingNode:
             except MeshError as e:  # routing estimates only: the request goes on
                 log.debug("%s: cannot tell the planner that %s is prefilled: %s", self.node_id, key, e)
 
+    async def unreachable(self, key: str, why: str) -> None:
+        """A stage here could not pass request ``key`` on: the planner moves it (a ``bounce``, as for a prompt
+        that reached a node without its stage)."""
+        planner = self.node.planner_id
+        if planner:
+            try:
+                await self.send(planner, Bounce(key, why))
+            except MeshError as e:  # the planner itself is gone: its successor resumes the request
+                log.debug("%s: cannot ask the planner to move %s: %s", self.node_id, key, e)
+
     # --- frames -------------------------------------------------------
 
     def _frame_handler(self, kind: str) -> Any:
@@ -301,8 +311,11 @@ class ServingNode:
             now = time.monotonic()
             rate = (tokens - last_tokens) / (now - last_t)
             last_tokens, last_t = tokens, now
+            # rows_held: cache rows held by every stage here, of every plan version (old ones drain): 0 once every
+            # request this node served has ended
             stats: dict[str, Any] = {"node_id": self.node_id, "pv": self.layout.version if self.layout else None,
-                                     "tokens_per_s": round(rate, 2), "tokens_out": tokens}
+                                     "tokens_per_s": round(rate, 2), "tokens_out": tokens,
+                                     "rows_held": sum(len(r.active) for r in self.runners.values())}
             if runners:
                 r = runners[0]
                 stats.update(replica=r.replica.id, role=r.replica.role, stage=r.index, active=len(r.active),
@@ -344,7 +357,11 @@ class ServingNode:
             return
         if cleared is not None:
             self.dispatcher.on_journal_cleared(cleared)
+            self._drop_stale(cleared.id, None)
             return
+        current = self.journal.jobs.get(self.node.topics.leaf(str(msg.topic)))
+        if current is not None and current.attempt > 0:
+            self._drop_stale(current.id, current.attempt)
         if payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
             rec = self.journal.jobs.get(ended[1].request_id)
             if rec is not None and rec.meta.get("digest") == ended[1].meta.digest:
@@ -355,6 +372,15 @@ class ServingNode:
                 await self.publish_retained(str(msg.topic), "")
         if payload:  # the planner's own late write of a request that ended: see Dispatcher.on_record
             await self.dispatcher.on_record(self.node.topics.leaf(str(msg.topic)))
+
+    def _drop_stale(self, request_id: str, attempt: int | None) -> None:
+        """Frees what the stages here hold of a request's attempts the journal has moved past (or of a request
+        that ended): see :meth:`StageRunner.drop_stale`."""
+        for runner in self.runners.values():
+            dropped = runner.drop_stale(request_id, attempt)
+            if dropped:
+                log.info("%s: released %s here (%s)", self.node_id, ", ".join(dropped),
+                         "the request ended" if attempt is None else f"the journal has attempt {attempt}")
 
     async def _on_progress(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else b""

@@ -38,7 +38,8 @@ its sampling, its reply, a full inbox) ends that request alone: an error reply o
 its reply topic and a release of its KV at every stage of the replica. A stage
 that does not hold the request's reply stream (any but the last) asks the last
 stage to answer, with an ``error`` field in the release it sends there. Only a
-lost peer is left to the planner, which resumes the request on a healthy replica.
+lost peer is the planner's to handle: the stage tells it which requests it could not pass on, and it resumes
+them on a healthy replica.
 
 **A row counted free waits to be free.** A new sequence (a prompt, or a handed-off prompt's KV) that finds
 every cache row held waits for the release that frees one (:meth:`StageRunner._park`): the planner counts the
@@ -67,6 +68,7 @@ from meshllm.runtime.sampling import Sampler
 from meshllm.runtime.segment import Segment
 from meshllm.serve import api
 from meshllm.serve.batching import PROMPT_BATCH_TOKENS, Lanes, next_batch, prompts_together, stragglers
+from meshllm.serve.journal import attempt_of, request_of
 from meshllm.serve.layout import Layout, ReplicaLayout
 from meshllm.serve.protocol import (
     MAX_ERROR_CODE_CHARS,
@@ -115,6 +117,8 @@ class Fabric(Protocol):
     async def prefilled(self, key: str) -> None: ...
 
     def stream_ended(self, seq: SequenceState) -> None: ...
+
+    async def unreachable(self, key: str, why: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,7 @@ class StageRunner:
             if await self._emit(state, frame.token, send=feed is None) and feed is not None:
                 feed.append((rid, frame.token))
         except PeerUnreachable as e:
-            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+            await self._unreachable([rid], e)
         except Exception as e:
             await self._failed(state.id, e)
 
@@ -340,6 +344,18 @@ class StageRunner:
         self._last_step.pop(rid, None)
         self._free_rows(rid)
         return state
+
+    def drop_stale(self, request_id: str, attempt: int | None) -> list[str]:
+        """Releases, without a word, what this stage holds of ``request_id``'s attempts before ``attempt`` (None:
+        of every attempt: the request ended); returns their keys. The journal says so: the planner moved the
+        request (a node of its path was declared lost) or it ended. A node that was declared lost while it was
+        only stalled still held the old attempt's rows, which nobody else would release: the planner's release
+        went to the nodes it counted alive."""
+        held = self.active | self.sequences.keys() | self._prefilling | self._parked.keys() | self._kv_missing.keys()
+        stale = [k for k in held if request_of(k) == request_id and (attempt is None or attempt_of(k) < attempt)]
+        for key in stale:
+            self.on_release(key)
+        return stale
 
     def _free_rows(self, rid: str) -> None:
         """Frees ``rid``'s cache rows, after every segment call queued before it (and so before the open of a
@@ -558,7 +574,7 @@ class StageRunner:
             try:
                 await self._prefilled(item.rid, meta, out, feed)
             except PeerUnreachable as e:
-                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+                await self._unreachable([item.rid], e)
             except Exception as e:
                 await self._failed(item.rid, e, meta)
         await self._feed_first(feed)
@@ -597,7 +613,7 @@ class StageRunner:
         try:
             await self._prefill_one(rid, item.x, meta, item.at)
         except PeerUnreachable as e:
-            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+            await self._unreachable([rid], e)
         except Exception as e:
             await self._failed(rid, e, meta)
 
@@ -684,7 +700,7 @@ class StageRunner:
                     await self.fabric.send(item.decode.holder(layer).node_id,
                                            KvBlock(self.layout.version, item.decode.id, item.rid, layer, k, v))
             except PeerUnreachable as e:
-                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+                await self._unreachable([item.rid], e)
             except Exception as e:
                 await self._failed(item.rid, e, item.meta)
             if item.rid in self._shipping:  # shipped (or failed): released here now
@@ -713,7 +729,7 @@ class StageRunner:
                 await self.fabric.send(self.replica.stages[self.index + 1].node_id,
                                        Step(self.layout.version, self.replica.id, tuple(ids), out))
             except PeerUnreachable as e:
-                log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+                await self._unreachable(ids, e)
             return
         feed: list[tuple[str, int]] = []
         for row, rid in enumerate(ids):
@@ -773,7 +789,7 @@ class StageRunner:
         try:
             await self.fabric.send(self.replica.first.node_id, frame)
         except PeerUnreachable as e:
-            log.warning("stage %s of replica %d: %s (left to the planner)", self.index, self.replica.id, e)
+            await self._unreachable(list(frame.keys), e)
 
     async def _finish(self, state: SequenceState) -> None:
         self.sequences.pop(state.id, None)
@@ -825,6 +841,16 @@ class StageRunner:
                 await self.on_release_frame(frame)
             else:
                 await _quietly(self.fabric.send(s.node_id, frame))
+
+    async def _unreachable(self, rids: list[str], e: PeerUnreachable) -> None:
+        """Requests ``rids`` could not be passed on: a node of their path is unreachable. The planner moves them
+        (resumes them elsewhere from their last journaled token) now, not when, or if, it notices the node's
+        loss: a node that was only stalled for a moment is a member again by then, and a request whose frame it
+        never got would wait for it forever."""
+        log.warning("stage %s of replica %d: %s (%s moved by the planner)", self.index, self.replica.id, e,
+                    ", ".join(rids))
+        for rid in rids:
+            await _quietly(self.fabric.unreachable(rid, str(e)))
 
     async def _answer(self, rid: str, meta: RequestMeta, code: str, message: str) -> None:
         await _quietly(self.fabric.publish(meta.reply_to, api.error_reply(meta.request_id or rid, code, message)))
