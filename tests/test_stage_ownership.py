@@ -310,28 +310,40 @@ def test_a_decode_stage_counts_no_idle_time_before_a_handed_off_sequence(model: 
     """A one-stage DECODE replica idle for 0.5 s, then a prompt prefilled elsewhere (its KV, then its begin):
     the first step is ready when the begin comes, not when this stage's last run ended (counted so, the idle
     wait showed as 5-22 ms of overhead per run in sim-to-real)."""
-    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
-                                                      replica(1, "decode", [("d1", 0, 4)])]}
-    layout = Layout.from_plan(plan)
-    fabric = Fabric(model)
-    seg = Segment(model, 0, 4, max_batch=2, max_seq_len=CONTEXT, threads=1)
-    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    fabric, _, stage = decoding_alone(model, rows=2)
     ref = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
     prompt = np.array([5, 9, 17, 33, 65], np.int64)
     tokens, kv = reference(ref, prompt, 10)
 
-    async def start(rid: str) -> None:  # a prompt prefilled elsewhere: its KV, then its begin
-        meta = RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=10, temperature=0.0), int(prompt.size),
-                           int(prompt[-1]), 0, 1, request_id=rid)
-        for layer, (k, v) in enumerate(kv):
-            await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
-        await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
+    async def start(rid: str) -> None:
+        await hand_off(stage, rid, prompt, tokens, kv, max_tokens=10)
 
     serve_apart(stage, fabric, start)
     for rid in ("a", "b"):
         assert [m["token_id"] for m in fabric.replies[f"replies/{rid}"] if "token_id" in m] == tokens
     assert stage.runs == 18, stage.runs  # 9 decode steps each
     assert stage.overhead_s < 0.1, f"{stage.overhead_s:.3f} s of overhead over {stage.runs} runs"
+
+
+def decoding_alone(model: Path, rows: int) -> tuple[Fabric, Segment, StageRunner]:
+    """A one-stage DECODE replica on d1 with ``rows`` cache rows, fed by a PREFILL replica on p1."""
+    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
+                                                      replica(1, "decode", [("d1", 0, 4)])]}
+    layout = Layout.from_plan(plan)
+    fabric = Fabric(model)
+    seg = Segment(model, 0, 4, max_batch=rows, max_seq_len=CONTEXT, threads=1)
+    return fabric, seg, StageRunner(fabric, layout, layout.replicas[1], 0, seg,  # type: ignore[arg-type]
+                                    ThreadPoolExecutor(1))
+
+
+async def hand_off(stage: StageRunner, rid: str, prompt: np.ndarray, tokens: list[int],
+                   kv: list[tuple[np.ndarray, np.ndarray]], max_tokens: int) -> None:
+    """A prompt prefilled on p1 reaches the decoding stage: its KV, then its begin with the first token."""
+    meta = RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=max_tokens, temperature=0.0), int(prompt.size),
+                       int(prompt[-1]), 0, 1, request_id=rid)
+    for layer, (k, v) in enumerate(kv):
+        await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
+    await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
 
 
 def serve_apart(stage: StageRunner, fabric: Fabric, start: Callable[[str], Awaitable[None]]) -> None:
@@ -366,12 +378,7 @@ def test_a_handed_off_prompt_whose_kv_finds_every_row_held_waits_for_the_release
     row is freed here by a release from the replica's last stage; a prompt handed off from another node could
     arrive first, and failed with "segment is full". Here a one-row DECODE stage gets "b"'s KV and begin while
     "a" still decodes: "b" waits for the row and then streams exactly the reference tokens."""
-    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
-                                                      replica(1, "decode", [("d1", 0, 4)])]}
-    layout = Layout.from_plan(plan)
-    fabric = Fabric(model)
-    seg = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
-    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    fabric, seg, stage = decoding_alone(model, rows=1)
     ref = Segment(model, 0, 4, max_batch=1, max_seq_len=CONTEXT, threads=1)
     prompts = {"a": np.array([5, 9, 17, 33, 65], np.int64), "b": np.array([7, 3, 11], np.int64)}
     refs = {rid: reference(ref, p, 24) for rid, p in prompts.items()}
@@ -380,12 +387,7 @@ def test_a_handed_off_prompt_whose_kv_finds_every_row_held_waits_for_the_release
         task = asyncio.ensure_future(stage.run())
         try:
             for rid, prompt in prompts.items():
-                tokens, kv = refs[rid]
-                meta = RequestMeta(f"replies/{rid}", SamplingParams(max_tokens=24, temperature=0.0),
-                                   int(prompt.size), int(prompt[-1]), 0, 1, request_id=rid)
-                for layer, (k, v) in enumerate(kv):
-                    await stage.on_kv(KvBlock(1, 1, rid, layer, k, v))
-                await stage.on_begin(Begin(1, 1, rid, tokens[0], None, meta))
+                await hand_off(stage, rid, prompt, *refs[rid], max_tokens=24)
             waited = "b" in getattr(stage, "_parked", ()) and "a" in stage.active  # "a" had the row when "b" came
             async with asyncio.timeout(20):
                 while not all(r in fabric.ended for r in prompts):
@@ -433,18 +435,24 @@ def test_a_prompt_that_finds_every_row_held_waits_and_then_streams_exactly(model
     assert seg.open_sequences == [] and not stage.active and not stage._parked
 
 
-def test_a_sequence_that_waits_too_long_for_a_row_alone_is_answered_busy(model: Path) -> None:
-    """A row the planner and the stage disagree about for good (a leak elsewhere) costs only the sequence that
-    waits for it: after ``parked_max_s`` it is released with "busy" (the last stage answers the app); the one
-    holding the row goes on, and more waiting sequences than rows are refused at once."""
+def first_of_two_decoding(model: Path, rows: int) -> tuple[Fabric, Segment, StageRunner, np.ndarray]:
+    """Stage 0 (d1, layers 0-1, ``rows`` cache rows) of a DECODE replica whose last stage is d2, and one layer's
+    KV of a 5-token prompt (zeros: what is in it does not matter here)."""
     plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
                                                       replica(1, "decode", [("d1", 0, 2), ("d2", 2, 4)])]}
     layout = Layout.from_plan(plan)
     fabric = Fabric(model)
-    seg = Segment(model, 0, 2, max_batch=1, max_seq_len=CONTEXT, threads=1)
+    seg = Segment(model, 0, 2, max_batch=rows, max_seq_len=CONTEXT, threads=1)
     stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    return fabric, seg, stage, np.zeros((seg.config.n_kv_heads, 5, seg.config.head_dim), np.float32)
+
+
+def test_a_sequence_that_waits_too_long_for_a_row_alone_is_answered_busy(model: Path) -> None:
+    """A row the planner and the stage disagree about for good (a leak elsewhere) costs only the sequence that
+    waits for it: after ``parked_max_s`` it is released with "busy" (the last stage answers the app); the one
+    holding the row goes on, and more waiting sequences than rows are refused at once."""
+    fabric, seg, stage, block = first_of_two_decoding(model, rows=1)
     stage.parked_max_s = 0.3
-    block = np.zeros((seg.config.n_kv_heads, 5, seg.config.head_dim), np.float32)  # a 5-token prompt's layer
     kv = [(block, block) for _ in seg.layers]
 
     async def go() -> float:
@@ -523,13 +531,7 @@ def test_a_stage_drops_the_attempts_the_journal_moved_past_and_keeps_the_current
     """A node declared lost while only stalled held the old attempt's cache rows: the planner's release went to the
     nodes it counted alive. The journal's newer attempt (or the request's end) frees them; the current attempt
     and other requests are untouched."""
-    plan = {"version": 1, "n_layers": 4, "replicas": [replica(0, "prefill", [("p1", 0, 4)]),
-                                                      replica(1, "decode", [("d1", 0, 2), ("d2", 2, 4)])]}
-    layout = Layout.from_plan(plan)
-    fabric = Fabric(model)
-    seg = Segment(model, 0, 2, max_batch=4, max_seq_len=CONTEXT, threads=1)
-    stage = StageRunner(fabric, layout, layout.replicas[1], 0, seg, ThreadPoolExecutor(1))  # type: ignore[arg-type]
-    block = np.zeros((seg.config.n_kv_heads, 5, seg.config.head_dim), np.float32)
+    fabric, seg, stage, block = first_of_two_decoding(model, rows=4)
 
     async def go() -> None:
         for key in ("q1", "q1@2", "q2", "q3@1"):
