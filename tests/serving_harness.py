@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,25 +80,31 @@ def planner_routes_to(mesh: str, broker: str, version: int, replicas: set[int], 
     once a second). The retained readiness records (:func:`all_ready`) are what the planner reads too, but it
     reads them a moment later: a request sent in between is routed by the older view (a PREFILL replica
     lending itself while the DECODE replica it waits for is not yet counted)."""
-    async def go() -> None:
-        async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
-            await c.subscribe(f"meshllm/v1/{mesh}/stats/+", qos=0)
-            seen = None
-            try:
-                async with asyncio.timeout(timeout):
-                    async for m in c.messages:
-                        st = json.loads(m.payload) if isinstance(m.payload, bytes) else {}
-                        sc = st.get("scheduler")
-                        if sc is None:
-                            continue
-                        seen = (st.get("pv"), sc.get("ready"))
-                        if seen == (version, sorted(replicas)):
-                            return
-            except TimeoutError:
-                raise AssertionError(f"the planner's scheduler did not count replicas {sorted(replicas)} of plan "
-                                     f"v{version} ready within {timeout:.0f} s (last seen: pv, ready = {seen})"
-                                     ) from None
-    asyncio.run(go())
+    seen = None
+
+    def routes(st: dict[str, Any]) -> bool:
+        nonlocal seen
+        sc = st.get("scheduler")
+        if sc is not None:
+            seen = (st.get("pv"), sc.get("ready"))
+        return seen == (version, sorted(replicas))
+
+    if not asyncio.run(watch_stats(broker, mesh, routes, timeout)):
+        raise AssertionError(f"the planner's scheduler did not count replicas {sorted(replicas)} of plan "
+                             f"v{version} ready within {timeout:.0f} s (last seen: pv, ready = {seen})")
+
+
+async def watch_stats(broker: str, mesh: str, until: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
+    """Feeds the nodes' stats (each node's once a second) to ``until`` as they come; True once it returns True,
+    False when ``timeout`` s pass first."""
+    async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
+        await c.subscribe(f"meshllm/v1/{mesh}/stats/+", qos=0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                async for m in c.messages:
+                    if until(json.loads(m.payload) if isinstance(m.payload, bytes) else {}):
+                        return True
+    return False
 
 
 async def read_retained(broker: str, topic: str, quiet_s: float = 0.3) -> dict[str, bytes]:

@@ -8,7 +8,6 @@ planner plans for the members that remain.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
@@ -21,7 +20,7 @@ from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.client import Client
 from meshllm.serve.journal import Journal
 from tests.mesh_harness import mosquitto, mosquitto_proc, state
-from tests.serving_harness import random_model, read_retained, replica, serving_mesh
+from tests.serving_harness import random_model, read_retained, replica, serving_mesh, watch_stats
 
 PROMPTS = ["Once upon a time", "the cat sat", "Héllo 🙂 wörld", "a b c d e f g"]
 N_REQUESTS, MAX_TOKENS = 20, 40
@@ -171,19 +170,12 @@ def test_a_node_stalled_past_the_failure_timeout_loses_no_request(model: Path, b
 
 async def rows_held_when_idle(broker: str, mesh: str, nodes: set[str], timeout: float = 10.0) -> dict[str, int]:
     """Each node's ``rows_held`` (its stats, every second) once all are 0, or the last seen after ``timeout``."""
-    import aiomqtt
-
-    from meshllm.mesh.broker import BrokerURL
-
     seen: dict[str, int] = {}
-    async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
-        await c.subscribe(f"meshllm/v1/{mesh}/stats/+", qos=0)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                async for m in c.messages:
-                    st = json.loads(m.payload) if isinstance(m.payload, bytes) else {}
-                    if st.get("node_id") in nodes:
-                        seen[st["node_id"]] = int(st.get("rows_held", -1))
-                    if set(seen) == nodes and not any(seen.values()):
-                        break
+
+    def idle(st: dict) -> bool:
+        if st.get("node_id") in nodes:
+            seen[st["node_id"]] = int(st.get("rows_held", -1))
+        return set(seen) == nodes and not any(seen.values())
+
+    await watch_stats(broker, mesh, idle, timeout)
     return dict(sorted(seen.items()))

@@ -49,8 +49,8 @@ class Recorder:
     async def prefilled(self, key: str) -> None:
         self.sent.append(("prefilled", key))
 
-    async def unreachable(self, key: str, why: str) -> None:
-        self.sent.append(("unreachable", (key, why)))
+    async def bounce(self, key: str, why: str) -> None:
+        self.sent.append(("bounce", (key, why)))
 
 
 def decode_stage(model: Path) -> StageRunner:

@@ -71,7 +71,7 @@ class Fabric:
     def stream_ended(self, seq: SequenceState) -> None:
         pass
 
-    async def unreachable(self, key: str, why: str) -> None:
+    async def bounce(self, key: str, why: str) -> None:
         self.unreachable_keys.append(key)
 
 

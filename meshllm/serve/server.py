@@ -247,9 +247,9 @@ class ServingNode:
             except MeshError as e:  # routing estimates only: the request goes on
                 log.debug("%s: cannot tell the planner that %s is prefilled: %s", self.node_id, key, e)
 
-    async def unreachable(self, key: str, why: str) -> None:
-        """A stage here could not pass request ``key`` on: the planner moves it (a ``bounce``, as for a prompt
-        that reached a node without its stage)."""
+    async def bounce(self, key: str, why: str) -> None:
+        """Asks the planner to move request ``key`` (a ``bounce``): a prompt or begin reached this node without
+        its stage, or a stage here could not pass the request on."""
         planner = self.node.planner_id
         if planner:
             try:
@@ -289,8 +289,7 @@ class ServingNode:
             why = f"no stage of plan v{frame.plan_version} replica {frame.replica} on {self.node_id}"
             if isinstance(frame, (Prefill, Begin)) and self.node.planner_id:
                 log.warning("%s: %s frame for %s bounced: %s", self.node_id, frame.WIRE_TYPE, frame.key, why)
-                with contextlib.suppress(MeshError):
-                    await self.send(self.node.planner_id, Bounce(frame.key, why))
+                await self.bounce(frame.key, why)
             elif not isinstance(frame, Release):
                 log.info("%s: dropped a %s frame: %s", self.node_id, frame.WIRE_TYPE, why)
             return
@@ -350,8 +349,9 @@ class ServingNode:
 
     async def _on_job(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes) else b""
+        request_id = self.node.topics.leaf(str(msg.topic))
         try:
-            cleared = self.journal.on_job(self.node.topics.leaf(str(msg.topic)), payload)
+            cleared = self.journal.on_job(request_id, payload)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("%s: ignoring a malformed job record on %s: %s", self.node_id, msg.topic, e)
             return
@@ -359,10 +359,10 @@ class ServingNode:
             self.dispatcher.on_journal_cleared(cleared)
             self._drop_stale(cleared.id, None)
             return
-        current = self.journal.jobs.get(self.node.topics.leaf(str(msg.topic)))
+        current = self.journal.jobs.get(request_id)
         if current is not None and current.attempt > 0:
             self._drop_stale(current.id, current.attempt)
-        if payload and (ended := self._ended.get(self.node.topics.leaf(str(msg.topic)))) is not None:
+        if payload and (ended := self._ended.get(request_id)) is not None:
             rec = self.journal.jobs.get(ended[1].request_id)
             if rec is not None and rec.meta.get("digest") == ended[1].meta.digest:
                 # a request that ended here came back into the journal (restated by a planner that had not
@@ -371,7 +371,7 @@ class ServingNode:
                 self.journal.jobs.pop(rec.id, None)
                 await self.publish_retained(str(msg.topic), "")
         if payload:  # the planner's own late write of a request that ended: see Dispatcher.on_record
-            await self.dispatcher.on_record(self.node.topics.leaf(str(msg.topic)))
+            await self.dispatcher.on_record(request_id)
 
     def _drop_stale(self, request_id: str, attempt: int | None) -> None:
         """Frees what the stages here hold of a request's attempts the journal has moved past (or of a request

@@ -118,7 +118,7 @@ class Fabric(Protocol):
 
     def stream_ended(self, seq: SequenceState) -> None: ...
 
-    async def unreachable(self, key: str, why: str) -> None: ...
+    async def bounce(self, key: str, why: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -351,7 +351,7 @@ class StageRunner:
         request (a node of its path was declared lost) or it ended. A node that was declared lost while it was
         only stalled still held the old attempt's rows, which nobody else would release: the planner's release
         went to the nodes it counted alive."""
-        held = self.active | self.sequences.keys() | self._prefilling | self._parked.keys() | self._kv_missing.keys()
+        held = self.active | self.sequences.keys() | self._prefilling | self._parked.keys()
         stale = [k for k in held if request_of(k) == request_id and (attempt is None or attempt_of(k) < attempt)]
         for key in stale:
             self.on_release(key)
@@ -407,8 +407,6 @@ class StageRunner:
             now = time.monotonic()
             for rid, parked in list(self._parked.items()):
                 if now - parked.since > self.parked_max_s and self._parked.pop(rid, None) is not None:
-                    if isinstance(parked.work[0], _Item):
-                        self._prefilling.discard(rid)
                     await self._fail(rid, api.BUSY, f"{self._full()} for {self.parked_max_s:g} s", parked.meta)
             free = self._rows_free()
             while self._parked and free > 0:
@@ -539,8 +537,7 @@ class StageRunner:
         """Prefills ``first`` and, in the same step, the other prompts queued that can join it (as many as there
         are free cache rows)."""
         if first.rid in self._prefilling and first.rid not in self.active and self._rows_free() <= 0:
-            if not self._park(first.rid, first, first.meta):
-                self._prefilling.discard(first.rid)
+            if not self._park(first.rid, first, first.meta):  # (the release in _fail drops it from _prefilling)
                 await self._fail(first.rid, api.BUSY, self._full(), first.meta)
             return
         queued = self._with_queued(first)
@@ -850,7 +847,7 @@ class StageRunner:
         log.warning("stage %s of replica %d: %s (%s moved by the planner)", self.index, self.replica.id, e,
                     ", ".join(rids))
         for rid in rids:
-            await _quietly(self.fabric.unreachable(rid, str(e)))
+            await _quietly(self.fabric.bounce(rid, str(e)))
 
     async def _answer(self, rid: str, meta: RequestMeta, code: str, message: str) -> None:
         await _quietly(self.fabric.publish(meta.reply_to, api.error_reply(meta.request_id or rid, code, message)))

@@ -209,7 +209,8 @@ def simulate(plan: Plan, cost: CostModel, reqs: Sequence[Request], router: Route
     batch, and the last stage feeds the tokens back to the first as one step.
 
     ``dispatch_s``: how long the planner takes from routing a prompt to its arrival at its first stage (it
-    journals the route before it sends the prompt: the planner's stats report it as ``dispatch_ms``). The
+    journals the route before it sends the prompt: the planner's stats report ``dispatch_s`` summed over
+    ``dispatched`` prompts). The
     request is routed, and holds its slot, from its arrival, as the scheduler does; it counts as waiting.
     """
     if not 0.0 <= dispatch_s < 1.0:
