@@ -143,12 +143,37 @@ async def ask_raw(broker: str, mesh: str, requests: list[dict[str, Any] | bytes]
     return [streams[t] for t in topics]
 
 
+def by_index(stream: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One request's reply messages in ``index`` order, as every client must read them.
+
+    A resumed request streams the tokens after its last checkpoint again, with the
+    same index and the same value, and MQTT QoS 1 may deliver a message twice
+    (:mod:`meshllm.serve.journal`). So a repeated index is dropped, but only if it
+    repeats exactly; indices must run 0..n without a gap.
+    """
+    seen: dict[int, dict[str, Any]] = {}
+    for m in stream:
+        if "index" not in m:
+            continue
+        i = m["index"]
+        if i in seen:
+            assert _same_reply(seen[i], m), f"index {i} was sent as {seen[i]} and as {m}"
+        else:
+            seen[i] = m
+    assert sorted(seen) == list(range(len(seen))), f"reply indices with gaps: {sorted(seen)}"
+    return [seen[i] for i in range(len(seen))]
+
+
+def _same_reply(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("token_id", "text", "done", "finish_reason"))
+
+
 def tokens_of(stream: list[dict[str, Any]]) -> list[int]:
-    return [m["token_id"] for m in stream if "token_id" in m]
+    return [m["token_id"] for m in by_index(stream) if "token_id" in m]
 
 
 def text_of(stream: list[dict[str, Any]]) -> str:
-    return "".join(m.get("text", "") for m in stream)
+    return "".join(m.get("text", "") for m in by_index(stream))
 
 
 def mesh_state(mesh: str, broker: str) -> dict:
