@@ -196,6 +196,41 @@ def test_a_new_plan_rolls_out_without_dropping_accepted_requests(model: Path, br
     assert after[-1]["timings"]["replicas"] == {"prefill": 0, "decode": 1}  # served by v2's PREFILL/DECODE pair
 
 
+def test_a_prompt_still_on_its_first_stage_when_the_plan_changes_finishes_on_the_old_layout(
+        model: Path, broker: str, tmp_path: Path) -> None:
+    """Drain covers what a stage does not hold yet: the prompt is being prefilled by v1's first stage (slowed)
+    when v2 arrives, and v1's second stage, which holds nothing of it, keeps its v1 runner because the journal
+    routes the request through it; the request is not moved (resumed 0) and streams the reference tokens."""
+    import aiomqtt
+
+    from meshllm.mesh.broker import BrokerURL
+    from tests.mesh_harness import state, wait_until
+    from tests.serving_harness import all_ready
+
+    mesh = f"t-drain-{secrets.token_hex(3)}"
+    v1 = {"version": 1, "n_layers": 4, "replicas": PLANS["mixed2+2"]}
+    prompt = " ".join(PROMPTS) * 3
+    with serving_mesh(mesh, broker, model, ["n1", "n2", "n3"], v1, tmp_path,
+                      extra=["--emulate-compute-scale", "400"]):
+        live = state(mesh, broker)["plan"]
+
+        async def go() -> list[dict]:
+            req = {"id": "drain0", "prompt": prompt, "max_tokens": 3, "temperature": 0}
+            asking = asyncio.ensure_future(ask_raw(broker, mesh, [req], timeout=120))
+            await asyncio.sleep(0.5)  # the prompt is on n1, v1's first stage; n2 holds nothing of it yet
+            v2 = {"version": 2, "n_layers": 4, "term": live["term"], "planner": live["planner"], "pinned": True,
+                  "replicas": [replica(0, "mixed", [("n3", 0, 4)])]}
+            async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
+                await c.publish(f"meshllm/v1/{mesh}/plan", json.dumps(v2), qos=1, retain=True)
+            return (await asking)[0]
+
+        stream = asyncio.run(go())
+        wait_until(lambda: all_ready(mesh, broker), 60, "plan v2 deployed")
+    assert tokens_of(stream) == expected(model, prompt, 3)[0]
+    assert stream[-1]["timings"]["replicas"] == {"prefill": 0, "decode": 0}
+    assert stream[-1]["timings"]["resumed"] == 0, stream[-1]["timings"]
+
+
 def test_a_prefill_replica_decodes_itself_when_the_decode_replica_is_full(model: Path, broker: str,
                                                                            tmp_path: Path) -> None:
     """The decode replica's memory holds one of these sequences (128 positions; each can reach ~40 + a page):

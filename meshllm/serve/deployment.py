@@ -3,8 +3,9 @@
 On every accepted plan the node finds its stage, loads that layer range (reusing the loaded segment when the
 range is unchanged) on the loading executor, starts a :class:`~meshllm.serve.stage.StageRunner` and announces
 readiness on the retained ``ready/<node>`` topic. Runners of older plans keep serving the requests they hold
-and are dropped once empty (drain, no request lost). It also follows every node's readiness, for the planner's
-:meth:`ready_replicas`.
+and are dropped once empty and once the journal routes no request through their replica any more (drain, no
+request lost: a prompt still on an earlier stage, or its activations on the wire, holds nothing here yet).
+It also follows every node's readiness, for the planner's :meth:`ready_replicas`.
 
 It does not route frames (the node's fabric does, to :attr:`runners`) nor schedule requests (the dispatcher
 does, told of each new layout through ``on_layout`` and of readiness through ``on_ready``).
@@ -65,12 +66,14 @@ class Deployment:
                  fetch_sources: Callable[[str | None], list[Source]], *, model_dir: Path, threads: int | None,
                  kv_dtype: str | None, emulation: Emulation, executor: Executor, loader: Executor,
                  spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Future[Any]],
-                 on_layout: Callable[[Layout], None], on_ready: Callable[[], None]) -> None:
+                 on_layout: Callable[[Layout], None], on_ready: Callable[[], None],
+                 routed_through: Callable[[int, int], bool] = lambda version, replica: False) -> None:
         self.node, self.node_id, self.fabric, self.files = node, node.node_id, fabric, files
         self._manifest, self._fetch_sources = manifest, fetch_sources
         self.model_dir, self.threads, self.kv_dtype, self.emulation = model_dir, threads, kv_dtype, emulation
         self.executor, self.loader = executor, loader  # the segments' owner, and apart, loading (see server.py)
         self._spawn, self._on_layout, self._on_ready = spawn, on_layout, on_ready
+        self._routed_through = routed_through  # (plan version, replica id): does the journal route a request there
         self.runners: dict[tuple[int, int], StageRunner] = {}
         self._runner_tasks: dict[tuple[int, int], asyncio.Future[Any]] = {}
         self._segment: tuple[tuple[int, int, int, int], Segment] | None = None
@@ -187,13 +190,18 @@ class Deployment:
         return pace
 
     def _segment_in_use(self) -> bool:
-        return any(r.active or r.sequences for r in self.runners.values())
+        return any(self._holds_requests(r) for r in self.runners.values())
+
+    def _holds_requests(self, runner: StageRunner) -> bool:
+        """Whether ``runner`` still has work: sequences or frames here, or a request the journal routes through
+        its replica that has not reached this stage yet (or is between two of its steps)."""
+        return bool(runner.active or runner.sequences or not runner.inbox.empty()
+                    or self._routed_through(*runner.key))
 
     def _retire_old(self, version: int) -> None:
         """Drops runners of older plans once they hold no request (drain)."""
         for key in [k for k in self.runners if k[0] < version]:
-            runner = self.runners[key]
-            if runner.active or runner.sequences or not runner.inbox.empty():
+            if self._holds_requests(self.runners[key]):
                 self._spawn(self._retire_when_idle(key))
                 continue
             self.runners.pop(key)
@@ -202,7 +210,7 @@ class Deployment:
     async def _retire_when_idle(self, key: tuple[int, int]) -> None:
         # a poll: a runner has no event for "holds nothing any more" (serve/stage.py owns that state)
         runner = self.runners.get(key)
-        while runner is not None and (runner.active or runner.sequences or not runner.inbox.empty()):
+        while runner is not None and self._holds_requests(runner):
             await asyncio.sleep(0.1)
         self.runners.pop(key, None)
         task = self._runner_tasks.pop(key, None)

@@ -187,6 +187,11 @@ class Journal:
         out = [r for r in self.jobs.values() if r.route is not None and not r.route.nodes <= alive]
         return sorted(out, key=lambda r: r.meta.get("t_received", 0.0))
 
+    def routed_through(self, version: int, replica: int) -> bool:
+        """Whether a request in flight is routed through replica ``replica`` of plan ``version``."""
+        return any(r.route is not None and r.route.pv == version and replica in (r.route.prefill_r, r.route.decode_r)
+                   for r in self.jobs.values())
+
     def unrouted(self) -> list[JobRecord]:
         """Accepted jobs not yet dispatched, oldest first."""
         return sorted((r for r in self.jobs.values() if r.route is None), key=lambda r: r.meta.get("t_received", 0.0))

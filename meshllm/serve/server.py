@@ -99,7 +99,7 @@ class ServingNode:
             self.node, self, self.files, lambda: self.manifest, self._fetch_sources, model_dir=self.model_dir,
             threads=threads, kv_dtype=kv_dtype, emulation=config.emulation, executor=self.executor,
             loader=self.loader, spawn=self.spawn, on_layout=lambda layout: self.dispatcher.on_layout(layout),
-            on_ready=lambda: self.dispatcher.refresh_ready())
+            on_ready=lambda: self.dispatcher.refresh_ready(), routed_through=self.journal.routed_through)
         self.dispatcher = Dispatcher(
             self.node, self.journal, self, self.deployment, lambda: self.tokenizer,
             lambda: self.manifest.config.max_seq_len if self.manifest is not None else 0, self.spawn)
