@@ -43,8 +43,7 @@ def test_the_plan_is_retained_again_after_the_planner_changed_and_the_broker_res
                 plan = st["plan"] or {}
                 return plan.get("planner") is not None and plan.get("planner") == st["planner"]
             wait_until(restated, 20, "the planner's plan retained again after the broker restart")
-            # (90 s, as for the first load: a plan the new planner re-made loads its segments at idle CPU priority,
-            # which a busy machine may starve for a while)
+            # (90 s, as for the first load: a busy machine loads a re-made plan's segments slowly)
             wait_until(lambda: all_ready(mesh, m.url), 90, "every stage of the plan ready")
         finally:
             for p in procs:

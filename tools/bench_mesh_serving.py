@@ -7,7 +7,10 @@
 3. codec throughput on a 16 MiB KV block (encode + decode), and over a loopback TCP connection;
 4. aggregate decode throughput of the 3-stage mesh with 1, 4 and 16 concurrent requests;
 5. a plan roll-out under load: decode tokens/s of the requests in flight while every node loads its
-   stage of the new plan, as a fraction of their steady tokens/s just before (median of ``--rounds``).
+   stage of the new plan, as a fraction of their steady tokens/s just before; how long loading took;
+   and the decode tokens the roll-out cost them, (steady - rolling) x that time (medians of ``--rounds``).
+   Three nodes share two cores here: each node's load takes CPU from the others' decoding too, which
+   devices of their own would not.
 
 Usage: python tools/bench_mesh_serving.py [--only mesh,handoff,codec,conc,rollout] [--rounds N] [--conc-rounds N]
        [node options]
@@ -243,9 +246,10 @@ def main() -> None:
     if rolls:
         for steady, rolling, load_s in rolls:
             print(f"plan roll-out: {rolling:6.1f} tokens/s in flight while loading ({load_s:.1f} s) vs {steady:6.1f} "
-                  f"steady: {rolling / steady:.0%}")
+                  f"steady: {rolling / steady:.0%}, {(steady - rolling) * load_s:.0f} tokens lost")
         print(f"plan roll-out, median: {statistics.median(r / s for s, r, _ in rolls):.0%} of steady decode "
-              "tokens/s for the requests in flight (goal >= 80%)")
+              f"tokens/s for the requests in flight, loading {statistics.median(t for _, _, t in rolls):.1f} s, "
+              f"{statistics.median((s - r) * t for s, r, t in rolls):.0f} decode tokens lost")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from meshllm.plan.errors import PlanError
 from meshllm.plan.plan import PublishedPlan
 from meshllm.profile import DeviceProfile
 from meshllm.runtime.segment import Segment
-from meshllm.serve.background import at_idle_priority
 from meshllm.serve.batching import lanes_for
 from meshllm.serve.layout import Layout, LayoutError, ReplicaLayout
 from meshllm.serve.messages import PayloadError, Readiness
@@ -146,8 +145,10 @@ class Deployment:
                     self._retire_old(layout.version)
                     return
                 loop = asyncio.get_running_loop()
-                # at the lowest CPU priority: building the session must not take the cores from decoding
-                segment = await loop.run_in_executor(self.loader, at_idle_priority, lambda: Segment(
+                # on its own thread, so decoding goes on meanwhile, at normal priority: a thread of this
+                # process below the event loop's that holds or waits for the GIL can stall the event loop
+                # for as long as the cores are busy (tests/test_loading.py, docs/serving.md)
+                segment = await loop.run_in_executor(self.loader, lambda: Segment(
                     self.model_dir, st.start, st.stop, max_batch=replica.rows + self.SLOT_HEADROOM,
                     max_seq_len=context, threads=self.threads, verify=False, manifest=self.manifest,
                     spinning=False, kv_dtype=self.kv_dtype))
