@@ -77,6 +77,47 @@ def test_member_that_stops_answering_is_gone_within_3s(kind: str) -> None:
             procs[2].proc.send_signal(signal.SIGCONT)
 
 
+@pytest.mark.parametrize("timeout, lost", [(None, True), ("6", False)])
+def test_a_stall_shorter_than_the_failure_timeout_is_not_a_loss(timeout: str | None, lost: bool) -> None:
+    """A member SIGSTOPped for 4.5 s: declared lost at the default --failure-timeout (1.5 s); kept on a mesh whose
+    nodes were started with --failure-timeout 6 (the broker's keep-alive follows it, so its will does not fire
+    either)."""
+    import asyncio
+    import signal
+
+    import aiomqtt
+
+    from meshllm.mesh.broker import BrokerURL
+
+    mesh = mesh_name("stall")
+    extra = ["--failure-timeout", timeout] if timeout else []
+    with mosquitto() as broker, nodes(mesh, ["s1", "s2"], broker=broker, extra=extra) as procs:
+        wait_until(lambda: len(state(mesh, broker)["members"]) == 2, 30, "two members")
+
+        async def stall() -> list[str]:
+            cleared: list[str] = []
+            async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
+                await c.subscribe(f"meshllm/v1/{mesh}/members/+", qos=1)
+
+                async def watch() -> None:
+                    async for m in c.messages:
+                        if not m.payload:
+                            cleared.append(str(m.topic).rsplit("/", 1)[-1])
+                watcher = asyncio.ensure_future(watch())
+                procs[1].proc.send_signal(signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(4.5)
+                finally:
+                    procs[1].proc.send_signal(signal.SIGCONT)
+                await asyncio.sleep(2.0)
+                watcher.cancel()
+            return cleared
+
+        cleared = asyncio.run(stall())
+        assert ("s2" in cleared) is lost, cleared
+        wait_until(lambda: len(state(mesh, broker)["members"]) == 2, 30, "both members again")
+
+
 def test_clean_shutdown_leaves_the_mesh_at_once() -> None:
     mesh = mesh_name("leave")
     with mosquitto() as broker, nodes(mesh, ["l1", "l2"], broker=broker) as procs:

@@ -66,6 +66,13 @@ def test_a_bad_plan_file_stops_the_node_at_start(model: Path, tmp_path: Path, co
     _stops_with_one_line(node, *words)
 
 
+@pytest.mark.parametrize("extra", [["--failure-timeout", "0.6"], ["--heartbeat", "0", "--failure-timeout", "3"]])
+def test_a_failure_timeout_shorter_than_two_heartbeats_stops_the_node_at_start(tmp_path: Path,
+                                                                              extra: list[str]) -> None:
+    node = NodeProc(f"t-cfg-{secrets.token_hex(3)}", "c1", log_dir=tmp_path, extra=extra)
+    _stops_with_one_line(node, "--failure-timeout", "--heartbeat")
+
+
 def test_good_planner_options_parse(tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text(json.dumps({"version": 1, "replicas": [replica(0, "mixed", [("a", 0, 2)])]}))
     opts = PlannerOptions.parse("in=128,out=64,rate=2", str(tmp_path / "plan.json"))

@@ -40,6 +40,7 @@ async def _node_main(args: argparse.Namespace) -> int:
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3,
                             args.emulate_timing),
         quick_profile=args.quick_profile, profile=pinned,
+        heartbeat_s=args.heartbeat, failure_timeout_s=args.failure_timeout,
     )
     if args.gateway:
         import os
@@ -159,6 +160,12 @@ def add_parsers(sub: Any) -> None:
     n.add_argument("--open", action="store_true", help="run the mesh WITHOUT a secret: anyone on the LAN may "
                    "read prompts and replies, submit requests and publish plans (trusted, isolated networks only)")
     n.add_argument("--quick-profile", action="store_true", help="shorter, less accurate capability measurement")
+    fd = n.add_argument_group("failure detection (give every node of a mesh the same values)")
+    fd.add_argument("--heartbeat", type=float, default=0.5, metavar="S", help="seconds between heartbeats (0.5)")
+    fd.add_argument("--failure-timeout", type=float, default=1.5, metavar="S",
+                    help="a member silent this long is declared lost and its requests move to other replicas "
+                    "(1.5; at least twice --heartbeat). Raise it where devices stall now and then (Wi-Fi, "
+                    "SD-card writes, swapping): each false alarm costs a new plan and resumed requests")
     em = n.add_argument_group("emulation (pretend to be a slower device; for demos and tests)")
     em.add_argument("--emulate-compute-scale", type=float, default=1.0, metavar="X",
                     help="behave X times slower in compute and memory bandwidth")

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -33,7 +34,7 @@ from meshllm.aio import stop_task
 from meshllm.dataplane.auth import secret_key
 from meshllm.dataplane.links import PeerUnreachable
 from meshllm.dataplane.server import IDLE_TIMEOUT, DataPlane, Handler, probe_link
-from meshllm.errors import MeshError, NodeIdInUse, SecretError
+from meshllm.errors import ConfigError, MeshError, NodeIdInUse, SecretError
 from meshllm.logs import RateLimitedLog
 from meshllm.logs import clip as _short
 from meshllm.mesh import broker_check
@@ -117,6 +118,9 @@ class Incarnation:
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
+        if not config.heartbeat_s > 0 or not config.failure_timeout_s >= 2 * config.heartbeat_s:
+            raise ConfigError(f"--failure-timeout {config.failure_timeout_s:g} must be at least twice --heartbeat "
+                              f"{config.heartbeat_s:g} (a member is declared lost after missing that many)")
         self.config = config
         self.node_id = config.node_id or f"{config.name}-{secrets.token_hex(3)}"
         self.topics = Topics(config.mesh)
@@ -445,12 +449,18 @@ class Node:
         log.warning("%s: another process (started %s) took over our broker session with our node id; "
                     "taking it back (it is the younger and steps aside)", self.node_id, started)
 
+    @property
+    def _keepalive_s(self) -> int:
+        """The broker fires our will (we left) after 1.5 keep-alive periods without a packet from us: about the
+        failure timeout, never sooner than 3 s."""
+        return max(2, math.ceil(self.config.failure_timeout_s / 1.5))
+
     async def _session(self, url: str) -> None:
         b = BrokerURL.parse(url)
         will = aiomqtt.Will(self.topics.member(self.node_id), b"", qos=1, retain=True)
         self._sessions += 1
         async with aiomqtt.Client(**self._client_kwargs(b), identifier=self.node_id, will=will,
-                                  keepalive=2, clean_session=True, timeout=5) as client:
+                                  keepalive=self._keepalive_s, clean_session=True, timeout=5) as client:
             self._client = client
             self.broker_url = str(b)
             for t in (self.topics.members, self.topics.heartbeats, self.topics.planner, self.topics.plan,
