@@ -73,6 +73,12 @@ def test_a_failure_timeout_shorter_than_two_heartbeats_stops_the_node_at_start(t
     _stops_with_one_line(node, "--failure-timeout", "--heartbeat")
 
 
+def test_an_unknown_objective_stops_the_node_at_start(model: Path, tmp_path: Path) -> None:
+    node = NodeProc(f"t-cfg-{secrets.token_hex(3)}", "c1", log_dir=tmp_path,
+                    extra=["--model", str(model), "--objective", "fastest"])
+    _stops_with_one_line(node, "--objective", "'fastest'", "wait, response")
+
+
 def test_good_planner_options_parse(tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text(json.dumps({"version": 1, "replicas": [replica(0, "mixed", [("a", 0, 2)])]}))
     opts = PlannerOptions.parse("in=128,out=64,rate=2", str(tmp_path / "plan.json"))

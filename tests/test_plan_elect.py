@@ -33,3 +33,24 @@ def test_a_lightly_loaded_mesh_keeps_the_analytic_choice_after_one_pilot() -> No
     assert len(plan.extra["pilot_waits_s"]) == 1  # nobody waited: no other candidate simulated
     analytic = plan_mesh(DEVICES, LLAMA_1B, w, options=PlanOptions(elect=0))
     assert [(r.role, r.node_ids) for r in plan.replicas] == [(r.role, r.node_ids) for r in analytic.replicas]
+
+
+def test_the_planners_objective_decides_the_election_wait_or_end_to_end() -> None:
+    """The same candidates, elected on the mean wait (the default) and on the mean end-to-end time: each elects
+    the best on its own figure among those it tried, and here they disagree (the role-less plan starts prompts
+    sooner, the PREFILL/DECODE plan answers sooner)."""
+    from meshllm.plan.elect import pilot_means
+
+    w = Workload.parse("conversation,scale=0.25,rate=0.5")
+    groupings = [[[0], [1], [2], [3], [4]], [[0, 1], [2, 3], [4]], [[0, 3], [1], [2], [4]]]
+    chosen = {}
+    for objective, figure in (("wait", 0), ("response", 1)):
+        sm = system_model(DEVICES, LLAMA_1B, w, PlanOptions(objective=objective))
+        plan, tried = elect(sm, candidates(sm, groupings), "ga", 60)
+        scores = [x for _, x in tried]
+        assert len(tried) > 1 and all(math.isfinite(x) for x in scores)
+        assert scores[[p for p, _ in tried].index(plan)] <= min(scores) + max(TIE_S, 0.02 * min(scores))
+        chosen[objective] = pilot_means(sm, plan, 60)
+        assert chosen[objective][figure] == scores[[p for p, _ in tried].index(plan)]
+    (wait_w, wait_e2e), (resp_w, resp_e2e) = chosen["wait"], chosen["response"]
+    assert wait_w < resp_w and resp_e2e < wait_e2e, chosen

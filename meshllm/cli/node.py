@@ -37,6 +37,7 @@ async def _node_main(args: argparse.Namespace) -> int:
         mesh=args.mesh, name=name, node_id=node_id, broker=args.broker,
         broker_ca=args.broker_ca, port=args.port, interface=args.interface, model=args.model,
         plan_file=args.plan_file, secret=secret, open_mesh=args.open, workload=args.workload,
+        objective=args.objective,
         emulation=Emulation(args.emulate_compute_scale, args.emulate_memory, args.emulate_link_delay_ms / 1e3,
                             args.emulate_timing),
         quick_profile=args.quick_profile, profile=pinned,
@@ -143,6 +144,11 @@ def add_parsers(sub: Any) -> None:
     n.add_argument("--plan-file", help="pin this plan (JSON) instead of planning; node ids must match")
     n.add_argument("--workload", help="workload the planner optimises for, e.g. in=128,out=64,rate=2 "
                    "(default: half the context in, half out, 1 request/s)")
+    n.add_argument("--objective", default="wait", metavar="{wait,response}",
+                   help="what the planner minimises, in its simulated pilots: the mean wait before a prompt starts "
+                   "(wait, the default) or the mean time until the whole answer (response: shorter answers "
+                   "where the two disagree, docs/evaluation.md); the elected planner's own option applies, so "
+                   "give every node the same")
     n.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     n.add_argument("--kv-dtype", choices=["fp32", "fp16"], help="dtype of this node's KV cache (default: the "
                    "model's, fp32 unless exported otherwise); every node of a mesh must use the same one")

@@ -133,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = load_model_costs(args.model)
     workload = load_workload(args.workload)
     factors = load_factors(args.factors) if args.factors else None
-    options = PlanOptions(max_decode_slots=args.max_batch, seed=args.seed)
+    options = PlanOptions(max_decode_slots=args.max_batch, seed=args.seed, objective=args.objective)
     sm = system_model(devices, model, workload, options, factors)
     plan = plan_with(sm, args.method)
     others = [plan_with(sm, m) for m in METHODS if m != args.method] if args.compare else []
@@ -165,6 +165,8 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="ga", help="the planner (ga) or a baseline")
     p.add_argument("--compare", action="store_true", help="also score every other method, side by side")
     p.add_argument("--seed", type=int, default=0, help="GA seed (plans are deterministic per seed)")
+    p.add_argument("--objective", choices=("wait", "response"), default="wait",
+                   help="minimise the mean wait (default) or the mean end-to-end time (as `meshllm node`)")
     p.add_argument("--max-batch", type=int, default=PlanOptions.max_decode_slots,
                    help="sequences a DECODE replica batches at most")
     p.add_argument("--factors", help="calibration factors: JSON object node_id -> DeviceFactors")

@@ -80,6 +80,7 @@ class NodeConfig:
     secret: str | None = None  # mesh secret: data-plane peers must prove they hold it
     open_mesh: bool = False  # no secret: the owner's explicit choice (a mesh is closed by default)
     workload: str | None = None  # workload spec the planner optimises for (see `meshllm plan --workload`)
+    objective: str = "wait"  # what the planner minimises: mean "wait" or mean end-to-end time ("response")
     emulation: Emulation = Emulation()
     heartbeat_s: float = 0.5
     failure_timeout_s: float = 1.5

@@ -8,8 +8,9 @@ not lent by meshllm's scheduler. So the candidates worth deploying — the GA's 
 every role assignment the role rule proposes and every replica MIXED, and Splitwise-like
 machines (devices of one class, each just large enough) with the same — are each served a
 short seeded request stream at the planned rate by :func:`meshllm.sim.simulate`, with the
-real scheduler, and the one with the lowest mean waiting time wins (ties: the analytic
-order). Deterministic: the stream's seed is fixed. Pure; no I/O.
+real scheduler, and the one with the lowest mean of the planner's objective wins: waiting time
+(``objective="wait"``, the default) or end-to-end time (``"response"``); ties: the analytic
+order. Deterministic: the stream's seed is fixed. Pure; no I/O.
 """
 
 from __future__ import annotations
@@ -80,32 +81,45 @@ def every_split(sm: SystemModel, groups: Sequence[Sequence[int]]) -> list[Scored
     return out
 
 
-def pilot_wait(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> float:
-    """Mean waiting time of ``n`` seeded requests of the plan's workload served by ``plan`` in the simulator."""
+def pilot_means(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> tuple[float, float]:
+    """Mean waiting and end-to-end time of ``n`` seeded requests of the plan's workload served by ``plan`` in the
+    simulator (both infinite when some request is not served)."""
     from meshllm.sim import requests, simulate  # the simulator builds on this package: import it when used
 
     n = max(20, min(n, int(PILOT_TOKENS / max(sm.workload.output.mean, 1.0))))
     reqs = requests([sm.workload], [n], seed=seed, max_seq_len=sm.cost.model.max_seq_len)
     res = simulate(plan, sm.cost, reqs)
     if res.completed < len(reqs):
-        return math.inf
-    return float(res.wait.mean())
+        return math.inf, math.inf
+    return float(res.wait.mean()), float(res.e2e.mean())
+
+
+def pilot_wait(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> float:
+    """Mean waiting time of ``n`` seeded requests of the plan's workload served by ``plan`` in the simulator."""
+    return pilot_means(sm, plan, n, seed)[0]
+
+
+def pilot_score(sm: SystemModel, plan: Plan, n: int, seed: int = PILOT_SEED) -> float:
+    """The planner's objective in a pilot: the mean wait (``"wait"``) or mean end-to-end time (``"response"``)."""
+    wait, e2e = pilot_means(sm, plan, n, seed)
+    return e2e if sm.options.objective == "response" else wait
 
 
 def elect(sm: SystemModel, cands: Sequence[Scored], method: str, n: int, version: int = 1,
           seed: int | None = None, extra: Sequence[Scored] = ()) -> tuple[Plan, list[tuple[Plan, float]]]:
-    """The candidate whose plan waits least in a pilot simulation of ``n`` requests; and every (plan, wait) tried.
+    """The candidate whose plan scores best on the planner's objective (:func:`pilot_score`) in a pilot
+    simulation of ``n`` requests; and every (plan, score) tried.
 
     Candidates are tried in their order (the analytic favourite first), then ``extra`` ones (distinct from
-    those); a later one must wait less by
-    more than ``TIE_S`` and ``TIE_FRACTION`` (pilot noise), and once a plan makes requests wait less
-    than ``TIE_S`` on average nothing can clearly beat it, so the rest are not simulated.
+    those); a later one must score less by more than ``TIE_S`` and ``TIE_FRACTION`` (pilot noise). On the
+    wait, once a plan makes requests wait less than ``TIE_S`` on average nothing can clearly beat it, so
+    the rest are not simulated.
     """
     tried: list[tuple[Plan, float]] = []
     for c in [*cands[:MAX_CANDIDATES], *extra]:
         plan = sm.to_plan(c, method, version=version, seed=seed)
-        tried.append((plan, pilot_wait(sm, plan, n)))
-        if tried[-1][1] < TIE_S:
+        tried.append((plan, pilot_score(sm, plan, n)))
+        if sm.options.objective == "wait" and tried[-1][1] < TIE_S:
             break
     low = min(w for _, w in tried)
     best = next(i for i, (_, w) in enumerate(tried) if w <= low + max(TIE_S, TIE_FRACTION * low))

@@ -23,7 +23,7 @@ from meshllm.plan.elect import (
     candidates,
     elect,
     every_split,
-    pilot_wait,
+    pilot_score,
     spec_key,
 )
 from meshllm.plan.errors import PlanError
@@ -81,7 +81,8 @@ def plan_with(sm: SystemModel, method: str = "ga", version: int = 1, seed_plans:
                     seen.add(spec_key(c.replicas))
                     splits.append(c)
         plan, tried = elect(sm, cands, "ga", pilot_size(sm), version=version, seed=sm.options.seed, extra=splits)
-        extra["pilot_waits_s"] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
+        key = "pilot_e2e_s" if sm.options.objective == "response" else "pilot_waits_s"
+        extra[key] = [round(w, 4) if math.isfinite(w) else None for _, w in tried]
     else:
         plan = sm.to_plan(sm.score(result.groups), "ga", version=version, seed=sm.options.seed)
     extra["dp_runs"] = search.dp_runs + (sm.dp_runs if search is not sm else 0)
@@ -151,7 +152,7 @@ def replan(current: Plan | None, devices: Sequence[DeviceProfile], model: ModelC
         # the new plan was elected by simulation: it must beat the current one there, by a margin that
         # also covers the pilot's noise near capacity (a 3% drift of the profiles moves pilot waits ~15%)
         n = pilot_size(sm)
-        w_now, w_new = pilot_wait(sm, now, n), pilot_wait(sm, new, n)
+        w_now, w_new = pilot_score(sm, now, n), pilot_score(sm, new, n)
         if math.isfinite(w_now) or math.isfinite(w_new):
             bar = max(margin, SIM_MARGIN)
             return (new, True) if w_new < w_now * (1.0 - bar) - TIE_S else (now, False)

@@ -101,23 +101,29 @@ def servable(members: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {i: info for i, info in members.items() if ok(i, info)}
 
 
+OBJECTIVES = ("wait", "response")
+
+
 @dataclass(frozen=True)
 class PlannerOptions:
     """A node's planner options, checked: the ``--workload`` spec parsed, the ``--plan-file`` read."""
 
     workload: Workload | None = None  # None: the default for the model's context (PlannerDuty.workload)
     pinned: dict[str, Any] | None = None
+    objective: str = "wait"  # what plans minimise: mean "wait" or mean end-to-end time ("response")
 
     @classmethod
-    def parse(cls, workload: str | None, plan_file: str | None) -> PlannerOptions:
-        """:class:`~meshllm.errors.ConfigError` naming the option at fault if either cannot be used."""
+    def parse(cls, workload: str | None, plan_file: str | None, objective: str = "wait") -> PlannerOptions:
+        """:class:`~meshllm.errors.ConfigError` naming the option at fault if one cannot be used."""
         parsed = None
         if workload is not None:
             try:
                 parsed = Workload.parse(workload)
             except PlanError as e:
                 raise ConfigError(f"--workload {workload!r}: {e}") from None
-        return cls(parsed, _pinned_plan(plan_file) if plan_file else None)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {objective!r}: not one of {', '.join(OBJECTIVES)}")
+        return cls(parsed, _pinned_plan(plan_file) if plan_file else None, objective)
 
 
 def _pinned_plan(path: str) -> dict[str, Any]:
@@ -217,7 +223,7 @@ class PlannerDuty:
                 log.warning("%s: %s of the pinned plan left; planning for the remaining members",
                             self.node.node_id, ", ".join(sorted(needed - set(members))))
                 live = None
-        from meshllm.plan import ModelCosts, Plan, replan
+        from meshllm.plan import ModelCosts, Plan, PlanOptions, replan
 
         manifest = self._manifest()
         assert manifest is not None
@@ -226,7 +232,8 @@ class PlannerDuty:
         costs = ModelCosts.from_manifest(manifest)
         profiles = member_profiles(members)
         current = Plan.from_json(live) if live else None
-        plan, is_new = replan(current, profiles, costs, self.workload(manifest.config.max_seq_len))
+        plan, is_new = replan(current, profiles, costs, self.workload(manifest.config.max_seq_len),
+                              options=PlanOptions(objective=self.options.objective))
         if not plan.replicas:
             log.warning("%s: no feasible plan for %d devices: %s", self.node.node_id, len(profiles),
                         "; ".join(plan.notes))

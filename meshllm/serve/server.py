@@ -76,7 +76,8 @@ class ServingNode:
     def __init__(self, config: NodeConfig, *, threads: int | None = None, kv_dtype: str | None = None) -> None:
         if not config.model:
             raise MeshError("a serving node needs --model DIR")
-        planner_options = PlannerOptions.parse(config.workload, config.plan_file)  # before anything starts
+        # checked before anything starts
+        planner_options = PlannerOptions.parse(config.workload, config.plan_file, config.objective)
         self.config = config
         self.node = Node(config)
         self.node_id = self.node.node_id
