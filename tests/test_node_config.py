@@ -87,3 +87,15 @@ def test_good_planner_options_parse(tmp_path: Path) -> None:
     assert PlannerOptions.parse(None, None) == PlannerOptions()
     with pytest.raises(ConfigError, match="--workload"):
         PlannerOptions.parse("", None)
+
+
+@pytest.mark.parametrize("extra, objective", [([], "wait"), (["--objective", "response"], "response")])
+def test_the_elected_planner_plans_for_its_objective(model: Path, extra: list[str], objective: str) -> None:
+    """``--objective`` reaches the live planner: the plan it publishes was made for it."""
+    from tests.mesh_harness import mosquitto, state
+    from tests.serving_harness import serving_mesh
+
+    mesh = f"t-obj-{secrets.token_hex(3)}"
+    with mosquitto() as broker, serving_mesh(mesh, broker, model, ["o1", "o2"], extra=extra):
+        plan = state(mesh, broker)["plan"]
+    assert plan["extra"]["objective"] == objective, plan["extra"]
