@@ -1,11 +1,12 @@
 """What the planner's objective gives users: plans elected on the mean wait (the default) and on the mean
 end-to-end time (``meshllm node --objective response``), side by side, in simulation.
 
-For each setting of docs/evaluation.md and each load of its check (fractions of the setting's anchor, the
-larger capacity measured there), both objectives plan for the rate and serve the same seeded request
-streams (the mixed workload, Poisson). Printed per point: each plan's mean wait, mean TTFT, median time
-per output token and mean end-to-end time (mean ± the 95% interval over the seeds), and the paired
-per-seed differences, response − wait, of the wait and of the end-to-end time.
+For each setting of docs/evaluation.md and each load of its check (fractions of the setting's anchor: the
+largest capacity of the systems there, measured as tools/simulate.py does, so that the rates and the wait
+objective's plans are exactly those of its check table), both objectives plan for the rate and serve the
+same seeded request streams (the mixed workload, Poisson). Printed per point: each plan's mean wait,
+mean TTFT, median time per output token and mean end-to-end time (mean ± the 95% interval over the
+seeds), and the paired per-seed differences, response − wait, of the wait and of the end-to-end time.
 
 Usage: python tools/objective_tradeoff.py [--requests 400] [--seeds 5] [--markdown]
 """
@@ -20,17 +21,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulate import CHECK_LOADS, MIXES, MODEL, SETTINGS, mean_ci, plan_summary, pm, stream  # noqa: E402
+from simulate import (  # noqa: E402
+    CHECK_LOADS,
+    E2LLM,
+    MIXES,
+    MODEL,
+    SETTINGS,
+    SYSTEMS,
+    Evaluator,
+    mean_ci,
+    plan_summary,
+    pm,
+    stream,
+    workload,
+)
 
-from meshllm.plan import CostModel, PlanOptions, Workload  # noqa: E402
+from meshllm.plan import CostModel, PlanOptions  # noqa: E402
 from meshllm.plan.devices import class_devices  # noqa: E402
 from meshllm.plan.planner import plan_with  # noqa: E402
 from meshllm.plan.system import SystemModel  # noqa: E402
 from meshllm.sim import SimResult, simulate  # noqa: E402
 
-# the anchors of docs/evaluation.md (generated 2026-12-04): each setting's larger capacity, req/s
-ANCHORS = {"edge-mix": 0.446, "all-pi": 0.255, "fog": 1.140}
 OBJECTIVES = ("wait", "response")
+PILOT = 300  # requests of the pilots that size Splitwise's pools for the anchors (tools/simulate.py's default)
 KEYS = ("wait_mean", "ttft_mean", "tpot_p50", "e2e_mean")
 
 
@@ -48,12 +61,17 @@ def main() -> int:
     t0 = time.monotonic()
     seeds = list(range(1, args.seeds + 1))
     rows = []
+    ev = Evaluator(args.requests, seeds, PILOT, lambda msg: None)
     for setting, spec in SETTINGS.items():
         devices = class_devices(spec)
         cost = CostModel(MODEL, devices)
+        guess = plan_with(SystemModel(cost, workload(MIXES["mixed"], 0.1), E2LLM),
+                          "splitwise").metrics.sustainable_rate * 0.5
+        anchor = max(ev.own_capacity(devices, "mixed", system, guess) for system in SYSTEMS)
+        print(f"[{time.monotonic() - t0:5.0f} s] {setting}: anchor {anchor:.4f} req/s", file=sys.stderr, flush=True)
         for load in CHECK_LOADS:
-            rate = load * ANCHORS[setting]
-            w = Workload.parse(f"{MIXES['mixed']},rate={rate:.6g}")
+            rate = load * anchor
+            w = workload(MIXES["mixed"], rate)
             runs = {}
             plans = {}
             for objective in OBJECTIVES:
