@@ -7,6 +7,7 @@ full comparison is ``python tools/sim_to_real.py --timing model`` (docs/evaluati
 
 from __future__ import annotations
 
+from meshllm.profile import SERVING_OVERHEAD_STEP
 from tools.sim_to_real import Setting, run
 
 # one PREFILL device and one DECODE device, about 20x slower than this machine's one core, with pinned figures:
@@ -43,8 +44,11 @@ def test_real_mesh_and_simulator_agree_near_capacity() -> None:
     # stats show, rounded, and restated only when it moves by a quarter (meshllm.profile.serving_overhead_update)
     assert set(out.overhead) == set(out.advertised) == set(SMALL.node_ids), (out.overhead, out.advertised)
     assert all(0 < o < 0.05 for o in out.overhead.values()), out.overhead
-    assert all(abs(out.advertised[n] / out.overhead[n] - 1) < 0.3 for n in SMALL.node_ids), (out.advertised,
-                                                                                          out.overhead)
+    # (restated when the figure moves by more than SERVING_OVERHEAD_STEP of the advertised one or 0.1 ms: so the
+    # two may differ by that much, and by a little more, since the stats are read a moment after the node's last
+    # check; a bound of 0.3 on advertised / measured - 1 failed once at 1.4 ms against 1.07, within the rule)
+    assert all(abs(out.overhead[n] - out.advertised[n]) <= 1.2 * max(SERVING_OVERHEAD_STEP * out.advertised[n], 1e-4)
+               for n in SMALL.node_ids), (out.advertised, out.overhead)
     # the simulation on the advertised profiles (what the planner now sees) served every request, and it charged
     # the overhead: every request took longer than on the bare profiles
     assert out.sims["advertised profile"].completed == 40
