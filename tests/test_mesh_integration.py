@@ -77,11 +77,10 @@ def test_member_that_stops_answering_is_gone_within_3s(kind: str) -> None:
             procs[2].proc.send_signal(signal.SIGCONT)
 
 
-@pytest.mark.parametrize("timeout, lost", [(None, True), ("6", False)])
-def test_a_stall_shorter_than_the_failure_timeout_is_not_a_loss(timeout: str | None, lost: bool) -> None:
-    """A member SIGSTOPped for 4.5 s: declared lost at the default --failure-timeout (1.5 s); kept on a mesh whose
-    nodes were started with --failure-timeout 6 (the broker's keep-alive follows it, so its will does not fire
-    either)."""
+def test_a_stall_shorter_than_the_failure_timeout_is_not_a_loss() -> None:
+    """A member SIGSTOPped for 4.5 s is kept on a mesh whose nodes were started with --failure-timeout 6 (at the
+    default, 1.5 s, it is gone within 3 s: the test above). The broker's keep-alive follows the timeout, so the
+    node's will does not fire either (with the keep-alive left at 2 s it fired here, 2026-12-04)."""
     import asyncio
     import signal
 
@@ -90,8 +89,7 @@ def test_a_stall_shorter_than_the_failure_timeout_is_not_a_loss(timeout: str | N
     from meshllm.mesh.broker import BrokerURL
 
     mesh = mesh_name("stall")
-    extra = ["--failure-timeout", timeout] if timeout else []
-    with mosquitto() as broker, nodes(mesh, ["s1", "s2"], broker=broker, extra=extra) as procs:
+    with mosquitto() as broker, nodes(mesh, ["s1", "s2"], broker=broker, extra=["--failure-timeout", "6"]) as procs:
         wait_until(lambda: len(state(mesh, broker)["members"]) == 2, 30, "two members")
 
         async def stall() -> list[str]:
@@ -114,7 +112,7 @@ def test_a_stall_shorter_than_the_failure_timeout_is_not_a_loss(timeout: str | N
             return cleared
 
         cleared = asyncio.run(stall())
-        assert ("s2" in cleared) is lost, cleared
+        assert "s2" not in cleared, cleared
         wait_until(lambda: len(state(mesh, broker)["members"]) == 2, 30, "both members again")
 
 
