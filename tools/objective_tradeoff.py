@@ -30,6 +30,7 @@ from simulate import (  # noqa: E402
     SYSTEMS,
     Evaluator,
     mean_ci,
+    paired_diff,
     plan_summary,
     pm,
     stream,
@@ -40,16 +41,11 @@ from meshllm.plan import CostModel, PlanOptions  # noqa: E402
 from meshllm.plan.devices import class_devices  # noqa: E402
 from meshllm.plan.planner import plan_with  # noqa: E402
 from meshllm.plan.system import SystemModel  # noqa: E402
-from meshllm.sim import SimResult, simulate  # noqa: E402
+from meshllm.sim import simulate  # noqa: E402
 
 OBJECTIVES = ("wait", "response")
 PILOT = 300  # requests of the pilots that size Splitwise's pools for the anchors (tools/simulate.py's default)
 KEYS = ("wait_mean", "ttft_mean", "tpot_p50", "e2e_mean")
-
-
-def paired(runs: dict[str, list[SimResult]], key: str) -> tuple[float, float]:
-    """Mean and 95% half-width of the per-seed difference response − wait of ``key``."""
-    return mean_ci([b.summary()[key] - a.summary()[key] for a, b in zip(runs["wait"], runs["response"], strict=True)])
 
 
 def main() -> int:
@@ -81,8 +77,8 @@ def main() -> int:
                                    for s in seeds]
             same = plan_summary(plans["wait"]) == plan_summary(plans["response"])
             stats = {o: {k: mean_ci([r.summary()[k] for r in runs[o]]) for k in KEYS} for o in OBJECTIVES}
-            rows.append((setting, load, rate, same, stats, paired(runs, "wait_mean"), paired(runs, "e2e_mean"),
-                         plans))
+            rows.append((setting, load, rate, same, stats, paired_diff(runs["response"], runs["wait"], "wait_mean"),
+                         paired_diff(runs["response"], runs["wait"], "e2e_mean"), plans))
             print(f"[{time.monotonic() - t0:5.0f} s] {setting} load {load:g} done", file=sys.stderr, flush=True)
     if args.markdown:
         print("| setting | load | rate | same plan | wait: wait / response | TTFT | TPOT p50 | end-to-end "

@@ -229,10 +229,14 @@ def run_seeds(plan: Plan, cost: CostModel, spec: str, rate: float, n: int, seeds
     return runs, spans
 
 
+def paired_diff(xs: list[SimResult], ys: list[SimResult], key: str = "wait_mean") -> tuple[float, float]:
+    """Mean and 95% half-width of (xs' ``key`` - ys') over the shared seeds (runs in seed order)."""
+    return mean_ci([x.summary()[key] - y.summary()[key] for x, y in zip(xs, ys, strict=True)])
+
+
 def paired_gap(a: Point, b: Point) -> tuple[float, float]:
     """Mean and 95% half-width of (a's mean wait - b's) over the shared seeds."""
-    d = [x.summary()["wait_mean"] - y.summary()["wait_mean"] for x, y in zip(a.runs, b.runs, strict=True)]
-    return mean_ci(d)
+    return paired_diff(a.runs, b.runs)
 
 
 def reduction(a: Point, b: Point) -> tuple[float, float]:
@@ -331,11 +335,6 @@ def check(points: list[Point], settings: dict[str, Any]) -> list[str]:
     return out
 
 
-def paired_key_gap(a: Point, b: Point, key: str) -> tuple[float, float]:
-    """Mean and 95% half-width of (a's ``key`` - b's) over the shared seeds."""
-    return mean_ci([x.summary()[key] - y.summary()[key] for x, y in zip(a.runs, b.runs, strict=True)])
-
-
 def dominating(points: list[Point], setting: str, load: float) -> list[str]:
     """The baselines that beat meshllm's plan on mean wait, mean TTFT and mean end-to-end at once, each
     significantly (the paired per-seed difference's 95% interval below zero)."""
@@ -346,7 +345,7 @@ def dominating(points: list[Point], setting: str, load: float) -> list[str]:
     for b in points:
         if b.setting != setting or b.load != load or b.system not in BASELINES or not b.runs:
             continue
-        gaps = [paired_key_gap(b, ours, k) for k in ("wait_mean", "ttft_mean", "e2e_mean")]
+        gaps = [paired_diff(b.runs, ours.runs, k) for k in ("wait_mean", "ttft_mean", "e2e_mean")]
         if all(math.isfinite(g) and g + (h if math.isfinite(h) else 0.0) < 0 for g, h in gaps):
             out.append(b.system)
     return out
