@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,28 @@ def status_cli(mesh: str, broker: str | None = None, interface: str = LOOPBACK) 
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+@contextlib.asynccontextmanager
+async def members_declared_lost(broker: str, mesh: str) -> AsyncIterator[list[str]]:
+    """The ids whose member record is cleared (declared lost, or left) while the block runs, in order."""
+    import aiomqtt
+
+    from meshllm.mesh.broker import BrokerURL
+
+    cleared: list[str] = []
+    async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
+        await c.subscribe(f"meshllm/v1/{mesh}/members/+", qos=1)
+
+        async def watch() -> None:
+            async for m in c.messages:
+                if not m.payload:
+                    cleared.append(str(m.topic).rsplit("/", 1)[-1])
+        watcher = asyncio.ensure_future(watch())
+        try:
+            yield cleared
+        finally:
+            watcher.cancel()
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -23,7 +23,7 @@ import aiomqtt
 import pytest
 
 from meshllm.mesh.broker import BrokerURL
-from tests.mesh_harness import mosquitto, state
+from tests.mesh_harness import members_declared_lost, mosquitto, state
 from tests.serving_harness import all_ready, random_model, replica, serving_mesh
 
 BUSY_S = 8.0  # the busy processes end by themselves after this, whatever happens to the test
@@ -58,18 +58,10 @@ def test_a_plan_rolls_out_with_every_core_busy_and_no_node_is_declared_lost(tmp_
 async def _roll_out(broker: str, mesh: str, plan: dict) -> tuple[list[str], float | None]:
     """Publishes ``plan`` and watches the member records until every stage reports it loaded (40 s at most):
     the members whose record was cleared (declared lost) meanwhile, and how long loading took."""
-    cleared: list[str] = []
-    async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
-        await c.subscribe(f"meshllm/v1/{mesh}/members/+", qos=1)
+    async with members_declared_lost(broker, mesh) as cleared, \
+            aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
         t0 = time.monotonic()
         await c.publish(f"meshllm/v1/{mesh}/plan", json.dumps(plan), qos=1, retain=True)
-
-        async def watch() -> None:
-            async for m in c.messages:
-                if not m.payload:
-                    cleared.append(str(m.topic).rsplit("/", 1)[-1])
-
-        watcher = asyncio.ensure_future(watch())
         took = None
         while time.monotonic() - t0 < 40:
             if await asyncio.to_thread(all_ready, mesh, broker):
@@ -77,5 +69,4 @@ async def _roll_out(broker: str, mesh: str, plan: dict) -> tuple[list[str], floa
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(2.0)  # a stall ending now is still seen (failure timeout 1.5 s)
-        watcher.cancel()
     return cleared, took

@@ -7,7 +7,16 @@ import time
 
 import pytest
 
-from tests.mesh_harness import NodeProc, amqtt_broker, mosquitto, nodes, state, status_cli, wait_until
+from tests.mesh_harness import (
+    NodeProc,
+    amqtt_broker,
+    members_declared_lost,
+    mosquitto,
+    nodes,
+    state,
+    status_cli,
+    wait_until,
+)
 
 BROKERS = {"amqtt": amqtt_broker, "mosquitto": mosquitto}
 
@@ -84,31 +93,18 @@ def test_a_stall_shorter_than_the_failure_timeout_is_not_a_loss() -> None:
     import asyncio
     import signal
 
-    import aiomqtt
-
-    from meshllm.mesh.broker import BrokerURL
-
     mesh = mesh_name("stall")
     with mosquitto() as broker, nodes(mesh, ["s1", "s2"], broker=broker, extra=["--failure-timeout", "6"]) as procs:
         wait_until(lambda: len(state(mesh, broker)["members"]) == 2, 30, "two members")
 
         async def stall() -> list[str]:
-            cleared: list[str] = []
-            async with aiomqtt.Client(**BrokerURL.parse(broker).client_kwargs()) as c:
-                await c.subscribe(f"meshllm/v1/{mesh}/members/+", qos=1)
-
-                async def watch() -> None:
-                    async for m in c.messages:
-                        if not m.payload:
-                            cleared.append(str(m.topic).rsplit("/", 1)[-1])
-                watcher = asyncio.ensure_future(watch())
+            async with members_declared_lost(broker, mesh) as cleared:
                 procs[1].proc.send_signal(signal.SIGSTOP)
                 try:
                     await asyncio.sleep(4.5)
                 finally:
                     procs[1].proc.send_signal(signal.SIGCONT)
                 await asyncio.sleep(2.0)
-                watcher.cancel()
             return cleared
 
         cleared = asyncio.run(stall())
