@@ -19,6 +19,7 @@ from typing import Any
 from meshllm.plan.cost import DeviceFactors, ModelCosts
 from meshllm.plan.devices import load_device_classes, parse_devices
 from meshllm.plan.errors import PlanError
+from meshllm.plan.objective import OBJECTIVES
 from meshllm.plan.plan import Plan, Role
 from meshllm.plan.planner import METHODS, plan_with, system_model
 from meshllm.plan.system import PlanOptions
@@ -165,7 +166,7 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="ga", help="the planner (ga) or a baseline")
     p.add_argument("--compare", action="store_true", help="also score every other method, side by side")
     p.add_argument("--seed", type=int, default=0, help="GA seed (plans are deterministic per seed)")
-    p.add_argument("--objective", choices=("wait", "response"), default="wait",
+    p.add_argument("--objective", choices=OBJECTIVES, default="wait",
                    help="minimise the mean wait (default) or the mean end-to-end time (as `meshllm node`)")
     p.add_argument("--max-batch", type=int, default=PlanOptions.max_decode_slots,
                    help="sequences a DECODE replica batches at most")

@@ -57,6 +57,7 @@ import numpy as np
 from meshllm.plan.workload import Workload
 
 UNSTABLE = 1e6
+OBJECTIVES = ("wait", "response")  # what a plan can minimise: mean queueing, or mean end-to-end time
 
 
 @dataclass(frozen=True)

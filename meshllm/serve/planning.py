@@ -27,6 +27,7 @@ import aiomqtt
 
 from meshllm.errors import ConfigError, PlanError
 from meshllm.model.manifest import Manifest
+from meshllm.plan.objective import OBJECTIVES
 from meshllm.plan.workload import Workload
 from meshllm.profile import DeviceProfile, Link
 
@@ -99,9 +100,6 @@ def servable(members: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return any(o.get("has_files") and not o.get("model_error") and o.get("model_sha") == info.get("model_sha")
                    for i, o in members.items() if i != node_id)
     return {i: info for i, info in members.items() if ok(i, info)}
-
-
-OBJECTIVES = ("wait", "response")
 
 
 @dataclass(frozen=True)
